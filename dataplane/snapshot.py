@@ -1,0 +1,274 @@
+"""The Snapshot: the one configuration value a dataplane consumes.
+
+This module is the contract between the control plane and the dataplane. A Snapshot
+is plain, immutable and serialisable (JSON); its version is a hash of its content, so
+the same inputs always give the same version, whichever operator replica compiled them.
+
+Durations are float seconds here: the control plane parses the human forms (`400ms`,
+`1m30s`) so the dataplane never has to. Names of Upstreams and Routes are keys of the
+form `namespace/name`. Header names in matches are lower case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+PathMatchType = Literal["Exact", "PathPrefix", "RegularExpression"]
+ValueMatchType = Literal["Exact", "RegularExpression"]
+LoadBalancerPolicy = Literal["RoundRobin", "LeastRequest", "Random", "RingHash"]
+Protocol = Literal["HTTP", "HTTPS"]
+Gateway = Literal["ingress", "mesh"]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class HashOn:
+    """What RingHash hashes: exactly one of a header, a cookie or the client address."""
+
+    header: str | None = None
+    cookie: str | None = None
+    source_ip: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreaker:
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    consecutive_failures: int = 5
+    failure_rate_percent: int = 50
+    minimum_requests: int = 20
+    slow_call_duration: float | None = None
+    open_duration: float = 30.0
+    half_open_requests: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    """TLS towards the endpoints. PEM texts are resolved from Secrets by the compiler."""
+
+    sni: str | None = None
+    ca_pem: str | None = None
+    client_cert_pem: str | None = None
+    client_key_pem: str | None = None
+    insecure_skip_verify: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    key: str
+    endpoints: tuple[Endpoint, ...] = ()
+    protocol: Protocol = "HTTP"
+    tls: UpstreamTLS | None = None
+    policy: LoadBalancerPolicy = "RoundRobin"
+    hash_on: HashOn | None = None
+    health_check: HealthCheck | None = None
+    circuit_breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    connect_timeout: float = 2.0
+    idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class PathMatch:
+    type: PathMatchType = "PathPrefix"
+    value: str = "/"
+
+
+@dataclass(frozen=True, slots=True)
+class ValueMatch:
+    """A header (name in lower case) or query parameter match."""
+
+    name: str
+    value: str
+    type: ValueMatchType = "Exact"
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    path: PathMatch = field(default_factory=PathMatch)
+    method: str | None = None
+    headers: tuple[ValueMatch, ...] = ()
+    query_params: tuple[ValueMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    upstream: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Retries:
+    attempts: int = 0
+    per_try_timeout: float | None = None
+    retry_on: tuple[str, ...] = ("connect-failure", "reset", "502", "503", "504")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionAffinity:
+    cookie_name: str = "kanal-affinity"
+    ttl: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    index: int
+    name: str | None = None
+    matches: tuple[Match, ...] = (Match(),)
+    backends: tuple[Backend, ...] = ()
+    session_affinity: SessionAffinity | None = None
+    timeout: float | None = None
+    retries: Retries | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Hsts:
+    max_age: int = 31536000
+    include_sub_domains: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTLS:
+    """TLS termination for a Route's hostnames; the PEMs come from its Secret."""
+
+    secret: str
+    cert_pem: str | None = None
+    key_pem: str | None = None
+    redirect_http: bool = False
+    hsts: Hsts | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A Route as the dataplane sees it.
+
+    Routes are listed in the Snapshot in tie-break order (oldest first, then by key),
+    so the router needs no timestamps: a route's position is its last word.
+    """
+
+    key: str
+    hostnames: tuple[str, ...] = ()
+    gateways: tuple[Gateway, ...] = ("ingress",)
+    rules: tuple[Rule, ...] = ()
+    tls: RouteTLS | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EgressRule:
+    host: str
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EgressPolicy:
+    key: str
+    allow: tuple[EgressRule, ...] = ()
+    deny: tuple[EgressRule, ...] = ()
+    allow_private_networks: bool = False
+    basic_auth: tuple[tuple[str, str], ...] = ()
+    anonymize: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    routes: tuple[Route, ...] = ()
+    upstreams: tuple[Upstream, ...] = ()
+    egress_policies: tuple[EgressPolicy, ...] = ()
+    version: str = ""
+
+    def upstream(self, key: str) -> Upstream | None:
+        for upstream in self.upstreams:
+            if upstream.key == key:
+                return upstream
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)  # type: ignore[no-any-return]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Snapshot:
+        return _from_plain(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Snapshot:
+        return cls.from_dict(json.loads(text))
+
+    def with_version(self) -> Snapshot:
+        """The same Snapshot, its version set to the hash of its content."""
+        return dataclasses.replace(self, version=content_version(self))
+
+
+def content_version(snapshot: Snapshot) -> str:
+    content = dataclasses.replace(snapshot, version="").to_dict()
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_to_plain(item) for item in value]
+    return value
+
+
+_T = TypeVar("_T")
+
+
+def _from_plain(kind: type[_T], data: Any) -> _T:
+    """Rebuild a dataclass from its plain form; unknown keys are an error."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{kind.__name__}: expected an object, got {type(data).__name__}")
+    hints = typing.get_type_hints(kind)
+    names = {f.name for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{kind.__name__}: unknown fields {sorted(unknown)}")
+    kwargs = {name: _convert(hints[name], value) for name, value in data.items()}
+    return kind(**kwargs)
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        options = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return _convert(options[0], value)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], item) for item in value)
+        return tuple(_convert(arg, item) for arg, item in zip(args, value, strict=True))
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(f"{value!r} is not one of {typing.get_args(hint)}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _from_plain(hint, value)  # type: ignore[arg-type]
+    if hint is float and isinstance(value, int):
+        return float(value)
+    return value

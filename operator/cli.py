@@ -1,0 +1,77 @@
+"""The `kanal` command line: parses arguments and hands over to the module that does the job.
+
+Every sub-command imports its machinery lazily, so `kanal validate` never pays for
+the proxy and `kanal run` never imports kopf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range in {text!r}")
+    return host, number
+
+
+def _add_listener_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", type=_host_port, default=("127.0.0.1", 8080),
+                        metavar="HOST:PORT", help="plain HTTP listener (default 127.0.0.1:8080)")
+    parser.add_argument("--tls-listen", type=_host_port, default=None, metavar="HOST:PORT",
+                        help="HTTPS listener for Routes with spec.tls (off by default)")
+    parser.add_argument("--forward-listen", type=_host_port, default=None, metavar="HOST:PORT",
+                        help="forward (egress) proxy listener (off by default)")
+    parser.add_argument("--admin", type=_host_port, default=("127.0.0.1", 9901),
+                        metavar="HOST:PORT", help="admin endpoints (default 127.0.0.1:9901)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="proxy processes sharing the listening ports (default 1)")
+    parser.add_argument("--trusted-hops", type=int, default=0, metavar="N",
+                        help="how many proxies in front of Kanal are trusted to set "
+                             "X-Forwarded-* and Forwarded (default 0: client values are replaced)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kanal", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="standalone: serve Route/Upstream manifests from files")
+    run.add_argument("paths", nargs="+", metavar="PATH", help="YAML files or folders of them")
+    _add_listener_flags(run)
+
+    validate = commands.add_parser("validate", help="check manifests offline")
+    validate.add_argument("paths", nargs="+", metavar="PATH")
+
+    commands.add_parser("crds", help="print the CRD manifests")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "validate":
+        from kanal.operator.manifests import validate_command
+
+        return validate_command(args.paths)
+    if args.command == "crds":
+        from kanal.operator.crdgen import crds_yaml
+
+        sys.stdout.write(crds_yaml())
+        return 0
+    if args.command == "run":
+        from kanal.operator.standalone import run_command
+
+        return run_command(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
