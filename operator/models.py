@@ -1,0 +1,911 @@
+"""The custom resources users write (Route, Upstream, EgressPolicy) and the Secrets they name.
+
+These pydantic models are the one definition of the API (group `kanal.dev`, version
+`v1alpha1`, see the design's api.md): `kanal validate` and `kanal run` check manifests
+with them, the operator parses watched objects with them, and the CRD generator turns
+their JSON schema into the CRDs' structural OpenAPI schema, their `description`s into
+`kubectl explain` text. Hence the rules this module keeps:
+
+- field names are the camelCase names of api.md (aliases); unknown fields are errors,
+  so a typo never silently becomes a default;
+- no unions of objects, constraints as `Field(ge=, le=, pattern=)` where the schema can
+  say them, and cross-field rules in validators with short messages;
+- every field has a description that states its default and meaning.
+
+The models validate one object at a time. What needs other objects (does the Upstream
+exist? the Secret?) is the compiler's job, and ends up in status conditions.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from kanal.operator.durations import Duration, PositiveDuration, parse_duration
+
+GROUP = "kanal.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+RETRY_CONDITIONS = ("connect-failure", "reset", "timeout", "5xx")
+DEFAULT_RETRY_ON = ("connect-failure", "reset", "502", "503", "504")
+
+# --------------------------------------------------------------------------- names
+
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS_SUBDOMAIN_PATTERN = rf"^{_LABEL}(\.{_LABEL})*$"
+DNS_LABEL_PATTERN = rf"^{_LABEL}$"
+SERVICE_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Host names may be written in any case (they are lower-cased on the way in).
+_ANY_CASE_LABEL = r"[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?"
+HOSTNAME_PATTERN = rf"^(\*\.)?{_ANY_CASE_LABEL}(\.{_ANY_CASE_LABEL})*$"
+HEADER_NAME_PATTERN = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$"
+
+_DNS_SUBDOMAIN = re.compile(DNS_SUBDOMAIN_PATTERN)
+_DNS_LABEL = re.compile(DNS_LABEL_PATTERN)
+_SERVICE_NAME = re.compile(SERVICE_NAME_PATTERN)
+_HEADER_NAME = re.compile(HEADER_NAME_PATTERN)
+_HOST_LABEL = re.compile(DNS_LABEL_PATTERN)
+
+
+def _object_name(value: str) -> str:
+    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
+        raise ValueError(
+            f"must be a lower-case DNS name (a-z, 0-9, '-', '.'; at most 253 characters), "
+            f"got {value!r}"
+        )
+    return value
+
+
+def _namespace(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.fullmatch(value):
+        raise ValueError(
+            f"must be a lower-case DNS label (a-z, 0-9, '-'; at most 63 characters), got {value!r}"
+        )
+    return value
+
+
+def _service_name(value: str) -> str:
+    if len(value) > 63 or not _SERVICE_NAME.fullmatch(value):
+        raise ValueError(
+            f"must be a Service name (a-z, 0-9, '-', starting with a letter), got {value!r}"
+        )
+    return value
+
+
+def _hostname(value: str) -> str:
+    """Lower-case a host name and check it is a DNS name or a `*.` wildcard."""
+    host = value.lower()
+    if host == "*":
+        raise ValueError("a bare '*' is not a hostname; leave hostnames empty to match any host")
+    if ":" in host and not _is_ip(host):
+        raise ValueError(f"must not contain a port, got {value!r}")
+    if _is_ip(host.strip("[]")):
+        raise ValueError(f"must be a DNS name, not an IP address, got {value!r}")
+    labels = host[2:].split(".") if host.startswith("*.") else host.split(".")
+    if (
+        len(host) > 253
+        or not all(len(label) <= 63 and _HOST_LABEL.fullmatch(label) for label in labels)
+    ):
+        raise ValueError(
+            f"must be a DNS name like shop.example.com or a wildcard like *.example.com, "
+            f"got {value!r}"
+        )
+    return host
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _endpoint_address(value: str) -> str:
+    if _is_ip(value):
+        return value
+    host = value.lower()
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in host.split(".")):
+        raise ValueError(f"must be an IP address or a DNS name, got {value!r}")
+    return host
+
+
+def _header_name(value: str) -> str:
+    if not _HEADER_NAME.fullmatch(value):
+        raise ValueError(f"must be an HTTP header name (a token: letters, digits, -), got {value!r}")
+    return value
+
+
+def _method(value: str) -> str:
+    if value not in HTTP_METHODS:
+        raise ValueError(f"must be one of {', '.join(HTTP_METHODS)}")
+    return value
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return value
+
+
+def _retry_on(value: str) -> str:
+    if value in RETRY_CONDITIONS or re.fullmatch(r"5[0-9][0-9]", value):
+        return value
+    raise ValueError(
+        f"must be one of {', '.join(RETRY_CONDITIONS)} or a 5xx status code like \"503\", "
+        f"got {value!r}"
+    )
+
+
+def _int_to_str(value: Any) -> Any:
+    """YAML reads `503` as a number; a status code list means the string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _string(pattern: str, max_length: int | None = None) -> WithJsonSchema:
+    schema: dict[str, Any] = {"type": "string", "pattern": pattern}
+    if max_length is not None:
+        schema["maxLength"] = max_length
+    return WithJsonSchema(schema)
+
+
+ObjectName = Annotated[str, AfterValidator(_object_name), _string(DNS_SUBDOMAIN_PATTERN, 253)]
+NamespaceName = Annotated[str, AfterValidator(_namespace), _string(DNS_LABEL_PATTERN, 63)]
+ServiceName = Annotated[str, AfterValidator(_service_name), _string(SERVICE_NAME_PATTERN, 63)]
+Hostname = Annotated[str, AfterValidator(_hostname), _string(HOSTNAME_PATTERN, 253)]
+HeaderName = Annotated[str, AfterValidator(_header_name), _string(HEADER_NAME_PATTERN, 256)]
+HttpMethod = Annotated[str, AfterValidator(_method), WithJsonSchema(
+    {"type": "string", "enum": list(HTTP_METHODS)})]
+RetryOn = Annotated[str, BeforeValidator(_int_to_str), AfterValidator(_retry_on),
+                    _string(r"^(connect-failure|reset|timeout|5xx|5[0-9][0-9])$")]
+EndpointAddress = Annotated[str, AfterValidator(_endpoint_address), WithJsonSchema(
+    {"type": "string", "minLength": 1, "maxLength": 253})]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Weight = Annotated[int, Field(ge=0, le=1_000_000)]
+
+
+class KanalModel(BaseModel):
+    """Base of every spec model: camelCase names, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        extra="forbid",
+        frozen=True,
+        validate_default=False,
+    )
+
+
+# --------------------------------------------------------------------------- Upstream
+
+
+class ServiceRef(KanalModel):
+    """A Kubernetes Service whose ready EndpointSlice addresses are the endpoints."""
+
+    name: ServiceName = Field(description="Name of the Service, in the Upstream's namespace.")
+    port: Port = Field(
+        description="The Service port (its `port`, not the target port) to send requests to."
+    )
+
+
+class StaticEndpoint(KanalModel):
+    """One fixed endpoint: an address and a port."""
+
+    address: EndpointAddress = Field(
+        description="IP address or DNS name of the endpoint. A DNS name is resolved when "
+        "connecting."
+    )
+    port: Port = Field(description="TCP port of the endpoint (1-65535).")
+    weight: Weight = Field(
+        default=1,
+        description="Relative share of requests for this endpoint, 0-1000000 (default 1). "
+        "Weight 0 keeps the endpoint configured but sends it no traffic.",
+    )
+
+
+class UpstreamTLSSpec(KanalModel):
+    """How to speak TLS to the endpoints (for protocol HTTPS)."""
+
+    sni: Hostname | None = Field(
+        default=None,
+        description="Server name sent in the TLS handshake (SNI); also the name the server's "
+        "certificate must carry. Default: the endpoint's address when it is a DNS name.",
+    )
+    ca_secret_name: ObjectName | None = Field(
+        default=None,
+        description="Secret (in the Upstream's namespace) whose `ca.crt` holds the PEM CA "
+        "bundle that signs the servers' certificates. Default: the system's trusted CAs.",
+    )
+    client_cert_secret_name: ObjectName | None = Field(
+        default=None,
+        description="kubernetes.io/tls Secret (in the Upstream's namespace) with the client "
+        "certificate (`tls.crt`) and key (`tls.key`) to present: mutual TLS. Default: none.",
+    )
+    insecure_skip_verify: bool = Field(
+        default=False,
+        description="Do not verify the servers' certificates at all (default false). For "
+        "tests only: it allows anyone on the path to read and change the traffic.",
+    )
+
+
+class HashOnSpec(KanalModel):
+    """What RingHash hashes, so that the same key keeps reaching the same endpoint.
+
+    Exactly one of `header`, `cookie` or `sourceIP`.
+    """
+
+    header: HeaderName | None = Field(
+        default=None, description="Hash the value of this request header (case-insensitive)."
+    )
+    cookie: str | None = Field(
+        default=None, min_length=1, description="Hash the value of this request cookie."
+    )
+    source_ip: bool | None = Field(
+        default=None,
+        alias="sourceIP",
+        description="Hash the client's IP address (set to true).",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HashOnSpec:
+        chosen = [
+            name
+            for name, value in (("header", self.header), ("cookie", self.cookie),
+                                ("sourceIP", self.source_ip))
+            if value not in (None, False)
+        ]
+        if len(chosen) != 1:
+            raise ValueError(
+                "set exactly one of header, cookie or sourceIP: true"
+                + (f" (got {', '.join(chosen)})" if chosen else "")
+            )
+        return self
+
+
+class LoadBalancerSpec(KanalModel):
+    """How a request picks an endpoint."""
+
+    policy: Literal["RoundRobin", "LeastRequest", "Random", "RingHash"] = Field(
+        default="RoundRobin",
+        description="RoundRobin (default; weighted), LeastRequest (fewest requests in flight, "
+        "of two random choices), Random (weighted), or RingHash (consistent hashing on "
+        "`hashOn`).",
+    )
+    hash_on: HashOnSpec | None = Field(
+        default=None,
+        description="RingHash only: what to hash, one of `header`, `cookie` or `sourceIP`. "
+        "Default for RingHash: the client's IP address.",
+    )
+
+    @model_validator(mode="after")
+    def _hash_on_needs_ring_hash(self) -> LoadBalancerSpec:
+        if self.hash_on is not None and self.policy != "RingHash":
+            raise ValueError(f"hashOn is only valid with policy RingHash, not {self.policy}")
+        return self
+
+
+class HealthCheckSpec(KanalModel):
+    """Active health checks: a GET to each endpoint every `interval`."""
+
+    path: str = Field(
+        default="/healthz",
+        pattern=r"^/",
+        description="Path requested on each endpoint (default /healthz). A 2xx or 3xx answer "
+        "within `timeout` is a success.",
+    )
+    interval: PositiveDuration = Field(
+        default="5s", description="Time between two checks of one endpoint (default 5s)."
+    )
+    timeout: PositiveDuration = Field(
+        default="1s",
+        description="How long to wait for an answer before the check fails (default 1s); "
+        "at most `interval`.",
+    )
+    healthy_threshold: int = Field(
+        default=2,
+        ge=1,
+        description="Consecutive successes that make an unhealthy endpoint healthy (default 2).",
+    )
+    unhealthy_threshold: int = Field(
+        default=3,
+        ge=1,
+        description="Consecutive failures that make a healthy endpoint unhealthy (default 3).",
+    )
+
+    @model_validator(mode="after")
+    def _timeout_within_interval(self) -> HealthCheckSpec:
+        if parse_duration(self.timeout) > parse_duration(self.interval):
+            raise ValueError(
+                f"timeout ({self.timeout}) must not be longer than interval ({self.interval})"
+            )
+        return self
+
+
+class CircuitBreakerSpec(KanalModel):
+    """Limits and failure detection that stop traffic to an upstream or endpoint that fails.
+
+    A failure is a connect error, a reset, a timeout or a 5xx answer.
+    """
+
+    max_connections: int = Field(
+        default=1024, ge=1,
+        description="Most connections each dataplane opens to this upstream (default 1024).",
+    )
+    max_pending_requests: int = Field(
+        default=1024, ge=0,
+        description="Most requests waiting for a connection; more get 503 at once "
+        "(default 1024).",
+    )
+    consecutive_failures: int = Field(
+        default=5, ge=1,
+        description="Consecutive failures of one endpoint that open its circuit (default 5).",
+    )
+    failure_rate_percent: int = Field(
+        default=50, ge=1, le=100,
+        description="Failure rate of one endpoint, in percent over the recent window, that "
+        "opens its circuit once the window holds `minimumRequests` (default 50).",
+    )
+    minimum_requests: int = Field(
+        default=20, ge=1,
+        description="Requests the window must hold before the failure rate counts "
+        "(default 20).",
+    )
+    slow_call_duration: Duration | None = Field(
+        default=None,
+        description="A call slower than this counts as a failure. Default: no limit.",
+    )
+    open_duration: PositiveDuration = Field(
+        default="30s",
+        description="How long an open circuit fails fast before half-open probes (default 30s).",
+    )
+    half_open_requests: int = Field(
+        default=1, ge=1,
+        description="Requests let through while half-open; if they succeed the circuit closes "
+        "(default 1).",
+    )
+
+
+class UpstreamTimeouts(KanalModel):
+    """Connection timeouts towards the endpoints."""
+
+    connect: PositiveDuration = Field(
+        default="2s", description="Time allowed to open a connection (default 2s)."
+    )
+    idle: PositiveDuration = Field(
+        default="60s", description="An unused pooled connection is closed after this (default 60s)."
+    )
+
+
+class UpstreamSpec(KanalModel):
+    """A pool of endpoints and how to talk to them. Exactly one of `service` or `endpoints`."""
+
+    service: ServiceRef | None = Field(
+        default=None,
+        description="Discover the endpoints from this Service's EndpointSlices (needs the "
+        "operator; `kanal run` has no service discovery). Exactly one of service or endpoints.",
+    )
+    endpoints: list[StaticEndpoint] | None = Field(
+        default=None,
+        description="A static list of endpoints (standalone mode, hosts outside the cluster). "
+        "An empty list is allowed: requests then get 503. Exactly one of service or endpoints.",
+    )
+    protocol: Literal["HTTP", "HTTPS"] = Field(
+        default="HTTP", description="HTTP (default) or HTTPS: TLS to the endpoints."
+    )
+    tls: UpstreamTLSSpec | None = Field(
+        default=None,
+        description="TLS settings for protocol HTTPS (server name, CA, client certificate). "
+        "Default with HTTPS: verify against the system's CAs.",
+    )
+    load_balancer: LoadBalancerSpec = Field(
+        default_factory=LoadBalancerSpec,
+        description="How requests are spread over the endpoints (default RoundRobin).",
+    )
+    health_check: HealthCheckSpec | None = Field(
+        default=None,
+        description="Active health checks. Absent: passive only (the circuit breaker).",
+    )
+    circuit_breaker: CircuitBreakerSpec = Field(
+        default_factory=CircuitBreakerSpec,
+        description="Connection limits and failure detection; see its fields for defaults.",
+    )
+    timeouts: UpstreamTimeouts = Field(
+        default_factory=UpstreamTimeouts,
+        description="Connect (default 2s) and idle (default 60s) timeouts.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> UpstreamSpec:
+        if (self.service is None) == (self.endpoints is None):
+            raise ValueError("set exactly one of service or endpoints")
+        if self.tls is not None and self.protocol != "HTTPS":
+            raise ValueError("tls is only valid with protocol: HTTPS")
+        seen: set[tuple[str, int]] = set()
+        for endpoint in self.endpoints or ():
+            where = (endpoint.address, endpoint.port)
+            if where in seen:
+                raise ValueError(f"duplicate endpoint {endpoint.address}:{endpoint.port}")
+            seen.add(where)
+        return self
+
+
+# --------------------------------------------------------------------------- Route
+
+
+class PathMatchSpec(KanalModel):
+    """How the request path must look."""
+
+    type: Literal["Exact", "PathPrefix", "RegularExpression"] = Field(
+        default="PathPrefix",
+        description="Exact (the whole path), PathPrefix (default; whole segments: /api "
+        "matches /api and /api/x, not /apix) or RegularExpression (Python syntax, must "
+        "match the whole path).",
+    )
+    value: str = Field(
+        default="/",
+        min_length=1,
+        max_length=1024,
+        description="The path, prefix or regular expression (default /). Exact and "
+        "PathPrefix values start with /.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PathMatchSpec:
+        if self.type == "RegularExpression":
+            _regex(self.value)
+        elif not self.value.startswith("/"):
+            raise ValueError(f"a {self.type} path must start with '/', got {self.value!r}")
+        return self
+
+
+class HeaderMatchSpec(KanalModel):
+    """A request header that must be present with a value."""
+
+    name: HeaderName = Field(description="Header name; compared case-insensitively.")
+    value: str = Field(max_length=4096, description="The value, or a regular expression.")
+    type: Literal["Exact", "RegularExpression"] = Field(
+        default="Exact",
+        description="Exact (default) or RegularExpression (Python syntax, whole value).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> HeaderMatchSpec:
+        if self.type == "RegularExpression":
+            _regex(self.value)
+        return self
+
+
+class QueryParamMatchSpec(KanalModel):
+    """A query parameter that must be present with a value."""
+
+    name: str = Field(
+        min_length=1, max_length=256, description="Parameter name; compared case-sensitively."
+    )
+    value: str = Field(max_length=4096, description="The value, or a regular expression.")
+    type: Literal["Exact", "RegularExpression"] = Field(
+        default="Exact",
+        description="Exact (default) or RegularExpression (Python syntax, whole value).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> QueryParamMatchSpec:
+        if self.type == "RegularExpression":
+            _regex(self.value)
+        return self
+
+
+class MatchSpec(KanalModel):
+    """Conditions a request must all meet (AND)."""
+
+    path: PathMatchSpec | None = Field(
+        default=None, description="Path condition. Default: PathPrefix / (every path)."
+    )
+    method: HttpMethod | None = Field(
+        default=None,
+        description="HTTP method, upper case (methods are case-sensitive): one of "
+        + ", ".join(HTTP_METHODS) + ". Default: any method.",
+    )
+    headers: list[HeaderMatchSpec] = Field(
+        default_factory=list, description="Header conditions, all of which must hold."
+    )
+    query_params: list[QueryParamMatchSpec] = Field(
+        default_factory=list, description="Query parameter conditions, all of which must hold."
+    )
+
+    @model_validator(mode="after")
+    def _no_duplicates(self) -> MatchSpec:
+        names = [header.name.lower() for header in self.headers]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"header {name} is matched twice; use one regular expression")
+        params = [param.name for param in self.query_params]
+        for name in sorted({n for n in params if params.count(n) > 1}):
+            raise ValueError(f"query parameter {name} is matched twice")
+        return self
+
+
+class BackendSpec(KanalModel):
+    """An Upstream that takes a share of the rule's requests."""
+
+    upstream: ObjectName = Field(description="Name of an Upstream in the Route's namespace.")
+    weight: Weight = Field(
+        default=1,
+        description="Relative share of requests, 0-1000000 (default 1). Weight 0 is a standby "
+        "(blue/green); when every backend has weight 0 the rule answers 503.",
+    )
+
+
+class CookieAffinitySpec(KanalModel):
+    """Keep a client on one backend with a cookie the proxy sets."""
+
+    name: str = Field(
+        default="kanal-affinity",
+        pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$",
+        description="Cookie name (default kanal-affinity).",
+    )
+    ttl: PositiveDuration = Field(default="1h", description="Cookie lifetime (default 1h).")
+
+
+class SessionAffinitySpec(KanalModel):
+    """Session affinity: a client keeps its backend across requests."""
+
+    cookie: CookieAffinitySpec = Field(
+        default_factory=CookieAffinitySpec,
+        description="Affinity by a cookie the proxy sets (default name kanal-affinity, ttl 1h).",
+    )
+
+
+class RetriesSpec(KanalModel):
+    """Retry failed attempts on another endpoint."""
+
+    attempts: int = Field(
+        default=1, ge=0, le=10,
+        description="Retries after the first try, 0-10 (default 1).",
+    )
+    per_try_timeout: Duration | None = Field(
+        default=None,
+        description="Time limit of each try. Default: only the rule's `timeout` applies.",
+    )
+    retry_on: list[RetryOn] = Field(
+        default_factory=lambda: list(DEFAULT_RETRY_ON),
+        description="What is retried: connect-failure, reset, timeout, 5xx (any 5xx answer) "
+        "or a status code such as \"503\". Default: connect-failure, reset, 502, 503, 504. "
+        "Requests with a body that was already sent are not retried.",
+    )
+
+
+class RuleSpec(KanalModel):
+    """Requests that meet any of `matches` go to `backends`."""
+
+    name: ObjectName | None = Field(
+        default=None,
+        description="Optional name, unique in the Route; shown in status, metrics and "
+        "/explain.",
+    )
+    matches: list[MatchSpec] = Field(
+        default_factory=list,
+        description="Any one of these matches selects the rule (OR). Empty (default): every "
+        "request, like a single PathPrefix / match.",
+    )
+    backends: list[BackendSpec] = Field(
+        min_length=1,
+        description="Upstreams that share the requests by weight. At least one.",
+    )
+    session_affinity: SessionAffinitySpec | None = Field(
+        default=None, description="Keep each client on the backend it first got. Default: none."
+    )
+    timeout: Duration | None = Field(
+        default=None,
+        description="Time limit of the whole request, retries included. Default or 0s: none.",
+    )
+    retries: RetriesSpec | None = Field(default=None, description="Retries. Default: none.")
+
+
+class HstsSpec(KanalModel):
+    """The Strict-Transport-Security header on TLS answers."""
+
+    max_age: int = Field(
+        default=31536000, ge=0,
+        description="Seconds browsers remember to use HTTPS only (default 31536000, a year).",
+    )
+    include_sub_domains: bool = Field(
+        default=False, description="Also for every subdomain (default false)."
+    )
+
+
+class RouteTLSSpec(KanalModel):
+    """Terminate TLS for the Route's hostnames."""
+
+    secret_name: ObjectName = Field(
+        description="kubernetes.io/tls Secret (tls.crt, tls.key) in the Route's namespace."
+    )
+    redirect_http: bool = Field(
+        default=False,
+        alias="redirectHTTP",
+        description="Answer plain HTTP requests for these hostnames with a 308 redirect to "
+        "https (default false).",
+    )
+    hsts: HstsSpec | None = Field(
+        default=None, description="Send Strict-Transport-Security. Default: not sent."
+    )
+
+
+def _default_gateways() -> list[Literal["ingress", "mesh"]]:
+    return ["ingress"]
+
+
+class RouteSpec(KanalModel):
+    """Which requests go to which Upstreams (the shape of Gateway API's HTTPRoute)."""
+
+    hostnames: list[Hostname] = Field(
+        default_factory=list,
+        description="Host names this Route serves: exact (shop.example.com) or a wildcard "
+        "(*.example.com: one or more labels in front of example.com). Case-insensitive. "
+        "Empty (default): any host.",
+    )
+    gateways: list[Literal["ingress", "mesh"]] = Field(
+        default_factory=_default_gateways,
+        min_length=1,
+        description="Where the Route applies: ingress (the edge proxy) and/or mesh "
+        "(sidecars). Default [ingress].",
+    )
+    tls: RouteTLSSpec | None = Field(
+        default=None, description="Terminate TLS for the hostnames. Default: plain HTTP only."
+    )
+    rules: list[RuleSpec] = Field(
+        min_length=1,
+        description="The rules, at least one. The most specific match wins (Gateway API "
+        "precedence); ties go to the older Route, then to the name.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> RouteSpec:
+        names = [rule.name for rule in self.rules if rule.name is not None]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"rule name {name} is used twice")
+        return self
+
+
+# --------------------------------------------------------------------------- EgressPolicy
+
+
+class EgressRuleSpec(KanalModel):
+    """A destination host, and optionally ports."""
+
+    host: Hostname = Field(
+        description="A host name, or *.domain for every subdomain of domain (not domain "
+        "itself). Allowing a name does not allow its addresses typed as literals."
+    )
+    ports: list[Port] = Field(
+        default_factory=list,
+        description="Ports. Empty (default): 80 and 443 in allow rules, every port in deny "
+        "rules.",
+    )
+
+
+class EgressAuthSpec(KanalModel):
+    """Who may use the forward proxy."""
+
+    basic_secret_name: ObjectName = Field(
+        description="kubernetes.io/basic-auth Secret (username, password) in the policy's "
+        "namespace; clients must send Proxy-Authorization: Basic with them."
+    )
+
+
+class EgressPolicySpec(KanalModel):
+    """What a forward proxy or sidecar may reach outside the mesh."""
+
+    allow: list[EgressRuleSpec] = Field(
+        default_factory=list, description="Destinations allowed. Default: none."
+    )
+    deny: list[EgressRuleSpec] = Field(
+        default_factory=list, description="Destinations denied; deny wins over allow."
+    )
+    allow_private_networks: bool = Field(
+        default=False,
+        description="Allow destinations that resolve to loopback, RFC 1918, link-local "
+        "(cloud metadata), CGNAT or IPv6 ULA addresses (default false).",
+    )
+    auth: EgressAuthSpec | None = Field(
+        default=None, description="Require Proxy-Authorization: Basic. Default: no auth."
+    )
+    anonymize: bool = Field(
+        default=False,
+        description="Add no X-Forwarded-For, Forwarded or Via headers (default false).",
+    )
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+class ObjectMeta(KanalModel):
+    """The part of Kubernetes' ObjectMeta Kanal reads; other known fields are accepted."""
+
+    name: ObjectName = Field(description="Name of the object.")
+    namespace: NamespaceName = Field(
+        default="default", description="Namespace (default `default`)."
+    )
+    creation_timestamp: datetime | None = Field(
+        default=None, description="Set by the API server; the older Route wins ties."
+    )
+    generation: int | None = Field(default=None, description="Set by the API server.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations.")
+    # Known ObjectMeta fields that kubectl output carries; accepted and ignored.
+    uid: str | None = None
+    resource_version: str | None = None
+    generate_name: str | None = None
+    self_link: str | None = None
+    deletion_timestamp: datetime | None = None
+    deletion_grace_period_seconds: int | None = None
+    owner_references: list[dict[str, Any]] | None = None
+    finalizers: list[str] | None = None
+    managed_fields: list[dict[str, Any]] | None = None
+
+
+class KanalResource(KanalModel):
+    """The envelope every Kanal object shares."""
+
+    kind_name: ClassVar[str]
+    plural: ClassVar[str]
+    short_names: ClassVar[tuple[str, ...]] = ()
+    printer_columns: ClassVar[tuple[dict[str, str], ...]] = ()
+
+    api_version: Literal["kanal.dev/v1alpha1"] = Field(description="kanal.dev/v1alpha1")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    status: dict[str, Any] | None = Field(
+        default=None, description="Written by the operator; ignored in manifests."
+    )
+
+    @property
+    def key(self) -> str:
+        """`namespace/name`: the object's name in Snapshots and statuses."""
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+
+_AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+
+
+class Upstream(KanalResource):
+    """A pool of endpoints and how to talk to them."""
+
+    kind_name = "Upstream"
+    plural = "upstreams"
+    short_names = ("ups",)
+    printer_columns = (
+        {"name": "Protocol", "type": "string", "jsonPath": ".spec.protocol"},
+        {"name": "Policy", "type": "string", "jsonPath": ".spec.loadBalancer.policy"},
+        {"name": "Healthy", "type": "integer", "jsonPath": ".status.endpoints.healthy"},
+        {"name": "Total", "type": "integer", "jsonPath": ".status.endpoints.total"},
+        {"name": "Accepted", "type": "string",
+         "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"},
+        _AGE,
+    )
+
+    kind: Literal["Upstream"] = Field(description="Upstream")
+    spec: UpstreamSpec = Field(description="The desired state.")
+
+
+class Route(KanalResource):
+    """Which requests go where."""
+
+    kind_name = "Route"
+    plural = "routes"
+    short_names = ("rt",)
+    printer_columns = (
+        {"name": "Hosts", "type": "string", "jsonPath": ".spec.hostnames"},
+        {"name": "Backends", "type": "string", "jsonPath": ".spec.rules[*].backends[*].upstream"},
+        {"name": "Accepted", "type": "string",
+         "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"},
+        {"name": "Programmed", "type": "string",
+         "jsonPath": ".status.conditions[?(@.type==\"Programmed\")].status"},
+        _AGE,
+    )
+
+    kind: Literal["Route"] = Field(description="Route")
+    spec: RouteSpec = Field(description="The desired state.")
+
+
+class EgressPolicy(KanalResource):
+    """What forward proxies and sidecars in this namespace may reach outside the mesh."""
+
+    kind_name = "EgressPolicy"
+    plural = "egresspolicies"
+    short_names = ("egp",)
+    printer_columns = (
+        {"name": "Private", "type": "boolean", "jsonPath": ".spec.allowPrivateNetworks"},
+        {"name": "Accepted", "type": "string",
+         "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"},
+        _AGE,
+    )
+
+    kind: Literal["EgressPolicy"] = Field(description="EgressPolicy")
+    spec: EgressPolicySpec = Field(description="The desired state.")
+
+
+RESOURCES: dict[str, type[KanalResource]] = {
+    "Route": Route,
+    "Upstream": Upstream,
+    "EgressPolicy": EgressPolicy,
+}
+"""Kanal's custom resources by kind: what the CRD generator and the parsers iterate."""
+
+SPECS: dict[str, type[KanalModel]] = {
+    "Route": RouteSpec,
+    "Upstream": UpstreamSpec,
+    "EgressPolicy": EgressPolicySpec,
+}
+
+
+# --------------------------------------------------------------------------- Secret
+
+SECRET_TYPE_TLS = "kubernetes.io/tls"
+SECRET_TYPE_BASIC_AUTH = "kubernetes.io/basic-auth"
+SECRET_TYPE_OPAQUE = "Opaque"
+
+
+def _base64_values(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    for key, item in value.items():
+        if not isinstance(item, str):
+            continue
+        try:
+            base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{key}: not valid base64 (use stringData for plain text)") from None
+    return value
+
+
+class Secret(KanalModel):
+    """A core v1 Secret, as `kanal run` reads it from a manifest.
+
+    Only what Kanal needs: `data` (base64) and `stringData` (plain text; wins over
+    `data` for the same key, as in Kubernetes).
+    """
+
+    api_version: Literal["v1"] = Field(description="v1")
+    kind: Literal["Secret"] = Field(description="Secret")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    type: str = Field(default=SECRET_TYPE_OPAQUE, description="Secret type (default Opaque).")
+    data: Annotated[dict[str, str], AfterValidator(_base64_values)] = Field(
+        default_factory=dict, description="Values, base64-encoded."
+    )
+    string_data: dict[str, str] = Field(default_factory=dict, description="Values, plain text.")
+    immutable: bool | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+    def values(self) -> dict[str, str]:
+        """Every value as text: `data` decoded, then `stringData` on top."""
+        decoded = {
+            name: base64.b64decode(item).decode("utf-8", errors="replace")
+            for name, item in self.data.items()
+        }
+        decoded.update(self.string_data)
+        return decoded
+
+
+Resource = Route | Upstream | EgressPolicy | Secret
+"""Anything a manifest may hold that Kanal reads."""
