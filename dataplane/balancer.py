@@ -28,9 +28,10 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import struct
 from bisect import bisect_right
 from collections.abc import Sequence
-from functools import reduce
+from functools import lru_cache, reduce
 from itertools import accumulate
 
 from kanal.dataplane.snapshot import Endpoint, HashOn, LoadBalancerPolicy
@@ -58,6 +59,26 @@ _MAX_SCHEDULE = 10_000
 
 _SAMPLE_TRIES = 8
 """Weighted draws tried before falling back to a scan of the eligible endpoints."""
+
+
+_HOME_CACHE_SIZE = 1024
+"""Hash keys whose ring position a RingHash balancer remembers (cleared when full)."""
+
+
+@lru_cache(maxsize=8192)
+def _vnode_points(key: str, vnodes: int) -> tuple[int, ...]:
+    """The ring points of an endpoint: eight 64-bit points per 512-bit BLAKE2b digest.
+
+    Cached, so a reload with the same endpoints rebuilds rings without hashing.
+    """
+    points: list[int] = []
+    for block in range((vnodes + 7) // 8):
+        digest = hashlib.blake2b(f"{key}#{block}".encode(), digest_size=64).digest()
+        points.extend(_EIGHT_WORDS.unpack(digest))
+    return tuple(points[:vnodes])
+
+
+_EIGHT_WORDS = struct.Struct(">8Q")
 
 
 def stable_hash(text: str) -> int:
@@ -92,7 +113,7 @@ class EndpointState:
 class Balancer:
     """Base: the fast path for a single endpoint and the shared weighted sampler."""
 
-    __slots__ = ("_cumulative", "_eligible", "_rng", "_single", "endpoints", "hash_on")
+    __slots__ = ("_cumulative", "_eligible", "_rng", "_single", "_total", "endpoints", "hash_on")
 
     policy: LoadBalancerPolicy = "RoundRobin"
 
@@ -108,6 +129,7 @@ class Balancer:
         self._eligible = tuple(s for s in self.endpoints if s.weight > 0)
         self._single = self._eligible[0] if len(self._eligible) == 1 else None
         self._cumulative = list(accumulate(s.weight for s in self._eligible))
+        self._total = self._cumulative[-1] if self._cumulative else 0
 
     def pick(
         self, hash_key: str | None = None, exclude: object | None = None
@@ -125,9 +147,16 @@ class Balancer:
 
     def _sample(self, exclude: object | None) -> EndpointState | None:
         """A weighted random available endpoint other than `exclude` if possible."""
+        state = self._eligible[bisect_right(self._cumulative, self._rng.random() * self._total)]
+        if state.available and state is not exclude:
+            return state
+        return self._sample_retry(exclude)
+
+    def _sample_retry(self, exclude: object | None) -> EndpointState | None:
+        """A few more weighted draws (most endpoints are usually fine), then a scan."""
         cumulative = self._cumulative
         eligible = self._eligible
-        total = cumulative[-1]
+        total = self._total
         rand = self._rng.random
         for _ in range(_SAMPLE_TRIES):
             state = eligible[bisect_right(cumulative, rand() * total)]
@@ -206,11 +235,18 @@ class LeastRequestBalancer(Balancer):
     policy: LoadBalancerPolicy = "LeastRequest"
 
     def _pick(self, hash_key: str | None, exclude: object | None) -> EndpointState | None:
-        first = self._sample(exclude)
-        if first is None or first is exclude:
-            return first
-        second = self._sample(exclude)
-        if second is None or second is first or second is exclude:
+        eligible = self._eligible
+        cumulative = self._cumulative
+        total = self._total
+        rand = self._rng.random
+        first = eligible[bisect_right(cumulative, rand() * total)]
+        second = eligible[bisect_right(cumulative, rand() * total)]
+        if not first.available or first is exclude:
+            first_or_none = self._sample_retry(exclude)
+            if first_or_none is None or first_or_none is exclude:
+                return first_or_none
+            first = first_or_none
+        if second is first or not second.available or second is exclude:
             return first
         # first.active / first.weight <= second.active / second.weight, without division
         if first.active * second.weight <= second.active * first.weight:
@@ -232,7 +268,7 @@ class RandomBalancer(Balancer):
 class RingHashBalancer(Balancer):
     """Consistent hashing on a ring built once; a key without a home walks clockwise."""
 
-    __slots__ = ("_owners", "_points")
+    __slots__ = ("_homes", "_owners", "_points")
 
     policy: LoadBalancerPolicy = "RingHash"
 
@@ -243,27 +279,40 @@ class RingHashBalancer(Balancer):
         hash_on: HashOn | None = None,
     ) -> None:
         super().__init__(endpoints, rng, hash_on)
-        total_weight = sum(s.weight for s in self._eligible)
+        total_weight = self._total
         scale = min(1.0, MAX_RING / (VNODES_PER_WEIGHT * total_weight)) if total_weight else 1.0
-        ring: list[tuple[int, str, EndpointState]] = []
+        points: list[int] = []
+        owners: list[EndpointState] = []
         for state in self._eligible:
             vnodes = max(1, round(VNODES_PER_WEIGHT * state.weight * scale))
-            ring.extend((stable_hash(f"{state.key}#{i}"), state.key, state) for i in range(vnodes))
-        ring.sort(key=lambda point: (point[0], point[1]))
-        self._points = [point[0] for point in ring]
-        self._owners = tuple(point[2] for point in ring)
+            points.extend(_vnode_points(state.key, vnodes))
+            owners.extend([state] * vnodes)
+        order = sorted(range(len(points)), key=points.__getitem__)
+        self._points = [points[i] for i in order]
+        self._owners = tuple(owners[i] for i in order)
+        self._homes: dict[str, int] = {}
 
     def _pick(self, hash_key: str | None, exclude: object | None) -> EndpointState | None:
         if hash_key is None:
             return self._sample(exclude)
-        owners = self._owners
-        index = bisect_right(self._points, stable_hash(hash_key))
-        if index == len(owners):
-            index = 0
-        state = owners[index]
+        index = self._homes.get(hash_key)
+        if index is None:
+            index = self._home(hash_key)
+        state = self._owners[index]
         if state.available and state is not exclude:
             return state
         return self._walk(index, exclude)
+
+    def _home(self, hash_key: str) -> int:
+        """The ring index owning a key; remembered (bounded) since keys recur."""
+        index = bisect_right(self._points, stable_hash(hash_key))
+        if index == len(self._points):
+            index = 0
+        homes = self._homes
+        if len(homes) >= _HOME_CACHE_SIZE:
+            homes.clear()
+        homes[hash_key] = index
+        return index
 
     def _walk(self, start: int, exclude: object | None) -> EndpointState | None:
         """The next available endpoint clockwise; stops once every endpoint was seen."""
