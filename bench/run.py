@@ -81,13 +81,9 @@ class Procs:
 
     def start(self, name: str, cmd: list[str], logfile: Path | None,
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        out = open(logfile, "wb") if logfile else subprocess.DEVNULL
-        try:
+        with open(logfile if logfile else os.devnull, "wb") as out:
             p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        finally:
-            if logfile:
-                out.close()  # type: ignore[union-attr]
         self.procs.append((name, p))
         return p
 
@@ -105,7 +101,8 @@ class Procs:
             if p.poll() is not None:
                 self.procs = [(n, q) for n, q in self.procs if q is not p]
         if p.returncode != 0:
-            raise BenchError(f"{name} exited {p.returncode}: {shlex.join(cmd)}\n{out.decode(errors='replace')}")
+            raise BenchError(f"{name} exited {p.returncode}: {shlex.join(cmd)}\n"
+                             f"{out.decode(errors='replace')}")
         return out.decode(errors="replace")
 
     @staticmethod
@@ -131,7 +128,7 @@ class Procs:
 
     def stop_all(self) -> None:
         while self.procs:
-            name, p = self.procs.pop()
+            _, p = self.procs.pop()
             self.stop(p)
 
 
@@ -239,7 +236,7 @@ def which(tool: str) -> str | None:
 
 def tool_version(cmd: list[str]) -> str:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     text = (out.stdout + out.stderr).strip().splitlines()
@@ -441,6 +438,9 @@ class Target:
     is_proxy: bool = True
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
+    def log(self) -> str:
+        return log_tail(self.logfile) if self.logfile else "(no log)"
+
 
 def wait_ready(t: Target, deadline_s: float) -> None:
     """Poll the port (bounded), then check GET / and /16k answer 200 with the right body."""
@@ -449,10 +449,10 @@ def wait_ready(t: Target, deadline_s: float) -> None:
     while not port_open(t.port):
         if t.proc.poll() is not None:
             raise BenchError(f"{t.name} exited with {t.proc.returncode} before listening on "
-                             f"{t.port}; log:\n{log_tail(t.logfile) if t.logfile else ''}")
+                             f"{t.port}; log:\n{t.log()}")
         if time.monotonic() > deadline:
             raise BenchError(f"{t.name} not listening on 127.0.0.1:{t.port} after "
-                             f"{deadline_s:.0f} s; log:\n{log_tail(t.logfile) if t.logfile else ''}")
+                             f"{deadline_s:.0f} s; log:\n{t.log()}")
         time.sleep(0.05)
     if t.admin is not None:
         # Best effort: a dataplane is ready once its configuration is applied. A stand-in
@@ -485,10 +485,10 @@ def wait_ready(t: Target, deadline_s: float) -> None:
                 last = f"status {status}, body {got[:200]!r}"
             if t.proc.poll() is not None:
                 raise BenchError(f"{t.name} exited with {t.proc.returncode}; last answer to GET "
-                                 f"{path}: {last}; log:\n{log_tail(t.logfile) if t.logfile else ''}")
+                                 f"{path}: {last}; log:\n{t.log()}")
             if time.monotonic() > deadline:
                 raise BenchError(f"{t.name} answers GET {path} wrongly ({last}) after "
-                                 f"{deadline_s:.0f} s; log:\n{log_tail(t.logfile) if t.logfile else ''}")
+                                 f"{deadline_s:.0f} s; log:\n{t.log()}")
             time.sleep(0.1)
     log(f"{t.name} ready on 127.0.0.1:{t.port} (pid {t.proc.pid})")
 
@@ -527,7 +527,8 @@ class Runner:
     def __init__(self, args: argparse.Namespace, procs: Procs, lua: Path) -> None:
         self.args, self.procs, self.lua = args, procs, lua
 
-    def wrk(self, port: int, path: str, conns: int, duration: float, latency: bool) -> dict[str, Any]:
+    def wrk(self, port: int, path: str, conns: int, duration: float,
+            latency: bool) -> dict[str, Any]:
         duration = max(1, round(duration))  # wrk takes whole seconds
         cmd = ["taskset", "-c", str(self.args.load_cpu), which("wrk") or "wrk", "-t1",
                f"-c{conns}", f"-d{duration}s", "--timeout", "5s", "-s", str(self.lua)]
@@ -593,16 +594,16 @@ def report(targets: list[Target], meta: dict[str, Any]) -> str:
     lines = [
         f"Kanal side-by-side benchmark, {meta['date']}",
         f"machine: nproc {meta['nproc']}, {meta['cpu']}, {meta['kernel']}",
-        f"pinning: proxies on CPU {meta['proxy_cpu']}; backend and wrk (1 thread) on CPU "
-        f"{meta['load_cpu']}; throughput wrk -t1 -c{meta['connections']} -d{meta['duration']:g}s, "
-        f"latency wrk -t1 -c1 -d{meta['latency_duration']:g}s; median of {meta['rounds']} "
-        f"interleaved round(s)",
+        (f"pinning: proxies on CPU {meta['proxy_cpu']}; backend and wrk (1 thread) on CPU "
+         f"{meta['load_cpu']}; throughput wrk -t1 -c{meta['connections']} "
+         f"-d{meta['duration']:g}s, latency wrk -t1 -c1 -d{meta['latency_duration']:g}s; "
+         f"median of {meta['rounds']} interleaved round(s)"),
         "CPU busy before the run (other load): " + ", ".join(
             f"cpu{c} {v:.0f}%" for c, v in meta["cpu_busy_before_pct"].items()),
         f"command: {meta['command']}",
         "",
-        "| target | rps, 100 B body | rps, 16 KiB body | proxy CPU per request (100 B) "
-        "| proxy CPU per request (16 KiB) | p50 at c1 | p99 at c1 |",
+        ("| target | rps, 100 B body | rps, 16 KiB body | proxy CPU per request (100 B) "
+         "| proxy CPU per request (16 KiB) | p50 at c1 | p99 at c1 |"),
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     sums = {t.name: summarize(t) for t in targets}
@@ -702,6 +703,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, procs, tmp, nproc)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
         procs.stop_all()
         if args.keep_tmp:
             log(f"configs and logs kept in {tmp}")
@@ -792,7 +795,7 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
         for t in targets:
             if t.proc is not None and t.proc.poll() is not None:
                 raise BenchError(f"{t.name} exited with {t.proc.returncode} during the run; "
-                                 f"log:\n{log_tail(t.logfile) if t.logfile else ''}")
+                                 f"log:\n{t.log()}")
             t.rounds.append(results[t.name])
 
     meta = {
