@@ -1,0 +1,133 @@
+"""The dataplane's admin endpoints: /live, /ready, /config, /explain, /metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from kanal.dataplane.metrics import MetricsCollector
+from kanal.dataplane.runtime import Config, Runtime
+
+
+def config_document(config: Config) -> dict[str, Any]:
+    """The applied configuration as /config shows it, with each endpoint's live state."""
+    snapshot = config.snapshot.to_dict()
+    upstreams = []
+    for spec in snapshot["upstreams"]:
+        runtime = config.upstreams.get(spec["key"])
+        endpoints = []
+        if runtime is not None:
+            for state in runtime.states:
+                endpoints.append(
+                    {
+                        "address": state.endpoint.address,
+                        "port": state.endpoint.port,
+                        "weight": state.endpoint.weight,
+                        "health": endpoint_health(state),
+                        "circuit": endpoint_circuit(state),
+                        "activeRequests": state.active,
+                    }
+                )
+        upstreams.append({**spec, "endpoints": endpoints})
+    for route in snapshot["routes"]:
+        tls = route.get("tls")
+        if tls:
+            # Certificates are shown by name, never with their private keys.
+            route["tls"] = {k: v for k, v in tls.items() if k not in ("cert_pem", "key_pem")}
+    return {
+        "version": config.version,
+        "appliedAt": config.applied_at,
+        "routes": snapshot["routes"],
+        "upstreams": upstreams,
+        "egressPolicies": [
+            {**policy, "basic_auth": [user for user, _ in policy.get("basic_auth", [])]}
+            for policy in snapshot["egress_policies"]
+        ],
+    }
+
+
+def endpoint_health(state: Any) -> str:
+    health = getattr(state, "health", None)
+    if isinstance(health, str):
+        return health
+    return "healthy" if state.available else "unhealthy"
+
+
+def endpoint_circuit(state: Any) -> str:
+    circuit = getattr(state, "circuit", None)
+    if isinstance(circuit, str):
+        return circuit
+    return "closed"
+
+
+def parse_explain_query(query: Any) -> tuple[str, str, str, str, dict[str, str]]:
+    """host, method, path, query and headers from /explain's parameters."""
+    url = query.get("url")
+    if not url:
+        raise ValueError("the url parameter is required, e.g. /explain?url=http://host/path")
+    method = query.get("method", "GET").upper()
+    headers: dict[str, str] = {}
+    for item in query.getall("header", []):
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"header must be Name:Value, got {item!r}")
+        headers.setdefault(name.strip().lower(), value.strip())
+    if url.startswith("/"):
+        parts = urlsplit("http://placeholder" + url)
+        host = headers.get("host", "")
+    else:
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        host = parts.netloc.rpartition("@")[2]
+        headers.setdefault("host", host)
+    return host, method, parts.path or "/", parts.query, headers
+
+
+def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None) -> web.Application:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(MetricsCollector(runtime.metrics))  # type: ignore[arg-type]
+
+    async def live(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def ready(_: web.Request) -> web.Response:
+        if runtime.config is None or (extra_ready is not None and not extra_ready()):
+            return web.Response(status=503, text="not ready: no configuration applied yet\n")
+        return web.Response(text=f"ready: version {runtime.config.version}\n")
+
+    async def config(_: web.Request) -> web.Response:
+        if runtime.config is None:
+            return web.json_response({"version": None, "routes": [], "upstreams": []}, status=503)
+        return web.json_response(config_document(runtime.config), dumps=_dumps)
+
+    async def explain(request: web.Request) -> web.Response:
+        if runtime.config is None:
+            return web.json_response({"error": "no configuration applied yet"}, status=503)
+        try:
+            host, method, path, query, headers = parse_explain_query(request.query)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        answer = runtime.config.table.explain(host, method, path, query, headers)
+        answer = {"version": runtime.config.version, **answer}
+        return web.json_response(answer, dumps=_dumps)
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/live", live)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/config", config)
+    app.router.add_get("/explain", explain)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=False)

@@ -1,0 +1,113 @@
+"""Request metrics kept as plain counters on the hot path, exposed to Prometheus on scrape.
+
+Recording a request is a dict update and a bisect: no locks, no label lookups, no
+objects. `MetricsCollector` turns the counters into Prometheus families only when
+`/metrics` is read.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+
+class RequestMetrics:
+    """Counters of one process."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        # (route, upstream) -> [bucket counts..., +Inf count, sum]
+        self.latency: dict[tuple[str, str], list[float]] = {}
+        self.config_version = ""
+        self.config_applied = 0
+        self.config_rejected = 0
+        self.circuit_changes: dict[tuple[str, str, str], int] = {}
+        self.events: dict[tuple[str, str], int] = {}
+
+    def observe(self, route: str, upstream: str, status: int, seconds: float) -> None:
+        key = (route, upstream, status)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        pair = (route, upstream)
+        cells = self.latency.get(pair)
+        if cells is None:
+            cells = self.latency[pair] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        cells[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        cells[-1] += seconds
+
+    def count_event(self, name: str, upstream: str) -> None:
+        key = (name, upstream)
+        self.events[key] = self.events.get(key, 0) + 1
+
+
+class MetricsCollector:
+    """A prometheus_client collector reading `RequestMetrics` at scrape time."""
+
+    def __init__(self, metrics: RequestMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        metrics = self.metrics
+        requests = CounterMetricFamily(
+            "kanal_requests", "Requests answered, by route, upstream and status code",
+            labels=["route", "upstream", "code"],
+        )
+        for (route, upstream, status), count in sorted(metrics.requests.items()):
+            requests.add_metric([route, upstream, str(status)], count)
+        yield requests
+
+        latency = HistogramMetricFamily(
+            "kanal_request_duration_seconds",
+            "Time from the request head to the end of the answer, by route and upstream",
+            labels=["route", "upstream"],
+        )
+        for (route, upstream), cells in sorted(metrics.latency.items()):
+            cumulative = 0.0
+            buckets = []
+            for bound, count in zip(LATENCY_BUCKETS, cells, strict=False):
+                cumulative += count
+                buckets.append((repr(bound), cumulative))
+            cumulative += cells[len(LATENCY_BUCKETS)]
+            buckets.append(("+Inf", cumulative))
+            latency.add_metric([route, upstream], buckets, cells[-1])
+        yield latency
+
+        changes = CounterMetricFamily(
+            "kanal_circuit_state_changes", "Circuit breaker transitions, by endpoint and new state",
+            labels=["upstream", "endpoint", "state"],
+        )
+        for (upstream, endpoint, state), count in sorted(metrics.circuit_changes.items()):
+            changes.add_metric([upstream, endpoint, state], count)
+        yield changes
+
+        events = CounterMetricFamily(
+            "kanal_upstream_events", "Retries, overloads, ejections and failures, by upstream",
+            labels=["event", "upstream"],
+        )
+        for (name, upstream), count in sorted(metrics.events.items()):
+            events.add_metric([name, upstream], count)
+        yield events
+
+        version = GaugeMetricFamily(
+            "kanal_config_info", "The applied configuration's version", labels=["version"]
+        )
+        if metrics.config_version:
+            version.add_metric([metrics.config_version], 1)
+        yield version
+        applied = CounterMetricFamily("kanal_config_applied", "Configurations applied")
+        applied.add_metric([], metrics.config_applied)
+        yield applied
+        rejected = CounterMetricFamily("kanal_config_rejected", "Configurations rejected")
+        rejected.add_metric([], metrics.config_rejected)
+        yield rejected

@@ -1,0 +1,335 @@
+"""Keep-alive connections to one endpoint, and the protocol that reads its responses.
+
+A pooled connection is an `asyncio.Protocol`, not a stream: response bytes are parsed
+by llhttp (through httptools) as they arrive and handed straight to the client side of
+the exchange, with no task, future or timer per request. That is where a plain
+aiohttp proxy loses most of its time (see the performance notes in the README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+if TYPE_CHECKING:
+    from kanal.dataplane.balancer import EndpointState
+
+
+class UpstreamConnectError(ConnectionError):
+    """The endpoint could not be reached (refused, unreachable, TLS failure)."""
+
+
+class UpstreamConnectTimeout(UpstreamConnectError, asyncio.TimeoutError):
+    """Connecting took longer than the Upstream's connect timeout.
+
+    It is both a connect error and a timeout, so callers can catch either.
+    """
+
+
+class ResponseSink(Protocol):
+    """The client side of an exchange: what a pooled connection reports to."""
+
+    def response_head(self, conn: UpstreamConnection) -> None: ...
+    def response_body(self, chunk: bytes) -> None: ...
+    def response_done(self, conn: UpstreamConnection) -> None: ...
+    def upstream_failed(self, conn: UpstreamConnection, reason: str, exc: BaseException | None) -> None: ...
+    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None: ...
+    def upstream_pause_writing(self) -> None: ...
+    def begin_batch(self) -> None: ...
+    def end_batch(self) -> None: ...
+    def upstream_resume_writing(self) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to an endpoint, carrying one exchange at a time."""
+
+    __slots__ = (
+        "pool", "transport", "parser", "sink", "status", "headers", "content_length",
+        "chunked", "no_body", "got_bytes", "idle_since", "last_activity", "closed",
+        "requests", "tunnel", "head_done", "reason", "keep_alive",
+    )
+
+    def __init__(self, pool: EndpointPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.sink: ResponseSink | None = None
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: bytes | None = None
+        self.chunked = False
+        self.no_body = False
+        self.got_bytes = False
+        self.head_done = False
+        self.keep_alive = True
+        self.idle_since = 0.0
+        self.last_activity = 0.0
+        self.closed = False
+        self.requests = 0
+        self.tunnel: asyncio.Transport | None = None
+
+    # --- asyncio.Protocol -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        sink = self.sink
+        if sink is None:
+            # Bytes from an idle connection: the server is confused or closing; drop it.
+            self.close()
+            return
+        self.got_bytes = True
+        self.last_activity = time.monotonic()
+        sink.begin_batch()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            sink.end_batch()
+            sink.upstream_upgraded(self, data[offset:])
+        except httptools.HttpParserError as exc:
+            self.sink = None
+            self.close()
+            sink.end_batch()
+            sink.upstream_failed(self, f"invalid response from upstream: {exc}", exc)
+        else:
+            sink.end_batch()
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            if self.tunnel.can_write_eof():
+                self.tunnel.write_eof()
+                return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+            return
+        sink = self.sink
+        if sink is None:
+            return
+        if self.head_done and self.content_length is None and not self.chunked and not self.no_body:
+            # The body was delimited by the connection's end: this is its clean end.
+            sink.response_done(self)
+            return
+        self.sink = None
+        reason = "upstream closed the connection" if exc is None else f"upstream connection lost: {exc}"
+        sink.upstream_failed(self, reason, exc)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_resume_writing()
+
+    # --- httptools callbacks -------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.reason = b""
+        self.content_length = None
+        self.chunked = False
+        self.head_done = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower == b"content-length":
+            self.content_length = value
+        elif lower == b"transfer-encoding":
+            self.chunked = b"chunked" in value.lower()
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.status = status
+        if 100 <= status < 200 and status != 101:
+            return  # informational: the final answer follows on the same connection
+        self.head_done = True
+        # Read now: once the message is complete the parser forgets the answer's version.
+        self.keep_alive = self.parser.should_keep_alive()
+        if status in (204, 304):
+            self.no_body = True
+        sink = self.sink
+        if sink is not None:
+            sink.response_head(self)
+            if self.no_body and self.sink is sink:
+                # A HEAD answer (or 204/304) carries no body, whatever its headers say;
+                # llhttp cannot be told so, hence a fresh parser for the next answer.
+                self.parser = httptools.HttpResponseParser(self)
+                self.sink = None
+                sink.response_done(self)
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self.head_done:
+            return  # the end of an informational answer
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.response_done(self)
+
+    # --- exchanges -----------------------------------------------------------------------
+
+    def start(self, sink: ResponseSink, head: bytes, no_body: bool) -> None:
+        """Send a request head; the answer will be reported to `sink`."""
+        self.sink = sink
+        self.no_body = no_body
+        self.got_bytes = False
+        self.head_done = False
+        self.requests += 1
+        self.last_activity = time.monotonic()
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            not self.closed
+            and self.sink is None
+            and self.tunnel is None
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and self.keep_alive
+        )
+
+    def release(self) -> None:
+        """The exchange is over: back to the pool if the connection can carry another."""
+        self.sink = None
+        if self.reusable:
+            self.pool.put_back(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.sink = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.sink = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class EndpointPool:
+    """Idle keep-alive connections to one endpoint, most recently used first."""
+
+    __slots__ = (
+        "address", "port", "ssl_context", "server_hostname", "connect_timeout",
+        "idle_timeout", "max_idle", "idle", "open", "state",
+    )
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        connect_timeout: float = 2.0,
+        idle_timeout: float = 60.0,
+        max_idle: int = 256,
+        state: EndpointState | None = None,
+    ) -> None:
+        self.address = address
+        self.port = port
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self.idle: list[UpstreamConnection] = []
+        self.open: set[UpstreamConnection] = set()
+        self.state = state
+
+    def take_idle(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.reusable:
+                return conn
+            conn.close()
+        return None
+
+    async def connect(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self)  # noqa: E731
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if self.ssl_context is not None:
+                    _, conn = await loop.create_connection(
+                        factory, self.address, self.port, ssl=self.ssl_context,
+                        server_hostname=self.server_hostname or self.address,
+                    )
+                else:
+                    _, conn = await loop.create_connection(factory, self.address, self.port)
+        except TimeoutError as exc:
+            raise UpstreamConnectTimeout(
+                f"connect to {self.address}:{self.port} timed out after {self.connect_timeout:g}s"
+            ) from exc
+        except ssl.SSLError as exc:
+            raise UpstreamConnectError(f"TLS to {self.address}:{self.port} failed: {exc}") from exc
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise UpstreamConnectError(f"connect to {self.address}:{self.port} failed: {reason}") from exc
+        self.open.add(conn)
+        return conn
+
+    def put_back(self, conn: UpstreamConnection) -> None:
+        if len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self.open.discard(conn)
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def sweep(self, now: float) -> None:
+        """Close idle connections older than the idle timeout."""
+        limit = now - self.idle_timeout
+        if self.idle and self.idle[0].idle_since < limit:
+            keep = []
+            for conn in self.idle:
+                if conn.idle_since < limit:
+                    conn.close()
+                else:
+                    keep.append(conn)
+            self.idle = keep
+
+    def close_all(self) -> None:
+        for conn in list(self.open):
+            conn.close()
+        self.idle.clear()

@@ -1,0 +1,88 @@
+"""Listeners and housekeeping of one dataplane process (the I/O edge of the proxy)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+
+from kanal.dataplane.proxy import ClientConnection
+from kanal.dataplane.runtime import ProxyContext, Runtime
+
+log = logging.getLogger("kanal.server")
+
+KEEPALIVE_TIMEOUT = 75.0
+"""Close client connections idle for longer than this (nginx's default)."""
+
+HEADER_TIMEOUT = 30.0
+"""Close client connections that take longer than this to send a request head."""
+
+SWEEP_INTERVAL = 1.0
+
+
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket; with `reuse_port`, several processes may share the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def start_listener(
+    context: ProxyContext,
+    sock: socket.socket,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: ClientConnection(context), sock=sock, ssl=ssl_context, backlog=1024
+    )
+
+
+def tune_gc() -> None:
+    """After start-up: freeze what exists and collect cycles less often.
+
+    The proxy makes few reference cycles per request; the default thresholds make the
+    collector walk young objects every few hundred requests for nothing.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
+@contextlib.asynccontextmanager
+async def housekeeping(runtime: Runtime) -> AsyncIterator[None]:
+    """Close idle upstream connections and idle or stalled client connections."""
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            runtime.sweep()
+            now = time.monotonic()
+            for context in runtime.contexts:
+                for client in list(context.clients):
+                    if client.current is not None or client.tunnel:
+                        continue
+                    limit = HEADER_TIMEOUT if client.parsing is not None else KEEPALIVE_TIMEOUT
+                    if now - client.last_activity > limit and client.transport is not None:
+                        client.transport.close()
+
+    task = asyncio.get_running_loop().create_task(sweep_forever())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
