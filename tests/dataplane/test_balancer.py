@@ -8,7 +8,6 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kanal.dataplane.balancer import (
     Balancer,
     EndpointState,

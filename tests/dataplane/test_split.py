@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
+from itertools import pairwise
 
 from hypothesis import given
 from hypothesis import strategies as st
-
 from kanal.dataplane.snapshot import Backend, Rule, SessionAffinity
 from kanal.dataplane.split import (
     Split,
@@ -32,7 +32,7 @@ def test_95_5_over_100_requests_is_exact() -> None:
 def test_95_5_is_interleaved_not_bursty() -> None:
     order = picks(Split(CANARY), 100)
     positions = [i for i, key in enumerate(order) if key == "shop/v2"]
-    gaps = [b - a for a, b in zip(positions, positions[1:], strict=False)]
+    gaps = [b - a for a, b in pairwise(positions)]
     assert gaps == [20, 20, 20, 20]
 
 
