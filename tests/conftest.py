@@ -1,0 +1,266 @@
+"""Shared fixtures: real backends on 127.0.0.1 and a real `kanal run` process in front.
+
+Nothing here is mocked. Backends are aiohttp servers that say who they are and echo
+what they received; `kanal` starts the command line exactly as a user would, on free
+ports, waits for `/ready` with a bounded deadline, and ends the process it started by
+its PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> None:
+    """Poll `predicate` until it holds, failing the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+
+
+async def async_wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, interval: float = 0.02
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await predicate():
+            return
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@dataclass
+class Backend:
+    """A running aiohttp backend: `name` is in every answer, `received` logs requests."""
+
+    name: str
+    port: int
+    received: list[dict[str, Any]] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+
+    @property
+    def address(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+def backend_app(backend: Backend) -> web.Application:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        if request.path == "/ws":
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    await ws.send_str(f"{backend.name}:{message.data}")
+                elif message.type == aiohttp.WSMsgType.BINARY:
+                    await ws.send_bytes(message.data)
+            return ws
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+        record = {
+            "method": request.method,
+            "path": request.path_qs,
+            "raw_path": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_size": size,
+            "chunked": request.headers.get("Transfer-Encoding", "").lower() == "chunked",
+        }
+        backend.received.append(record)
+        if request.path.startswith("/sleep/"):
+            await asyncio.sleep(float(request.path.rsplit("/", 1)[1]))
+        if request.path.startswith("/status/"):
+            return web.Response(status=int(request.path.rsplit("/", 1)[1]), text=backend.name)
+        if request.path.startswith("/bytes/"):
+            total = int(request.path.rsplit("/", 1)[1])
+            response = web.StreamResponse(headers={"X-Backend": backend.name})
+            response.content_length = total
+            await response.prepare(request)
+            block = b"x" * 65536
+            left = total
+            while left > 0:
+                piece = block[: min(left, len(block))]
+                await response.write(piece)
+                left -= len(piece)
+            return response
+        return web.json_response(
+            {"backend": backend.name, **record},
+            headers={"X-Backend": backend.name},
+        )
+
+    app = web.Application(client_max_size=1024**4)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[Callable[..., Awaitable[Backend]]]:
+    """Start named backends: `v1 = await backends("v1")`."""
+    started: list[Backend] = []
+
+    async def start(name: str, port: int | None = None) -> Backend:
+        backend = Backend(name=name, port=port or free_port())
+        runner = web.AppRunner(backend_app(backend), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", backend.port).start()
+        backend.runner = runner
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        await backend.stop()
+
+
+# --------------------------------------------------------------------------- kanal run
+
+
+@dataclass
+class Kanal:
+    """A `kanal run` process and its manifests folder."""
+
+    folder: Path
+    port: int
+    admin_port: int
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def write(self, name: str, text: str) -> Path:
+        """Write a manifest file atomically (as editors that save by renaming do)."""
+        path = self.folder / name
+        tmp = self.folder / f".{name}.tmp"
+        tmp.write_text(textwrap.dedent(text))
+        os.replace(tmp, path)
+        return path
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def config(self) -> dict[str, Any]:
+        import urllib.request
+
+        with urllib.request.urlopen(self.admin + "/config", timeout=5) as answer:
+            return json.loads(answer.read())  # type: ignore[no-any-return]
+
+    def version(self) -> str | None:
+        try:
+            return self.config().get("version")
+        except OSError:
+            return None
+
+    def wait_for_new_version(self, old: str | None, timeout: float = 5.0) -> str:
+        wait_until(lambda: self.version() not in (None, old), timeout=timeout)
+        version = self.version()
+        assert version is not None
+        return version
+
+
+def upstream_yaml(name: str, *backends: Backend, extra: str = "") -> str:
+    endpoints = ", ".join(f"{{address: 127.0.0.1, port: {b.port}}}" for b in backends)
+    text = f"""\
+        apiVersion: kanal.dev/v1alpha1
+        kind: Upstream
+        metadata: {{name: {name}}}
+        spec:
+          endpoints: [{endpoints}]
+        """
+    return textwrap.dedent(text) + textwrap.dedent(extra)
+
+
+@pytest.fixture
+def kanal(tmp_path: Path) -> Iterator[Callable[..., Kanal]]:
+    """Start `kanal run` on a folder: `k = kanal({"app.yaml": text}, "--trusted-hops", "1")`."""
+    started: list[Kanal] = []
+
+    def start(files: dict[str, str] | None = None, *flags: str, wait_ready: bool = True) -> Kanal:
+        folder = tmp_path / f"manifests-{len(started)}"
+        folder.mkdir()
+        instance = Kanal(folder=folder, port=free_port(), admin_port=free_port())
+        for name, text in (files or {}).items():
+            instance.write(name, text)
+        instance.log_path = tmp_path / f"kanal-{len(started)}.log"
+        command = [
+            sys.executable, "-m", "kanal.operator.cli", "run", str(folder),
+            "--listen", f"127.0.0.1:{instance.port}",
+            "--admin", f"127.0.0.1:{instance.admin_port}",
+            *flags,
+        ]
+        with open(instance.log_path, "wb") as log:
+            instance.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        started.append(instance)
+        if wait_ready:
+            wait_ready_fn(instance)
+        return instance
+
+    def wait_ready_fn(instance: Kanal) -> None:
+        import urllib.error
+        import urllib.request
+
+        def ready() -> bool:
+            assert instance.process is not None
+            if instance.process.poll() is not None:
+                raise AssertionError(f"kanal run exited early:\n{instance.log()}")
+            try:
+                with urllib.request.urlopen(instance.admin + "/ready", timeout=1) as answer:
+                    return bool(answer.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        wait_until(ready, timeout=20)
+
+    yield start
+    for instance in started:
+        process = instance.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
