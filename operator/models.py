@@ -474,7 +474,7 @@ class PathMatchSpec(KanalModel):
         if self.type == "RegularExpression":
             _regex(self.value)
         elif not self.value.startswith("/"):
-            raise ValueError(f"a {self.type} path must start with '/', got {self.value!r}")
+            raise ValueError(f"{self.type} paths must start with '/', got {self.value!r}")
         return self
 
 
