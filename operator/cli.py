@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="standalone: serve Route/Upstream manifests from files")
     run.add_argument("paths", nargs="+", metavar="PATH", help="YAML files or folders of them")
     _add_listener_flags(run)
+    # Used by `--workers N` to start its worker processes; not for users.
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--worker-admin", type=int, default=None, help=argparse.SUPPRESS)
 
     validate = commands.add_parser("validate", help="check manifests offline")
     validate.add_argument("paths", nargs="+", metavar="PATH")

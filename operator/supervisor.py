@@ -1,0 +1,204 @@
+"""`kanal run --workers N`: N proxy processes on one port, one admin address for all.
+
+Each worker is a full `kanal run` of its own that reads the same files (so every
+worker compiles the same Snapshot, with the same version) and binds the listening
+port with SO_REUSEPORT, so the kernel spreads connections over them. Each worker
+serves its admin endpoints on a private loopback port; this process serves `--admin`
+for the whole group: `/ready` when every worker is ready, `/config` and `/explain`
+from a worker, and `/metrics` summed over the workers.
+
+A worker that dies is started again, after a pause that grows while it keeps dying.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger("kanal.supervisor")
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Worker:
+    def __init__(self, index: int, args: argparse.Namespace) -> None:
+        self.index = index
+        self.args = args
+        self.admin_port = _free_loopback_port()
+        self.process: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def start(self) -> None:
+        from kanal.operator.standalone import worker_argv
+
+        argv = list(worker_argv(self.args, self.admin_port))
+        self.process = await asyncio.create_subprocess_exec(*argv)
+        log.info("worker %d started (pid %d)", self.index, self.process.pid)
+
+    async def keep_running(self, stopping: asyncio.Event) -> None:
+        delay = 0.5
+        while not stopping.is_set():
+            assert self.process is not None
+            code = await self.process.wait()
+            if stopping.is_set():
+                return
+            log.error("worker %d exited with %s; starting it again in %.1fs", self.index, code, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            self.restarts += 1
+            await self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+
+
+def merge_metrics(texts: Iterable[str]) -> str:
+    """Sum the workers' Prometheus samples that share a name and labels.
+
+    `kanal_config_info` is an info gauge: the workers' series are kept, not summed.
+    """
+    families: dict[str, tuple[str, str]] = {}
+    samples: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            families.setdefault(family.name, (family.type, family.documentation))
+            for sample in family.samples:
+                labels = tuple(sorted(sample.labels.items()))
+                key = (family.name, sample.name, labels)
+                if family.name == "kanal_config_info":
+                    samples[key] = 1.0
+                else:
+                    samples[key] = samples.get(key, 0.0) + sample.value
+    lines: list[str] = []
+    for name, (kind, documentation) in families.items():
+        lines.append(f"# HELP {name} {documentation}")
+        lines.append(f"# TYPE {name} {kind}")
+        for (family_name, sample_name, labels), value in samples.items():
+            if family_name != name:
+                continue
+            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+            lines.append(f"{sample_name}{{{label_text}}} {_number(value)}" if labels
+                         else f"{sample_name} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def group_admin_app(workers: list[Worker]) -> web.Application:
+    session_holder: dict[str, aiohttp.ClientSession] = {}
+
+    async def session() -> aiohttp.ClientSession:
+        if "s" not in session_holder:
+            session_holder["s"] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        return session_holder["s"]
+
+    async def fetch(worker: Worker, path_qs: str) -> tuple[int, bytes, str]:
+        client = await session()
+        async with client.get(worker.admin + path_qs) as answer:
+            return answer.status, await answer.read(), answer.headers.get("Content-Type", "")
+
+    async def live(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def ready(_: web.Request) -> web.Response:
+        versions = set()
+        for worker in workers:
+            try:
+                status, body, _ = await fetch(worker, "/ready")
+            except (aiohttp.ClientError, OSError):
+                return web.Response(status=503, text=f"not ready: worker {worker.index} not up\n")
+            if status != 200:
+                return web.Response(status=503, text=f"not ready: worker {worker.index}\n")
+            versions.add(body.decode().strip())
+        if len(versions) != 1:
+            return web.Response(status=503, text="not ready: workers disagree on the version\n")
+        return web.Response(text=f"{versions.pop()}\n")
+
+    async def forward(request: web.Request) -> web.Response:
+        last_error = "no worker answered"
+        for worker in workers:
+            try:
+                status, body, content_type = await fetch(worker, request.path_qs)
+            except (aiohttp.ClientError, OSError) as exc:
+                last_error = str(exc)
+                continue
+            return web.Response(status=status, body=body,
+                                headers={"Content-Type": content_type or "application/json"})
+        return web.json_response({"error": last_error}, status=503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        texts = []
+        for worker in workers:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                status, body, _ = await fetch(worker, "/metrics")
+                if status == 200:
+                    texts.append(body.decode())
+        return web.Response(text=merge_metrics(texts), content_type="text/plain")
+
+    async def close_session(_: web.Application) -> None:
+        if "s" in session_holder:
+            await session_holder["s"].close()
+
+    app = web.Application()
+    app.router.add_get("/live", live)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/config", forward)
+    app.router.add_get("/explain", forward)
+    app.router.add_get("/metrics", metrics)
+    app.on_cleanup.append(close_session)
+    return app
+
+
+async def supervise(args: argparse.Namespace) -> int:
+    workers = [Worker(index, args) for index in range(args.workers)]
+    for worker in workers:
+        await worker.start()
+    runner = web.AppRunner(group_admin_app(workers), access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, args.admin[0], args.admin[1]).start()
+    log.info("admin for %d workers on http://%s:%d", len(workers), *args.admin)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stopping.set)
+    keepers = [loop.create_task(worker.keep_running(stopping)) for worker in workers]
+    await stopping.wait()
+    for worker in workers:
+        worker.stop()
+    for worker in workers:
+        if worker.process is not None:
+            try:
+                await asyncio.wait_for(worker.process.wait(), timeout=15)
+            except TimeoutError:
+                worker.process.kill()
+                await worker.process.wait()
+    for keeper in keepers:
+        keeper.cancel()
+    await runner.cleanup()
+    return 0

@@ -1,0 +1,50 @@
+"""Every module imports in a fresh interpreter, and `operator` stays the standard library's."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import kanal
+import kanal.dataplane
+import kanal.operator
+
+
+def all_modules() -> list[str]:
+    names = ["kanal"]
+    for package in (kanal.operator, kanal.dataplane):
+        names.append(package.__name__)
+        names.extend(
+            info.name for info in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+        )
+    return sorted(names)
+
+
+def test_every_module_imports_and_stdlib_operator_is_intact() -> None:
+    modules = all_modules()
+    assert "kanal.operator.cli" in modules and "kanal.dataplane.proxy" in modules
+    script = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "import operator\n"
+        "assert operator.__name__ == 'operator', operator\n"
+        "assert operator.__file__ is None or 'kanal' not in operator.__file__, operator.__file__\n"
+        "assert operator.add(2, 3) == 5 and hasattr(operator, 'itemgetter')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_dataplane_does_not_import_the_control_plane() -> None:
+    """The dataplane runs without kopf, the CRD models or the compiler."""
+    script = (
+        "import sys, importlib, pkgutil, kanal.dataplane\n"
+        "for info in pkgutil.walk_packages(kanal.dataplane.__path__, 'kanal.dataplane.'):\n"
+        "    importlib.import_module(info.name)\n"
+        "bad = [m for m in sys.modules if m.startswith(('kanal.operator', 'kopf'))]\n"
+        "assert not bad, bad\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
