@@ -118,21 +118,28 @@ def load_documents(
     """
     documents: list[Document] = []
     errors: list[ManifestError] = []
-    for path in _expand(paths, errors):
-        for item in _read_file(path, errors):
-            if _is_ours(item, notes):
-                documents.append(item)
+    for file_documents, file_errors in _load_files(paths, notes):
+        documents.extend(file_documents)
+        errors.extend(file_errors)
     return documents, errors
 
 
-def _expand(paths: Iterable[str], errors: list[ManifestError]) -> Iterator[str]:
+def _load_files(
+    paths: Iterable[str], notes: list[str] | None
+) -> Iterator[tuple[list[Document], list[ManifestError]]]:
+    """Per file (or missing path), in reading order: its documents and its errors."""
     for path in paths:
         if os.path.isdir(path):
-            yield from _walk(path)
+            files = _walk(path)
         elif os.path.exists(path):
-            yield path
+            files = [path]
         else:
-            errors.append(ManifestError(Source(path), "no such file or directory"))
+            yield [], [ManifestError(Source(path), "no such file or directory")]
+            continue
+        for name in files:
+            errors: list[ManifestError] = []
+            documents = [item for item in _read_file(name, errors) if _is_ours(item, notes)]
+            yield documents, errors
 
 
 def _walk(folder: str) -> list[str]:
@@ -285,24 +292,26 @@ def load_manifests(
     in reading order is kept so that callers that go on (like `kanal run`) stay
     predictable.
     """
-    documents, errors = load_documents(paths, notes=notes)
     manifests: list[Manifest] = []
+    errors: list[ManifestError] = []
     first_seen: dict[tuple[str, str], Source] = {}
-    for document in documents:
-        parsed = parse_document(document)
-        if isinstance(parsed, list):
-            errors.extend(parsed)
-            continue
-        identity = (parsed.kind, parsed.key)
-        if identity in first_seen:
-            errors.append(ManifestError(
-                document.source,
-                f"duplicate of {first_seen[identity]}: the same kind, namespace and name",
-                f"{parsed.kind} {parsed.key}",
-            ))
-            continue
-        first_seen[identity] = document.source
-        manifests.append(Manifest(document.source, parsed))
+    for documents, file_errors in _load_files(paths, notes):
+        errors.extend(file_errors)
+        for document in documents:
+            parsed = parse_document(document)
+            if isinstance(parsed, list):
+                errors.extend(parsed)
+                continue
+            identity = (parsed.kind, parsed.key)
+            if identity in first_seen:
+                errors.append(ManifestError(
+                    document.source,
+                    f"duplicate of {first_seen[identity]}: the same kind, namespace and name",
+                    f"{parsed.kind} {parsed.key}",
+                ))
+                continue
+            first_seen[identity] = document.source
+            manifests.append(Manifest(document.source, parsed))
     return manifests, errors
 
 
