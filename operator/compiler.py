@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC
 from typing import Any, TypeVar
 
 from kanal.dataplane import snapshot as snap
@@ -387,7 +387,7 @@ def _age_order(route: Route) -> tuple[int, float, str]:
     if stamp is None:
         return (0, 0.0, route.key)
     if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=timezone.utc)
+        stamp = stamp.replace(tzinfo=UTC)
     return (1, stamp.timestamp(), route.key)
 
 

@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
-
 from kanal.operator.models import API_VERSION, GROUP, RESOURCES, Resource, Secret
+from pydantic import ValidationError
 
 YAML_SUFFIXES = (".yaml", ".yml")
 

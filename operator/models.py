@@ -25,6 +25,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
+from kanal.operator.durations import Duration, PositiveDuration, parse_duration
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -35,8 +36,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
-
-from kanal.operator.durations import Duration, PositiveDuration, parse_duration
 
 GROUP = "kanal.dev"
 VERSION = "v1alpha1"

@@ -6,7 +6,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from kanal.operator.manifests import (
     Document,
     Source,
@@ -63,8 +62,8 @@ def test_error_names_file_document_object_and_field() -> None:
     manifests, errors = load_manifests(["examples/shop.yaml"])
 
     assert [str(e) for e in errors] == [
-        "examples/shop.yaml: document 2 (Route default/shop): "
-        "spec.rules[1].backends[0].weight: must be >= 0"
+        ("examples/shop.yaml: document 2 (Route default/shop): "
+        "spec.rules[1].backends[0].weight: must be >= 0")
     ]
     assert [m.subject for m in manifests] == ["Upstream default/orders"]
 
@@ -84,8 +83,8 @@ def test_every_error_of_a_document_is_reported() -> None:
 
     assert [str(e) for e in errors] == [
         "a.yaml: document 1 (Upstream shop/orders): spec.endpoints[0].port: must be >= 1",
-        "a.yaml: document 1 (Upstream shop/orders): spec.loadBalancer.policy: "
-        "must be one of RoundRobin, LeastRequest, Random, RingHash",
+        ("a.yaml: document 1 (Upstream shop/orders): spec.loadBalancer.policy: "
+        "must be one of RoundRobin, LeastRequest, Random, RingHash"),
         "a.yaml: document 1 (Upstream shop/orders): spec.protocl: unknown field",
     ]
 
@@ -181,11 +180,11 @@ def test_a_path_that_does_not_exist_is_an_error() -> None:
 
 @pytest.mark.parametrize(("head", "message"), [
     ("apiVersion: kanal.dev/v1\nkind: Route\n",
-     "a.yaml: document 1 (Route default/x): apiVersion: "
-     "unknown version kanal.dev/v1; expected kanal.dev/v1alpha1"),
+     ("a.yaml: document 1 (Route default/x): apiVersion: "
+     "unknown version kanal.dev/v1; expected kanal.dev/v1alpha1")),
     ("apiVersion: kanal.dev/v1alpha1\nkind: Gateway\n",
-     "a.yaml: document 1 (Gateway default/x): kind: "
-     "unknown kind Gateway; expected one of Route, Upstream, EgressPolicy"),
+     ("a.yaml: document 1 (Gateway default/x): kind: "
+     "unknown kind Gateway; expected one of Route, Upstream, EgressPolicy")),
     ("kind: Route\n", "a.yaml: document 1 (Route default/x): apiVersion: field required"),
     ("apiVersion: kanal.dev/v1alpha1\n",
      "a.yaml: document 1 (object default/x): kind: field required"),
@@ -210,8 +209,8 @@ def test_the_same_object_in_two_places_is_an_error_naming_both() -> None:
     manifests, errors = load_manifests(["a.yaml", "b.yaml"])
 
     assert [str(e) for e in errors] == [
-        "b.yaml: document 2 (Upstream default/orders): duplicate of a.yaml: document 1: "
-        "the same kind, namespace and name"
+        ("b.yaml: document 2 (Upstream default/orders): duplicate of a.yaml: document 1: "
+        "the same kind, namespace and name")
     ]
     kept = [m.resource for m in manifests if isinstance(m.resource, Upstream)]
     assert [u.spec.endpoints[0].address for u in kept if u.spec.endpoints] == ["10.0.0.1"]
