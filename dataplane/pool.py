@@ -205,6 +205,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
+        self.last_activity = time.monotonic()
         self.transport.write(data)
 
     @property
@@ -318,8 +319,22 @@ class EndpointPool:
             pass
 
     def sweep(self, now: float) -> None:
-        """Close idle connections older than the idle timeout."""
+        """Close idle connections older than the idle timeout, and time out stalled ones.
+
+        An exchange with no byte either way for the idle timeout is given up (504, or
+        an aborted answer if it had started): one sweep a second serves every exchange,
+        so no request needs a timer of its own for this.
+        """
         limit = now - self.idle_timeout
+        for conn in list(self.open):
+            sink = conn.sink
+            if sink is not None and conn.tunnel is None and conn.last_activity < limit:
+                conn.sink = None
+                conn.abort()
+                sink.upstream_failed(
+                    conn, f"no data from upstream for {self.idle_timeout:g}s (idle timeout)",
+                    TimeoutError(),
+                )
         if self.idle and self.idle[0].idle_since < limit:
             keep = []
             for conn in self.idle:

@@ -329,7 +329,7 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_runtime = upstream
         self.set_cookie = None
         if set_token is not None and selection.rule.session_affinity is not None:
-            self.set_cookie = selection.split.cookie_header(set_token)
+            self.set_cookie = selection.split.set_cookie_header(set_token).encode("latin-1")
         hash_key = upstream.hash_key(request, self.peer) if upstream.hashed else None
         state = upstream.balancer.pick(hash_key)
         if state is None:
@@ -368,6 +368,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _send(self, conn: UpstreamConnection, request: Request, head: bytes) -> None:
         self.upstream = conn
+        self.sent_head = head
         no_body = request.method == b"HEAD"
         conn.start(self, head, no_body)
         self.request_sent = True
@@ -495,15 +496,36 @@ class ClientConnection(asyncio.Protocol):
         self._end_exchange(conn.status)
 
     def upstream_failed(self, conn: UpstreamConnection, reason: str, exc: BaseException | None) -> None:
+        request = self.current
         self.upstream = None
-        self._finish_endpoint()
-        if self.current is None:
+        if request is None:
+            self._finish_endpoint()
             return
         if self.response_started:
-            self._record(self.current, 502)
+            self._finish_endpoint()
+            self._record(request, 502)
             self._abort()
             return
-        self._fail_request(502, f"upstream {self.upstream_key}: {reason}")
+        if (
+            conn.requests > 1
+            and not conn.got_bytes
+            and not isinstance(exc, TimeoutError)
+            and self.sent_head
+            and request.content_length in (None, b"0")
+            and not request.chunked
+            and not request.upgrade
+        ):
+            # A pooled connection the server had closed while it sat idle: the request
+            # never reached the application (no byte came back), so send it again on a
+            # new connection to the same endpoint.
+            pool = conn.pool
+            head = self.sent_head
+            self.sent_head = b""
+            self.context.spawn(self._connect_and_send(pool, request, head))
+            return
+        self._finish_endpoint()
+        status = 504 if isinstance(exc, TimeoutError) else 502
+        self._fail_request(status, f"upstream {self.upstream_key}: {reason}")
 
     def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
         transport = self.transport
@@ -657,6 +679,7 @@ class ClientConnection(asyncio.Protocol):
         return now - self.last_activity if self.current is None else 0.0
 
     set_cookie: bytes | None = None
+    sent_head: bytes = b""
     endpoint_state: object | None = None
 
 
