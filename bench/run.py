@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side proxy benchmark: nginx, HAProxy and Kanal in front of one nginx backend.
 
-Method (see bench/README.md and /work/shared/design/performance.md):
+Method (see bench/README.md):
 
 * one backend: nginx, one process, 100 B body on ``/`` and 16 KiB on ``/16k``,
   pinned to the load CPU (1 by default), shared with wrk;
@@ -693,7 +693,7 @@ def main(argv: list[str] | None = None) -> int:
                              "use --proxy-cpu/--load-cpu")
     if args.proxy_cpu == args.load_cpu:
         log("WARNING: proxies share a CPU with the backend and wrk; figures are not comparable "
-            "with performance.md")
+            "with runs that pin them apart")
     ensure_tools(args.no_install)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
