@@ -159,12 +159,12 @@ class _Candidate:
             value = path.value.rstrip("/")
             self.kind = _PREFIX if value else _ANY_PATH
             self.value = value
-            self.value_d = normalize_path(path.value or "/").rstrip("/")
+            self.value_d = path_views(path.value or "/")[1].rstrip("/")
             length = len(value)
         elif path.type == "Exact":
             self.kind = _EXACT
             self.value = path.value
-            self.value_d = normalize_path(path.value)
+            self.value_d = path_views(path.value)[1]
             length = len(path.value)
         elif path.type == "RegularExpression":
             self.kind = _REGEX
@@ -306,7 +306,8 @@ def path_views(path: str) -> tuple[str, str]:
     """(as sent with dot segments resolved, decoded): the two readings rules must match."""
     if _is_plain_path(path):
         return path, path
-    return _remove_dot_segments(path), normalize_path(path)
+    as_sent = _remove_dot_segments(path) if "/." in path else path
+    return as_sent, normalize_path(path)
 
 
 def _parse_query(query: str) -> dict[str, str]:
@@ -445,7 +446,7 @@ class RouteTable:
         levels = self._cache.get(host)
         if levels is None:
             levels = self._levels(host)
-        if not _is_plain_path(path):
+        if "%" in path or "/." in path or "//" in path or "\\" in path:  # _is_plain_path
             return self._match_views(levels, method, path, query, headers)
         params: dict[str, str] | None = None
         for level in levels:

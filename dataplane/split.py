@@ -27,7 +27,7 @@ import hashlib
 import math
 import random
 from collections.abc import Iterable
-from functools import reduce
+from functools import lru_cache, reduce
 
 from kanal.dataplane.snapshot import Backend, Rule, SessionAffinity
 
@@ -39,6 +39,7 @@ _MAX_SCHEDULE = 10_000
 _TOKEN_LENGTH = 12
 
 
+@lru_cache(maxsize=8192)
 def affinity_token(upstream_key: str) -> str:
     """The cookie token for an Upstream key: stable across processes and reloads."""
     return hashlib.sha256(upstream_key.encode()).hexdigest()[:_TOKEN_LENGTH]
@@ -71,6 +72,20 @@ def smooth_weighted_order(weights: list[int], count: int) -> list[int]:
         best = _swrr_step(weights, current, total)
         order.append(best)
     return order
+
+
+@lru_cache(maxsize=1024)
+def _reduced_weights(weights: tuple[int, ...]) -> tuple[int, ...]:
+    """Weights divided by their gcd (negative as 0): the same SWRR sequence, shorter."""
+    raw = [max(0, w) for w in weights]
+    divisor = reduce(math.gcd, (w for w in raw if w > 0), 0) or 1
+    return tuple(w // divisor for w in raw)
+
+
+@lru_cache(maxsize=1024)
+def _cycle(weights: tuple[int, ...]) -> tuple[int, ...]:
+    """One full SWRR cycle; cached since rules share a few weight patterns (95/5, 50/50)."""
+    return tuple(smooth_weighted_order(list(weights), sum(weights)))
 
 
 def _swrr_step(weights: list[int], current: list[int], total: int) -> int:
@@ -119,29 +134,35 @@ class Split:
     ) -> None:
         self.backends: tuple[Backend, ...] = tuple(backends)
         self.affinity = affinity
-        self._keys = [b.upstream for b in self.backends]
-        raw = [max(0, b.weight) for b in self.backends]
-        divisor = reduce(math.gcd, (w for w in raw if w > 0), 0) or 1
-        self._weights = [w // divisor for w in raw]
-        self._total = sum(self._weights)
-        self._current = [0] * len(self._weights)
+        keys: list[str] = []
+        raw: list[int] = []
+        for backend in self.backends:
+            keys.append(backend.upstream)
+            raw.append(backend.weight)
+        self._keys = keys
+        weights = _reduced_weights(tuple(raw))
+        self._weights = list(weights)
+        self._total = total = sum(weights)
+        self._current = [0] * len(weights)
         self._position = 0
-        live = [k for k, w in zip(self._keys, self._weights) if w > 0]
-        self._single: str | None = live[0] if len(set(live)) == 1 else None
+        live = [key for key, weight in zip(keys, weights, strict=True) if weight > 0]
+        self._single: str | None = live[0] if live and live.count(live[0]) == len(live) else None
         self._schedule: tuple[str, ...] = ()
-        if self._total and self._total <= _MAX_SCHEDULE:
-            order = smooth_weighted_order(self._weights, self._total)
-            self._schedule = tuple(self._keys[i] for i in order)
+        if self._single is None and 0 < total <= _MAX_SCHEDULE:
+            self._schedule = tuple(keys[i] for i in _cycle(weights))
             if rng is not None:
-                self._position = rng.randrange(self._total)
-        elif self._total and rng is not None:
+                self._position = rng.randrange(total)
+        elif self._single is None and total and rng is not None:
             # Start somewhere inside the cycle, as the precomputed case does.
-            for _ in range(rng.randrange(min(self._total, _MAX_SCHEDULE))):
-                _swrr_step(self._weights, self._current, self._total)
-        self._token_of = {key: affinity_token(key) for key in self._keys}
-        self._by_token = {self._token_of[k]: k for k in live}
+            for _ in range(rng.randrange(_MAX_SCHEDULE)):
+                _swrr_step(self._weights, self._current, total)
+        # Affinity lookups are only built for rules that use affinity.
+        self._token_of: dict[str, str] = {}
+        self._by_token: dict[str, str] = {}
         self._cookie_header_of: dict[str, str] = {}
         if affinity is not None:
+            self._token_of = {key: affinity_token(key) for key in self._keys}
+            self._by_token = {self._token_of[k]: k for k in live}
             self._cookie_header_of = {
                 token: format_set_cookie(affinity.cookie_name, token, affinity.ttl)
                 for token in self._by_token
