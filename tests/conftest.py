@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,3 +264,202 @@ def kanal(tmp_path: Path) -> Iterator[Callable[..., Kanal]]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+# --------------------------------------------------------------------------- shared per module
+#
+# Starting `kanal run` costs a second or more (imports), so scenario modules that only
+# read share one process and one set of backends. The backends then run on an event
+# loop of their own, in a thread, so that every test's loop can reach them.
+
+
+class BackendThread:
+    """Backends served by an event loop in a thread: one set serves a whole module."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.started: list[Backend] = []
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Awaitable[Any], timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def start(self, name: str, port: int | None = None) -> Backend:
+        async def go() -> Backend:
+            backend = Backend(name=name, port=port or free_port())
+            runner = web.AppRunner(backend_app(backend), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", backend.port).start()
+            backend.runner = runner
+            return backend
+
+        backend = self.run(go())
+        self.started.append(backend)
+        return backend  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        for backend in self.started:
+            self.run(backend.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def module_backends() -> Iterator[Callable[..., Backend]]:
+    """Like `backends`, but synchronous and shared by a module: `v1 = module_backends("v1")`."""
+    pool = BackendThread()
+    yield pool.start
+    pool.close()
+
+
+def launch_kanal(folder: Path, log_path: Path, files: dict[str, str] | None, flags: Sequence[str],
+                 *, wait_ready: bool = True) -> Kanal:
+    """Start `kanal run` on `folder` (created) exactly as the `kanal` fixture does."""
+    import urllib.error
+    import urllib.request
+
+    folder.mkdir(parents=True)
+    instance = Kanal(folder=folder, port=free_port(), admin_port=free_port())
+    for name, text in (files or {}).items():
+        instance.write(name, text)
+    instance.log_path = log_path
+    command = [
+        sys.executable, "-m", "kanal.operator.cli", "run", str(folder),
+        "--listen", f"127.0.0.1:{instance.port}",
+        "--admin", f"127.0.0.1:{instance.admin_port}",
+        *flags,
+    ]
+    with open(log_path, "wb") as log:
+        instance.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        assert instance.process is not None
+        if instance.process.poll() is not None:
+            raise AssertionError(f"kanal run exited early:\n{instance.log()}")
+        try:
+            with urllib.request.urlopen(instance.admin + "/ready", timeout=1) as answer:
+                return bool(answer.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    if wait_ready:
+        try:
+            wait_until(ready, timeout=30)
+        except AssertionError:
+            stop_kanal(instance)
+            raise
+    return instance
+
+
+def stop_kanal(instance: Kanal) -> None:
+    process = instance.process
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def module_kanal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Kanal]]:
+    """Like `kanal`, but shared by a module: `k = module_kanal({"a.yaml": text}, *flags)`."""
+    started: list[Kanal] = []
+    root = tmp_path_factory.mktemp("kanal-module")
+
+    def start(files: dict[str, str] | None = None, *flags: str, wait_ready: bool = True) -> Kanal:
+        index = len(started)
+        instance = launch_kanal(root / f"manifests-{index}", root / f"kanal-{index}.log",
+                                files, flags, wait_ready=wait_ready)
+        started.append(instance)
+        return instance
+
+    yield start
+    for instance in started:
+        stop_kanal(instance)
+
+
+# --------------------------------------------------------------------------- byte-level HTTP
+
+
+@dataclass
+class RawResponse:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def read_response(reader: asyncio.StreamReader, *, head_request: bool = False) -> RawResponse:
+    """Read one HTTP/1.x response: framed by Content-Length, chunked, or the connection's end."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    _, status, *reason = lines[0].split(" ", 2)
+    headers = []
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers.append((name.strip(), value.strip()))
+    response = RawResponse(int(status), reason[0] if reason else "", headers, b"")
+    code = response.status
+    if head_request or code in (204, 304) or 100 <= code < 200:
+        return response
+    if (response.header("transfer-encoding") or "").lower() == "chunked":
+        body = bytearray()
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size = int(size_line.split(b";")[0].strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")  # no trailers are expected
+                break
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+        response.body = bytes(body)
+    elif response.header("content-length") is not None:
+        response.body = await reader.readexactly(int(response.header("content-length") or 0))
+    else:
+        response.body = await reader.read()
+    return response
+
+
+async def raw_request(port: int, data: bytes, *, responses: int = 1,
+                      timeout: float = 10.0) -> list[RawResponse]:
+    """Send raw bytes to 127.0.0.1:port and read `responses` answers on that connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        answers = []
+        async with asyncio.timeout(timeout):
+            for _ in range(responses):
+                answers.append(await read_response(reader))
+        return answers
+    finally:
+        writer.close()
+
+
+def header_values(record: dict[str, Any], name: str) -> list[str]:
+    """Every value of header `name` in a backend's record of a request."""
+    return [value for key, value in record["headers"] if key.lower() == name.lower()]
+
+
+def process_rss(pid: int) -> int:
+    """Resident memory of a process in bytes (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
