@@ -155,10 +155,10 @@ def _retry_on(value: str) -> str:
     )
 
 
-def _int_to_str(value: Any) -> Any:
-    """YAML reads `503` as a number; a status code list means the string."""
+def _no_bare_status_code(value: Any) -> Any:
+    """YAML reads `503` as a number, which the API server's schema refuses: say how to write it."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+        raise ValueError(f'write status codes as strings: "{value}"')  # noqa: TRY004 (pydantic)
     return value
 
 
@@ -176,7 +176,7 @@ Hostname = Annotated[str, AfterValidator(_hostname), _string(HOSTNAME_PATTERN, 2
 HeaderName = Annotated[str, AfterValidator(_header_name), _string(HEADER_NAME_PATTERN, 256)]
 HttpMethod = Annotated[str, AfterValidator(_method), WithJsonSchema(
     {"type": "string", "enum": list(HTTP_METHODS)})]
-RetryOn = Annotated[str, BeforeValidator(_int_to_str), AfterValidator(_retry_on),
+RetryOn = Annotated[str, BeforeValidator(_no_bare_status_code), AfterValidator(_retry_on),
                     _string(r"^(connect-failure|reset|timeout|5xx|5[0-9][0-9])$")]
 EndpointAddress = Annotated[str, AfterValidator(_endpoint_address), WithJsonSchema(
     {"type": "string", "minLength": 1, "maxLength": 253})]
@@ -191,6 +191,9 @@ class KanalModel(BaseModel):
         alias_generator=to_camel,
         extra="forbid",
         frozen=True,
+        # Strict types: `"8080"` is not a port and `yes` not a boolean, exactly as the
+        # API server's schema says; what `kanal validate` accepts, `kubectl apply` does.
+        strict=True,
         validate_default=False,
     )
 
@@ -744,7 +747,9 @@ class ObjectMeta(KanalModel):
         default="default", description="Namespace (default `default`)."
     )
     creation_timestamp: datetime | None = Field(
-        default=None, description="Set by the API server; the older Route wins ties."
+        default=None,
+        strict=False,  # a string in JSON and quoted YAML, a datetime in plain YAML
+        description="Set by the API server; the older Route wins ties.",
     )
     generation: int | None = Field(default=None, description="Set by the API server.")
     labels: dict[str, str] = Field(default_factory=dict, description="Labels.")
@@ -754,7 +759,7 @@ class ObjectMeta(KanalModel):
     resource_version: str | None = None
     generate_name: str | None = None
     self_link: str | None = None
-    deletion_timestamp: datetime | None = None
+    deletion_timestamp: datetime | None = Field(default=None, strict=False)
     deletion_grace_period_seconds: int | None = None
     owner_references: list[dict[str, Any]] | None = None
     finalizers: list[str] | None = None

@@ -305,13 +305,41 @@ def test_methods_are_upper_case_http_methods() -> None:
              "must be one of GET, HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, PATCH")]
 
 
-def test_retry_on_takes_conditions_and_5xx_codes_also_unquoted() -> None:
-    parsed = route(rules=[{**GOOD_RULE, "retries": {"retryOn": ["timeout", "5xx", 503]}}])
+def test_retry_on_takes_conditions_and_5xx_codes_as_strings() -> None:
+    parsed = route(rules=[{**GOOD_RULE, "retries": {"retryOn": ["timeout", "5xx", "503"]}}])
     assert parsed.spec.rules[0].retries is not None
     assert parsed.spec.rules[0].retries.retry_on == ["timeout", "5xx", "503"]
     [(path, message)] = route_errors(rules=[{**GOOD_RULE, "retries": {"retryOn": ["404"]}}])
     assert path == "spec.rules[0].retries.retryOn[0]"
     assert message.startswith("must be one of connect-failure, reset, timeout, 5xx")
+
+
+def test_an_unquoted_status_code_is_refused_with_a_hint() -> None:
+    assert route_errors(rules=[{**GOOD_RULE, "retries": {"retryOn": [503]}}]) == [
+        ("spec.rules[0].retries.retryOn[0]", 'write status codes as strings: "503"')]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("port", "8080", "must be an integer"),
+    ("weight", 1.0, "must be an integer"),
+    ("weight", True, "must be an integer"),
+])
+def test_types_are_strict_like_the_api_servers_schema(field: str, value: Any,
+                                                      message: str) -> None:
+    endpoint = {"address": "10.0.0.1", "port": 80, field: value}
+    assert upstream_errors(endpoints=[endpoint]) == [(f"spec.endpoints[0].{field}", message)]
+    assert route_errors(tls={"secretName": "s", "redirectHTTP": "yes"}) == [
+        ("spec.tls.redirectHTTP", "must be true or false")]
+
+
+def test_timestamps_may_be_strings_or_yaml_timestamps() -> None:
+    import datetime
+
+    stamp = datetime.datetime(2024, 1, 1, tzinfo=datetime.UTC)
+    for value in ("2024-01-01T00:00:00Z", stamp):
+        parsed = Route.model_validate(doc("Route", {"rules": [GOOD_RULE]},
+                                          creationTimestamp=value))
+        assert parsed.metadata.creation_timestamp == stamp
 
 
 def test_retry_attempts_are_bounded() -> None:
