@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
+from kanal.dataplane.headers import HOP_BY_HOP, RESPONSE_DROPPED, connection_tokens
+
+_SPECIAL_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length"}
+
 if TYPE_CHECKING:
     from kanal.dataplane.balancer import EndpointState
 
@@ -51,7 +55,8 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "transport", "parser", "sink", "status", "headers", "content_length",
         "chunked", "no_body", "got_bytes", "idle_since", "last_activity", "closed",
-        "requests", "tunnel", "head_done", "reason", "keep_alive",
+        "requests", "tunnel", "head_done", "reason", "keep_alive", "connection_named",
+        "upgrade_value",
     )
 
     def __init__(self, pool: EndpointPool) -> None:
@@ -68,6 +73,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.head_done = False
         self.keep_alive = True
+        self.connection_named: set[bytes] | None = None
+        self.upgrade_value: bytes | None = None
         self.idle_since = 0.0
         self.last_activity = 0.0
         self.closed = False
@@ -143,6 +150,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.headers = []
         self.reason = b""
+        self.connection_named = None
+        self.upgrade_value = None
         self.content_length = None
         self.chunked = False
         self.head_done = False
@@ -151,12 +160,20 @@ class UpstreamConnection(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """Keep end-to-end headers; note framing and hop-by-hop ones, which stop here."""
         lower = name.lower()
-        if lower == b"content-length":
+        if lower not in _SPECIAL_RESPONSE_HEADERS:
+            self.headers.append((name, value))
+        elif lower == b"content-length":
             self.content_length = value
         elif lower == b"transfer-encoding":
             self.chunked = b"chunked" in value.lower()
-        self.headers.append((name, value))
+        elif lower == b"connection":
+            tokens = connection_tokens(value) - RESPONSE_DROPPED
+            if tokens:
+                self.connection_named = (self.connection_named or set()) | tokens
+        elif lower == b"upgrade":
+            self.upgrade_value = value
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -272,12 +289,12 @@ class EndpointPool:
         self.state = state
 
     def take_idle(self) -> UpstreamConnection | None:
+        """The most recently used idle connection; one that closed has left the list."""
         idle = self.idle
         while idle:
             conn = idle.pop()
-            if conn.reusable:
+            if not conn.closed:
                 return conn
-            conn.close()
         return None
 
     async def connect(self) -> UpstreamConnection:

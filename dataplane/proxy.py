@@ -34,6 +34,12 @@ MAX_BUFFERED_BODY = 256 * 1024
 NO_BODY = b""
 _CHUNK_END = b"0\r\n\r\n"
 
+_SPECIAL_REQUEST_HEADERS = (
+    hdrs.HOP_BY_HOP | hdrs.FORWARDING
+    | {b"host", b"cookie", b"content-length", b"transfer-encoding", b"expect"}
+)
+_METHOD_TEXT = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+
 REASONS = {
     400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
     408: b"Request Timeout", 413: b"Content Too Large", 421: b"Misdirected Request",
@@ -48,7 +54,7 @@ class Request:
     __slots__ = (
         "method", "target", "headers", "host", "http11", "keep_alive", "chunked",
         "content_length", "upgrade", "expect_continue", "complete", "body", "body_size",
-        "started", "cookie", "forwarded",
+        "started", "cookie", "forwarded", "connection_named", "upgrade_value", "decoded",
     )
 
     def __init__(self) -> None:
@@ -68,6 +74,35 @@ class Request:
         self.started = 0.0
         self.cookie: bytes | None = None
         self.forwarded: dict[bytes, list[bytes]] | None = None
+        self.connection_named: set[bytes] | None = None
+        self.upgrade_value: bytes | None = None
+        self.decoded: dict[str, str] | None = None
+
+    # A read-only mapping of lower-case header names to first values, for the router;
+    # decoded only if a route asks for a header.
+
+    def _table(self) -> dict[str, str]:
+        table = self.decoded
+        if table is None:
+            table = {}
+            for name, value in self.headers:
+                table.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+            if self.host is not None:
+                table.setdefault("host", self.host.decode("latin-1"))
+            if self.forwarded:
+                for name, values in self.forwarded.items():
+                    table.setdefault(name.decode("latin-1"), values[0].decode("latin-1"))
+            self.decoded = table
+        return table
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return self._table().get(name, default)
+
+    def __getitem__(self, name: str) -> str:
+        return self._table()[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._table()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -95,6 +130,8 @@ class ClientConnection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.batch: list[bytes] | None = None
         self.forwarded_key: bytes | None = None
+        self.host_bytes: bytes | None = b"\x00"
+        self.host_text = ""
         self.forwarded_lines = b""
         self.last_activity = time.monotonic()
         self.closed = False
@@ -200,18 +237,21 @@ class ClientConnection(asyncio.Protocol):
         if request is None:
             return
         lower = name.lower()
+        if lower not in _SPECIAL_REQUEST_HEADERS:
+            request.headers.append((name, value))
+            return
         if lower == b"host":
             if request.host is not None:
                 raise httptools.HttpParserError("more than one Host header")
             request.host = value
+        elif lower == b"cookie":
+            request.cookie = value if request.cookie is None else request.cookie + b"; " + value
         elif lower == b"content-length":
             request.content_length = value
             return
         elif lower == b"transfer-encoding":
             request.chunked = True
             return
-        elif lower == b"cookie":
-            request.cookie = value if request.cookie is None else request.cookie + b"; " + value
         elif lower == b"expect":
             if value.lower() == b"100-continue":
                 request.expect_continue = True
@@ -220,6 +260,14 @@ class ClientConnection(asyncio.Protocol):
             if request.forwarded is None:
                 request.forwarded = {}
             request.forwarded.setdefault(lower, []).append(value)
+            return
+        else:  # hop-by-hop: stops here, but `Connection` also names others that do
+            if lower == b"connection":
+                tokens = hdrs.connection_tokens(value) - hdrs.REQUEST_DROPPED
+                if tokens:
+                    request.connection_named = (request.connection_named or set()) | tokens
+            elif lower == b"upgrade":
+                request.upgrade_value = value
             return
         request.headers.append((name, value))
 
@@ -303,11 +351,14 @@ class ClientConnection(asyncio.Protocol):
             self._fail_request(400, "HTTP/1.1 request without Host", close=True)
             return
         path, _, query = target.partition(b"?")
-        method_text = request.method.decode("ascii", "replace")
-        host_text = host.decode("latin-1") if host is not None else ""
+        method_text = _METHOD_TEXT.get(request.method) or request.method.decode("latin-1")
+        if host != self.host_bytes:
+            self.host_bytes = host
+            self.host_text = host.decode("latin-1") if host is not None else ""
+        host_text = self.host_text
         selection = config.table.match(
-            host_text, method_text, path.decode("latin-1"), query.decode("latin-1"),
-            LazyHeaders(request),
+            host_text, method_text, path.decode("latin-1"), query.decode("latin-1") if query else "",
+            request,  # type: ignore[arg-type]  # a Mapping in all the router uses
         )
         if selection is None:
             self.route_key = ""
@@ -388,19 +439,18 @@ class ClientConnection(asyncio.Protocol):
 
     def _request_head(self, request: Request, config: Config) -> bytes:
         headers = request.headers
-        if any(name.lower() in hdrs.HOP_BY_HOP for name, _ in headers):
-            headers = hdrs.filter_headers(headers, hdrs.REQUEST_DROPPED)
+        named = request.connection_named
+        if named:
+            headers = [(name, value) for name, value in headers if name.lower() not in named]
         lines = [request.method + b" " + request.target + b" HTTP/1.1"]
-        for name, value in headers:
-            lines.append(name + b": " + value)
-        if request.content_length is not None and not request.chunked:
-            lines.append(b"Content-Length: " + request.content_length)
-        elif request.chunked:
+        lines += [name + b": " + value for name, value in headers]
+        if request.chunked:
             lines.append(b"Transfer-Encoding: chunked")
+        elif request.content_length is not None:
+            lines.append(b"Content-Length: " + request.content_length)
         if request.upgrade:
-            upgrade = _header(request.headers, b"upgrade")
             lines.append(b"Connection: Upgrade")
-            lines.append(b"Upgrade: " + (upgrade or b"websocket"))
+            lines.append(b"Upgrade: " + (request.upgrade_value or b"websocket"))
         lines.append(self._forwarding_lines(request))
         return b"\r\n".join(lines)
 
@@ -443,7 +493,10 @@ class ClientConnection(asyncio.Protocol):
             conn.abort()
             return
         status = conn.status
-        headers = hdrs.filter_headers(conn.headers, hdrs.RESPONSE_DROPPED)
+        headers = conn.headers
+        if conn.connection_named:
+            named = conn.connection_named
+            headers = [(name, value) for name, value in headers if name.lower() not in named]
         no_body = conn.no_body or request.method == b"HEAD"
         conn.no_body = no_body
         close = not request.keep_alive or self.close_after
@@ -537,6 +590,8 @@ class ClientConnection(asyncio.Protocol):
         lines = [b"HTTP/1.1 %d Switching Protocols" % status]
         for name, value in conn.headers:
             lines.append(name + b": " + value)
+        lines.append(b"Connection: Upgrade")
+        lines.append(b"Upgrade: " + (conn.upgrade_value or b"websocket"))
         lines.append(b"\r\n")
         transport.write(b"\r\n".join(lines))
         if rest:
@@ -681,39 +736,6 @@ class ClientConnection(asyncio.Protocol):
     set_cookie: bytes | None = None
     sent_head: bytes = b""
     endpoint_state: object | None = None
-
-
-class LazyHeaders:
-    """Request headers by lower-case name, decoded only if a route asks for one."""
-
-    __slots__ = ("request", "decoded")
-
-    def __init__(self, request: Request) -> None:
-        self.request = request
-        self.decoded: dict[str, str] | None = None
-
-    def _table(self) -> dict[str, str]:
-        if self.decoded is None:
-            table: dict[str, str] = {}
-            request = self.request
-            for name, value in request.headers:
-                table.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
-            if request.host is not None:
-                table.setdefault("host", request.host.decode("latin-1"))
-            if request.forwarded:
-                for name, values in request.forwarded.items():
-                    table.setdefault(name.decode("latin-1"), values[0].decode("latin-1"))
-            self.decoded = table
-        return self.decoded
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        return self._table().get(name, default)
-
-    def __getitem__(self, name: str) -> str:
-        return self._table()[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._table()
 
 
 def _header(headers: list[tuple[bytes, bytes]], lower_name: bytes) -> bytes | None:

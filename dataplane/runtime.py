@@ -138,7 +138,7 @@ class Runtime:
 
     def build(self, snapshot: Snapshot) -> Config:
         """Make a runnable Config; raises ValueError when the Snapshot cannot run."""
-        table = RouteTable.build(snapshot, gateway=self.gateway)  # type: ignore[arg-type]
+        table = RouteTable.build(snapshot, gateway=self.gateway, rng=self.rng)
         upstreams: dict[str, UpstreamRuntime] = {}
         for spec in snapshot.upstreams:
             states: list[EndpointState] = []
