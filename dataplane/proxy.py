@@ -499,7 +499,9 @@ class ClientConnection(asyncio.Protocol):
             headers = [(name, value) for name, value in headers if name.lower() not in named]
         no_body = conn.no_body or request.method == b"HEAD"
         conn.no_body = no_body
-        close = not request.keep_alive or self.close_after
+        # After an answer that refuses an upgrade, the client may already be speaking
+        # the new protocol: nothing more on this connection can be read as HTTP.
+        close = not request.keep_alive or self.close_after or request.upgrade
         lines = [b"HTTP/1.1 %d %b" % (status, conn.reason or REASONS.get(status, b"OK"))]
         for name, value in headers:
             lines.append(name + b": " + value)

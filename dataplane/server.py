@@ -75,8 +75,14 @@ async def housekeeping(runtime: Runtime) -> AsyncIterator[None]:
                 for client in list(context.clients):
                     if client.current is not None or client.tunnel:
                         continue
-                    limit = HEADER_TIMEOUT if client.parsing is not None else KEEPALIVE_TIMEOUT
-                    if now - client.last_activity > limit and client.transport is not None:
+                    parsing = client.parsing
+                    if parsing is not None:
+                        # Counted from the first byte of the head: trickling bytes
+                        # (slowloris) does not extend it.
+                        stalled = now - parsing.started > HEADER_TIMEOUT
+                    else:
+                        stalled = now - client.last_activity > KEEPALIVE_TIMEOUT
+                    if stalled and client.transport is not None:
                         client.transport.close()
 
     task = asyncio.get_running_loop().create_task(sweep_forever())
