@@ -80,12 +80,16 @@ class CompileResult:
 
     snapshot: snap.Snapshot
     statuses: tuple[ObjectStatus, ...]
+    _by_identity: dict[tuple[str, str], ObjectStatus] = dataclasses.field(
+        init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A status writer asks once per object: a dict keeps that linear.
+        object.__setattr__(self, "_by_identity", {(s.kind, s.key): s for s in self.statuses})
 
     def status(self, kind: str, key: str) -> ObjectStatus | None:
-        for status in self.statuses:
-            if status.kind == kind and status.key == key:
-                return status
-        return None
+        """The status of one object (`kind`, `namespace/name`), if it was compiled."""
+        return self._by_identity.get((kind, key))
 
     def to_dict(self) -> dict[str, Any]:
         return {
