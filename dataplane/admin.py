@@ -90,7 +90,7 @@ def parse_explain_query(query: Any) -> tuple[str, str, str, str, dict[str, str]]
 
 def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None) -> web.Application:
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(MetricsCollector(runtime.metrics))  # type: ignore[arg-type]
+    registry.register(MetricsCollector(runtime.metrics))
 
     async def live(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")

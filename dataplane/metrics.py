@@ -75,8 +75,8 @@ class MetricsCollector:
         for (route, upstream), cells in sorted(metrics.latency.items()):
             cumulative = 0.0
             buckets = []
-            for bound, count in zip(LATENCY_BUCKETS, cells, strict=False):
-                cumulative += count
+            for bound, cell in zip(LATENCY_BUCKETS, cells, strict=False):
+                cumulative += cell
                 buckets.append((repr(bound), cumulative))
             cumulative += cells[len(LATENCY_BUCKETS)]
             buckets.append(("+Inf", cumulative))

@@ -93,8 +93,8 @@ class FileSource:
                 continue
             if parsed is None:
                 continue
-            key = (parsed.kind, parsed.metadata.namespace, parsed.metadata.name)
-            current[key] = (parsed, document.source.path)
+            identity = (str(parsed.kind), parsed.metadata.namespace, parsed.metadata.name)
+            current[identity] = (parsed, document.source.path)
         # Objects from files that failed to load as a whole keep their last good version.
         for key, (resource, file) in self.last_good.items():
             if key not in current and file in broken_files:

@@ -128,7 +128,7 @@ def group_admin_app(workers: list[Worker]) -> web.Application:
         versions = set()
         for worker in workers:
             try:
-                status, body, _ = await fetch(worker, "/ready")
+                status, body, _type = await fetch(worker, "/ready")
             except (aiohttp.ClientError, OSError):
                 return web.Response(status=503, text=f"not ready: worker {worker.index} not up\n")
             if status != 200:
@@ -154,7 +154,7 @@ def group_admin_app(workers: list[Worker]) -> web.Application:
         texts = []
         for worker in workers:
             with contextlib.suppress(aiohttp.ClientError, OSError):
-                status, body, _ = await fetch(worker, "/metrics")
+                status, body, _type = await fetch(worker, "/metrics")
                 if status == 200:
                     texts.append(body.decode())
         return web.Response(text=merge_metrics(texts), content_type="text/plain")
