@@ -227,24 +227,36 @@ def content_version(snapshot: Snapshot) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, (tuple, list)):
+    """JSON-ready dicts and lists; field names are looked up once per type (big snapshots)."""
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return value
+    if kind is tuple or kind is list:
         return [_to_plain(item) for item in value]
-    return value
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        if not dataclasses.is_dataclass(kind):
+            return value
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in dataclasses.fields(kind))
+    return {name: _to_plain(getattr(value, name)) for name in names}
 
 
 _T = TypeVar("_T")
+_HINTS: dict[type, dict[str, Any]] = {}
 
 
 def _from_plain(kind: type[_T], data: Any) -> _T:
     """Rebuild a dataclass from its plain form; unknown keys are an error."""
     if not isinstance(data, dict):
         raise ValueError(f"{kind.__name__}: expected an object, got {type(data).__name__}")
-    hints = typing.get_type_hints(kind)
-    names = {f.name for f in dataclasses.fields(kind)}  # type: ignore[arg-type]
-    unknown = set(data) - names
+    hints = _HINTS.get(kind)
+    if hints is None:
+        hints = _HINTS[kind] = typing.get_type_hints(kind)
+    unknown = data.keys() - hints.keys()
     if unknown:
         raise ValueError(f"{kind.__name__}: unknown fields {sorted(unknown)}")
     kwargs = {name: _convert(hints[name], value) for name, value in data.items()}
