@@ -27,6 +27,7 @@ from kanal.dataplane.pool import UpstreamConnection, UpstreamConnectError
 
 if TYPE_CHECKING:
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
+    from kanal.dataplane.snapshot import Route
 
 log = logging.getLogger("kanal.proxy")
 
@@ -41,7 +42,7 @@ _SPECIAL_REQUEST_HEADERS = (
 _METHOD_TEXT = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 REASONS = {
-    400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+    308: b"Permanent Redirect", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
     408: b"Request Timeout", 413: b"Content Too Large", 421: b"Misdirected Request",
     500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
     504: b"Gateway Timeout",
@@ -166,6 +167,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.server_name: str | None = ssl_object.server_hostname if ssl_object is not None else None
         self.context.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -365,6 +368,11 @@ class ClientConnection(asyncio.Protocol):
             self._fail_request(404, f"no route for host {host_text or '-'} path {path.decode('latin-1')}")
             return
         self.route_key = selection.route_key
+        self.hsts = None
+        route_tls = selection.route.tls
+        if route_tls is not None or context.scheme == "https":
+            if self._tls_policy(request, selection.route, host_text, path):
+                return
         cookie_value = None
         if selection.rule.session_affinity is not None and request.cookie is not None:
             cookie_value = _cookie(request.cookie, selection.rule.session_affinity.cookie_name)
@@ -436,6 +444,33 @@ class ClientConnection(asyncio.Protocol):
         if self.paused_for_body and not self.waiting and self.transport is not None:
             self.paused_for_body = False
             self.transport.resume_reading()
+
+    def _tls_policy(self, request: Request, route: Route, host_text: str, path: bytes) -> bool:
+        """HTTPS redirects, HSTS and misdirected requests; True when already answered."""
+        context = self.context
+        tls = route.tls
+        if context.scheme == "https":
+            misdirected = context.misdirected
+            if misdirected is not None and misdirected(self.server_name, host_text):
+                self._fail_request(
+                    421, f"host {host_text} is not served by the certificate of this connection "
+                         f"(TLS server name {self.server_name or '-'})")
+                return True
+            if tls is not None and tls.hsts is not None:
+                value = b"max-age=%d" % tls.hsts.max_age
+                if tls.hsts.include_sub_domains:
+                    value += b"; includeSubDomains"
+                self.hsts = value
+            return False
+        if tls is not None and tls.redirect_http and tls.cert_pem:
+            host = host_text.rpartition(":")[0] if host_text.rpartition(":")[2].isdigit() else host_text
+            if context.https_port not in (None, 443):
+                host = f"{host}:{context.https_port}"
+            location = f"https://{host}".encode("latin-1") + request.target
+            self._fail_request(308, f"{route.key} is served over HTTPS: {location.decode('latin-1')}",
+                               location=location)
+            return True
+        return False
 
     def _request_head(self, request: Request, config: Config) -> bytes:
         headers = request.headers
@@ -516,6 +551,8 @@ class ClientConnection(asyncio.Protocol):
             close = True
         if self.set_cookie is not None:
             lines.append(b"Set-Cookie: " + self.set_cookie)
+        if self.hsts is not None:
+            lines.append(b"Strict-Transport-Security: " + self.hsts)
         if not request.complete:
             # The client is still sending a body the upstream did not wait for; the
             # connection cannot be reused for another request once this one ends.
@@ -669,7 +706,9 @@ class ClientConnection(asyncio.Protocol):
             self.route_key, self.upstream_key, status, time.monotonic() - request.started
         )
 
-    def _fail_request(self, status: int, reason: str, *, close: bool = False) -> None:
+    def _fail_request(
+        self, status: int, reason: str, *, close: bool = False, location: bytes | None = None
+    ) -> None:
         """Answer the current request with an error of the proxy's own."""
         request = self.current or self.parsing
         transport = self.transport
@@ -692,6 +731,8 @@ class ClientConnection(asyncio.Protocol):
         )
         if status == 503:
             head += b"Retry-After: 1\r\n"
+        if location is not None:
+            head += b"Location: " + location + b"\r\n"
         head += b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n"
         self._write(head + (b"" if request.method == b"HEAD" else body))
         if self.current is request:
@@ -736,6 +777,7 @@ class ClientConnection(asyncio.Protocol):
         return now - self.last_activity if self.current is None else 0.0
 
     set_cookie: bytes | None = None
+    hsts: bytes | None = None
     sent_head: bytes = b""
     endpoint_state: object | None = None
 

@@ -17,7 +17,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +104,11 @@ class ProxyContext:
         self.metrics = metrics or RequestMetrics()
         self.clients: set[ClientConnection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # HTTPS listener: says whether a request for `host` arrived on a connection
+        # whose TLS handshake (SNI `server_name`) chose another Route's certificate.
+        self.misdirected: Callable[[str | None, str], bool] | None = None
+        # Plain listener: the port of the HTTPS listener, for redirects (None: none).
+        self.https_port: int | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a slow-path coroutine (a connect) and keep a reference until it ends."""

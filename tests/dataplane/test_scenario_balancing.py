@@ -15,11 +15,13 @@ import pytest
 from tests.conftest import async_wait_until
 
 
-def upstream(name: str, ports: list[int], policy: str, extra: str = "",
-             weights: list[int] | None = None) -> str:
+def upstream(
+    name: str, ports: list[int], policy: str, extra: str = "", weights: list[int] | None = None
+) -> str:
     weights = weights or [1] * len(ports)
     endpoints = ", ".join(
-        f"{{address: 127.0.0.1, port: {p}, weight: {w}}}" for p, w in zip(ports, weights, strict=True)
+        f"{{address: 127.0.0.1, port: {p}, weight: {w}}}"
+        for p, w in zip(ports, weights, strict=True)
     )
     return f"""\
 apiVersion: kanal.dev/v1alpha1
@@ -53,12 +55,15 @@ def setup(module_kanal, module_backends):
     return module_kanal(files), ends
 
 
-async def spread(k, host: str, count: int, headers: dict[str, str] | None = None,
-                 path: str = "/") -> collections.Counter[str]:
+async def spread(
+    k, host: str, count: int, headers: dict[str, str] | None = None, path: str = "/"
+) -> collections.Counter[str]:
     seen: collections.Counter[str] = collections.Counter()
     async with aiohttp.ClientSession() as session:
         for _ in range(count):
-            async with session.get(k.url + path, headers={"Host": host, **(headers or {})}) as answer:
+            async with session.get(
+                k.url + path, headers={"Host": host, **(headers or {})}
+            ) as answer:
                 assert answer.status == 200
                 seen[(await answer.json())["backend"]] += 1
     return seen
@@ -97,17 +102,21 @@ async def test_least_request_prefers_the_idle_endpoint(setup):
     marks = {b.name: len(b.received) for b in ends}
 
     async def slow() -> str:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(k.url + "/sleep/1", headers={"Host": "least2.test"}) as answer:
-                return str((await answer.json())["backend"])
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(k.url + "/sleep/1", headers={"Host": "least2.test"}) as answer,
+        ):
+            return str((await answer.json())["backend"])
 
     task = asyncio.create_task(slow())
 
     async def slow_arrived() -> bool:
-        return any(r["path"] == "/sleep/1" for b in ends for r in b.received[marks[b.name]:])
+        return any(r["path"] == "/sleep/1" for b in ends for r in b.received[marks[b.name] :])
 
     await async_wait_until(slow_arrived, timeout=5)
-    busy = next(b.name for b in ends if any(r["path"] == "/sleep/1" for r in b.received[marks[b.name]:]))
+    busy = next(
+        b.name for b in ends if any(r["path"] == "/sleep/1" for r in b.received[marks[b.name] :])
+    )
     seen = await spread(k, "least2.test", 40, path="/fast")
     assert await task == busy
     idle = ({"e0", "e1"} - {busy}).pop()

@@ -64,7 +64,11 @@ spec:
             + route("dead", "dead.test", "[{upstream: dead}]")
             + route("garbage", "garbage.test", "[{upstream: garbage}]")
             + route("empty", "empty.test", "[{upstream: empty}]")
-            + route("standby", "standby.test", "[{upstream: ok, weight: 0}, {upstream: slow, weight: 0}]")
+            + route(
+                "standby",
+                "standby.test",
+                "[{upstream: ok, weight: 0}, {upstream: slow, weight: 0}]",
+            )
             + route("missing", "missing.test", "[{upstream: orders-v9}]")
             + route("slow", "slow.test", "[{upstream: slow}]", "      timeout: 300ms\n")
         ),
@@ -75,9 +79,11 @@ spec:
 
 async def get(k, host: str, path: str = "/") -> tuple[int, str, float]:
     started = time.monotonic()
-    async with aiohttp.ClientSession() as session:
-        async with session.get(k.url + path, headers={"Host": host}) as answer:
-            return answer.status, await answer.text(), time.monotonic() - started
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(k.url + path, headers={"Host": host}) as answer,
+    ):
+        return answer.status, await answer.text(), time.monotonic() - started
 
 
 async def test_no_route_is_404_naming_host_and_path(setup):
@@ -148,12 +154,16 @@ async def test_rule_timeout_is_504(setup):
 
 MALFORMED = [
     pytest.param(b"GET / HTTP/1.1\r\nHost: ok.test\r\nBroken header line\r\n\r\n", id="no-colon"),
-    pytest.param(b"GET / HTTP/1.1\r\nHost: ok.test\r\nX-A: 1\r\n\x00\x01: 2\r\n\r\n", id="control-bytes"),
+    pytest.param(
+        b"GET / HTTP/1.1\r\nHost: ok.test\r\nX-A: 1\r\n\x00\x01: 2\r\n\r\n", id="control-bytes"
+    ),
     pytest.param(b"GET / HTTP/9.7\r\nHost: ok.test\r\n\r\n", id="bad-version"),
     pytest.param(b"G(T / HTTP/1.1\r\nHost: ok.test\r\n\r\n", id="bad-method"),
     pytest.param(b"GET / HTTP/1.1\r\nHost: ok.test\r\nHost: other.test\r\n\r\n", id="two-hosts"),
     pytest.param(b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n", id="http11-without-host"),
-    pytest.param(b"POST / HTTP/1.1\r\nHost: ok.test\r\nContent-Length: abc\r\n\r\n", id="bad-length"),
+    pytest.param(
+        b"POST / HTTP/1.1\r\nHost: ok.test\r\nContent-Length: abc\r\n\r\n", id="bad-length"
+    ),
 ]
 
 SMUGGLING = [

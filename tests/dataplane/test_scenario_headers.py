@@ -84,8 +84,14 @@ async def test_hop_by_hop_and_connection_named_headers_are_removed(untrusting):
         b"\r\n",
     )
     names = {name.lower() for name, _ in record["headers"]}
-    for dropped in ("x-secret", "keep-alive", "te", "proxy-authorization", "proxy-connection",
-                    "trailer"):
+    for dropped in (
+        "x-secret",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "proxy-connection",
+        "trailer",
+    ):
         assert dropped not in names, (dropped, record["headers"])
     assert header_values(record, "connection") in ([], ["keep-alive"])
     assert header_values(record, "x-kept") == ["yes"]
@@ -136,7 +142,9 @@ async def test_forwarding_headers_are_set_and_client_values_not_trusted(untrusti
     assert header_values(record, "x-real-ip") == ["127.0.0.1"]
     assert header_values(record, "x-forwarded-proto") == ["http"]
     assert header_values(record, "x-forwarded-host") == ["Shop.Example.com:8443"]
-    assert header_values(record, "forwarded") == ['for=127.0.0.1;proto=http;host="Shop.Example.com:8443"']
+    assert header_values(record, "forwarded") == [
+        'for=127.0.0.1;proto=http;host="Shop.Example.com:8443"'
+    ]
     # Host passes through unchanged, case and port included
     assert header_values(record, "host") == ["Shop.Example.com:8443"]
     assert "1.2.3.4" not in str(record["headers"])
@@ -174,8 +182,7 @@ async def test_trusted_hops_keep_and_extend_the_chain(trusting):
 async def test_trusted_hops_take_the_address_one_hop_back_in_a_longer_chain(trusting):
     record = await seen_by_backend(
         trusting,
-        b"GET /fwd HTTP/1.1\r\nHost: shop.example.com\r\n"
-        b"X-Forwarded-For: 6.6.6.6, 5.6.7.8\r\n\r\n",
+        b"GET /fwd HTTP/1.1\r\nHost: shop.example.com\r\nX-Forwarded-For: 6.6.6.6, 5.6.7.8\r\n\r\n",
     )
     # 6.6.6.6 was written by someone nobody trusts; 5.6.7.8 by the trusted proxy's client
     assert header_values(record, "x-forwarded-for") == ["6.6.6.6, 5.6.7.8, 127.0.0.1"]

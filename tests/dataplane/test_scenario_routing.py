@@ -182,13 +182,19 @@ def proxy(module_kanal, module_backends):
     return module_kanal(files)
 
 
-async def reach(proxy, host: str, path: str, method: str = "GET",
-                headers: dict[str, str] | None = None) -> str:
+async def reach(
+    proxy, host: str, path: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> str:
     """The backend a request reaches, or `404` when the proxy finds no route."""
-    async with aiohttp.ClientSession() as session, session.request(
-        method, proxy.url + path, headers={"Host": host, **(headers or {})},
-        allow_redirects=False,
-    ) as answer:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method,
+            proxy.url + path,
+            headers={"Host": host, **(headers or {})},
+            allow_redirects=False,
+        ) as answer,
+    ):
         if answer.status == 404:
             assert "no route" in await answer.text()
             return "404"

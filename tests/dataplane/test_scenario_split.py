@@ -33,11 +33,16 @@ spec:
 
 async def test_split_follows_the_weights_and_weight_zero_gets_nothing(kanal, backends):
     v1, v2, v3 = await backends("v1"), await backends("v2"), await backends("v3")
-    k = kanal({
-        "up.yaml": upstream_yaml("v1", v1) + "---\n" + upstream_yaml("v2", v2) + "---\n"
-        + upstream_yaml("v3", v3),
-        "route.yaml": split_route({"v1": 3, "v2": 1, "v3": 0}),
-    })
+    k = kanal(
+        {
+            "up.yaml": upstream_yaml("v1", v1)
+            + "---\n"
+            + upstream_yaml("v2", v2)
+            + "---\n"
+            + upstream_yaml("v3", v3),
+            "route.yaml": split_route({"v1": 3, "v2": 1, "v3": 0}),
+        }
+    )
     seen: collections.Counter[str] = collections.Counter()
     async with aiohttp.ClientSession() as session:
         for _ in range(400):
@@ -109,10 +114,12 @@ async def test_session_affinity_survives_reloads_and_weight_changes_move_only_ne
 
 async def test_blue_green_flip_under_load_fails_nothing_and_switches_at_once(kanal, backends):
     blue, green = await backends("blue"), await backends("green")
-    k = kanal({
-        "up.yaml": upstream_yaml("blue", blue) + "---\n" + upstream_yaml("green", green),
-        "route.yaml": split_route({"blue": 100, "green": 0}),
-    })
+    k = kanal(
+        {
+            "up.yaml": upstream_yaml("blue", blue) + "---\n" + upstream_yaml("green", green),
+            "route.yaml": split_route({"blue": 100, "green": 0}),
+        }
+    )
     old = k.version()
     results: list[tuple[float, int, str]] = []  # (start, status, backend)
     stop = asyncio.Event()
