@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import os
-import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from kanal.operator.filesource import FileSource
 
@@ -61,114 +59,54 @@ def _install_uvloop() -> None:
 
 async def serve(args: argparse.Namespace) -> int:
     """One process that reads the files and serves traffic (and admin, unless a worker)."""
-    from aiohttp import web
-
-    from kanal.dataplane.admin import admin_app
+    from kanal.dataplane.process import DataplaneOptions, apply_snapshot, run_dataplane
     from kanal.dataplane.runtime import Runtime
-    from kanal.dataplane.server import bind_socket, housekeeping, start_listener, tune_gc
 
     worker = bool(getattr(args, "worker", False))
-    runtime = Runtime()
-    source = FileSource(args.paths)
-    _reload(source, runtime)
-
-    servers = []
-    reuse_port = worker
-    listen_host, listen_port = args.listen
-    servers.append(
-        await start_listener(
-            runtime.context("http", args.trusted_hops),
-            bind_socket(listen_host, listen_port, reuse_port=reuse_port),
-        )
-    )
-    log.info("listening on http://%s:%d", listen_host, listen_port)
-    if args.tls_listen is not None:
-        log.warning("--tls-listen: TLS termination is not available yet; listener not started")
-    if args.forward_listen is not None:
-        log.warning("--forward-listen: the forward proxy is not available yet; listener not started")
-
-    runner: web.AppRunner | None = None
     admin_port = getattr(args, "worker_admin", None)
-    if not worker or admin_port is not None:
-        runner = web.AppRunner(admin_app(runtime), access_log=None, handle_signals=False)
-        await runner.setup()
-        admin_host, port = args.admin if not worker else ("127.0.0.1", admin_port)
-        await web.TCPSite(runner, admin_host, port).start()
-        if not worker:
-            log.info("admin on http://%s:%d", admin_host, port)
+    if worker:
+        admin = ("127.0.0.1", admin_port) if admin_port is not None else None
+    else:
+        admin = args.admin
+    options = DataplaneOptions(
+        listen=args.listen,
+        tls_listen=args.tls_listen,
+        forward_listen=args.forward_listen,
+        admin=admin,
+        trusted_hops=args.trusted_hops,
+        reuse_port=worker,
+        quiet_admin=worker,
+    )
+    source = FileSource(args.paths)
+    runtime = Runtime(gateway=options.gateway)
+    # The first configuration is in place before any listener opens.
+    _reload(source, runtime, apply_snapshot)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(signum, stop.set)
-    tune_gc()
-    async with housekeeping(runtime):
-        watcher = loop.create_task(_watch(source, runtime, stop))
-        await stop.wait()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-        for server in servers:
-            server.close()
-        await _drain(runtime, timeout=10.0)
-        if runner is not None:
-            await runner.cleanup()
-        runtime.close()
-    return 0
+    async def feed(runtime: Runtime, stop: asyncio.Event) -> None:
+        await _watch(source, runtime, stop, apply_snapshot)
+
+    return await run_dataplane(options, feed, runtime)
 
 
-def _reload(source: FileSource, runtime: object) -> None:
-    from kanal.dataplane.runtime import Runtime
-
-    assert isinstance(runtime, Runtime)
+def _reload(source: FileSource, runtime: Any, apply: Callable[[Any, Any], str | None]) -> None:
     result = source.reload()
     for error in result.errors:
         log.error("%s", error)
-    if result.snapshot is None:
-        return
-    if runtime.config is not None and runtime.config.version == result.snapshot.version:
-        return
-    try:
-        runtime.apply(result.snapshot)
-    except ValueError as exc:
-        runtime.metrics.config_rejected += 1
-        log.error("configuration %s rejected by the dataplane: %s", result.snapshot.version, exc)
-        return
-    log.info(
-        "applied configuration %s: %d routes, %d upstreams",
-        result.snapshot.version, len(result.snapshot.routes), len(result.snapshot.upstreams),
-    )
+    if result.snapshot is not None:
+        apply(runtime, result.snapshot)
 
 
-async def _watch(source: FileSource, runtime: object, stop: asyncio.Event) -> None:
+async def _watch(
+    source: FileSource, runtime: Any, stop: asyncio.Event, apply: Callable[[Any, Any], str | None]
+) -> None:
     import watchfiles
 
-    watched = source.watch_roots()
     async for changes in watchfiles.awatch(
-        *watched, debounce=50, step=25, stop_event=stop, recursive=True,
+        *source.watch_roots(), debounce=50, step=25, stop_event=stop, recursive=True,
         watch_filter=lambda _, path: source.is_relevant(path),
     ):
         log.debug("files changed: %s", sorted(path for _, path in changes))
-        _reload(source, runtime)
-
-
-async def _drain(runtime: object, timeout: float) -> None:
-    """Let requests in flight finish, up to `timeout` seconds."""
-    from kanal.dataplane.runtime import Runtime
-
-    assert isinstance(runtime, Runtime)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        busy = [c for ctx in runtime.contexts for c in ctx.clients if c.current is not None]
-        idle = [c for ctx in runtime.contexts for c in ctx.clients if c.current is None]
-        for client in idle:
-            if client.transport is not None:
-                client.transport.close()
-        if not busy:
-            return
-        await asyncio.sleep(0.05)
+        _reload(source, runtime, apply)
 
 
 def worker_argv(args: argparse.Namespace, admin_port: int) -> Sequence[str]:
@@ -178,7 +116,3 @@ def worker_argv(args: argparse.Namespace, admin_port: int) -> Sequence[str]:
     argv += ["--trusted-hops", str(args.trusted_hops), "--log-level", args.log_level]
     argv += ["--worker", "--worker-admin", str(admin_port)]
     return argv
-
-
-def environment() -> dict[str, str]:
-    return dict(os.environ)

@@ -1,0 +1,136 @@
+"""One dataplane process: listeners, admin endpoints, housekeeping, and a configuration feed.
+
+`kanal run` (files) and `kanal dataplane` (a control plane) differ only in where
+Snapshots come from: each passes a *feed*, a coroutine that applies Snapshots to the
+Runtime (through `apply_snapshot`) until the stop event is set. Everything else,
+including the order of a graceful stop (listeners closed, requests in flight
+drained, admin last), is here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from kanal.dataplane.runtime import Runtime
+from kanal.dataplane.snapshot import Snapshot
+
+log = logging.getLogger("kanal.dataplane")
+
+Address = tuple[str, int]
+Feed = Callable[[Runtime, asyncio.Event], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class DataplaneOptions:
+    listen: Address | None = ("127.0.0.1", 8080)
+    tls_listen: Address | None = None
+    forward_listen: Address | None = None
+    admin: Address | None = ("127.0.0.1", 9901)
+    trusted_hops: int = 0
+    reuse_port: bool = False
+    gateway: str = "ingress"
+    drain_timeout: float = 10.0
+    quiet_admin: bool = False
+
+
+def apply_snapshot(runtime: Runtime, snapshot: Snapshot) -> str | None:
+    """Validate and swap in a Snapshot; None when applied (or already current), else why not."""
+    if runtime.config is not None and runtime.config.version == snapshot.version:
+        return None
+    try:
+        runtime.apply(snapshot)
+    except (ValueError, TypeError) as exc:
+        runtime.metrics.config_rejected += 1
+        log.error("configuration %s rejected: %s", snapshot.version, exc)
+        return str(exc)
+    log.info(
+        "applied configuration %s: %d routes, %d upstreams",
+        snapshot.version, len(snapshot.routes), len(snapshot.upstreams),
+    )
+    return None
+
+
+async def start_listeners(runtime: Runtime, options: DataplaneOptions) -> list[asyncio.AbstractServer]:
+    """The proxy listeners the options ask for."""
+    from kanal.dataplane.server import bind_socket, start_listener
+
+    servers: list[asyncio.AbstractServer] = []
+    if options.listen is not None:
+        host, port = options.listen
+        context = runtime.context("http", options.trusted_hops)
+        if options.tls_listen is not None:
+            context.https_port = options.tls_listen[1]
+        sock = bind_socket(host, port, reuse_port=options.reuse_port)
+        servers.append(await start_listener(context, sock))
+        log.info("listening on http://%s:%d", host, port)
+    if options.tls_listen is not None:
+        log.warning("--tls-listen: TLS termination is not available yet; listener not started")
+    if options.forward_listen is not None:
+        log.warning("--forward-listen: the forward proxy is not available yet; listener not started")
+    return servers
+
+
+async def run_dataplane(options: DataplaneOptions, feed: Feed, runtime: Runtime | None = None) -> int:
+    """Serve until SIGINT or SIGTERM, then stop gracefully."""
+    from aiohttp import web
+
+    from kanal.dataplane.admin import admin_app
+    from kanal.dataplane.server import housekeeping, tune_gc
+
+    runtime = runtime or Runtime(gateway=options.gateway)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+
+    servers = await start_listeners(runtime, options)
+    runner: web.AppRunner | None = None
+    if options.admin is not None:
+        runner = web.AppRunner(admin_app(runtime), access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, options.admin[0], options.admin[1]).start()
+        if not options.quiet_admin:
+            log.info("admin on http://%s:%d", *options.admin)
+
+    feeding = loop.create_task(feed(runtime, stop))
+    tune_gc()
+    async with housekeeping(runtime):
+        stopped = loop.create_task(stop.wait())
+        await asyncio.wait({feeding, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stop.set()
+        if feeding.done() and not feeding.cancelled() and feeding.exception() is not None:
+            log.error("configuration feed failed", exc_info=feeding.exception())
+        feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeding
+        for server in servers:
+            server.close()
+        await drain(runtime, timeout=options.drain_timeout)
+        if runner is not None:
+            await runner.cleanup()
+        runtime.close()
+    return 0
+
+
+async def drain(runtime: Runtime, timeout: float) -> None:
+    """Let requests in flight finish, up to `timeout` seconds; idle connections close now."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        busy = False
+        for context in runtime.contexts:
+            for client in list(context.clients):
+                if client.current is None and client.transport is not None:
+                    client.transport.close()
+                else:
+                    busy = True
+        if not busy or loop.time() >= deadline:
+            return
+        await asyncio.sleep(0.05)
