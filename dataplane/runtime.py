@@ -134,6 +134,9 @@ class Runtime:
         self._states: dict[tuple[str, str], EndpointState] = {}
         self._pools: dict[tuple[str, str], EndpointPool] = {}
         self.metrics = RequestMetrics()
+        # Called with each new Config right after it is published (TLS certificates,
+        # health checkers, egress policies: whatever else follows the configuration).
+        self.on_apply: list[Callable[[Config], None]] = []
 
     def context(self, scheme: str = "http", trusted_hops: int = 0) -> ProxyContext:
         context = ProxyContext(scheme=scheme, trusted_hops=trusted_hops, metrics=self.metrics)
@@ -190,6 +193,8 @@ class Runtime:
             context.config = config
         self.metrics.config_version = snapshot.version
         self.metrics.config_applied += 1
+        for listener in self.on_apply:
+            listener(config)
         kept = {id(pool) for pool in self._pools.values()}
         for pool in old_pools.values():
             if id(pool) not in kept:
