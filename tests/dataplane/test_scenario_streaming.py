@@ -31,6 +31,7 @@ class CountingServer:
         self.port = port
         self.connections = 0
         self.requests = 0
+        self.body_bytes = 0
         self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Self:
@@ -48,9 +49,14 @@ class CountingServer:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.requests += 1
+                if head.split(b" ")[1] == b"/slowread":
+                    await asyncio.sleep(1.0)  # a slow application: the body must wait
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
-                        await reader.readexactly(int(line.split(b":")[1]))
+                        left = int(line.split(b":")[1])
+                        while left:
+                            left -= len(await reader.read(min(left, MiB)))
+                        self.body_bytes += int(line.split(b":")[1])
                 if head.split(b" ")[1] == b"/chunked":
                     writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
                     for chunk in self.CHUNKS:
@@ -259,3 +265,85 @@ async def test_large_upload_and_download_keep_proxy_memory_flat(setup):
     after = process_rss(pid)
     peak[0] = max(peak[0], after)
     assert peak[0] - before < 64 * MiB, (before, peak[0], after, time.monotonic() - started)
+
+
+class RssPeak:
+    """Samples a process's VmRSS every 20 ms while in use; `growth` is peak minus start."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = process_rss(pid)
+        self.peak = self.start
+        self.done = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        async def sample() -> None:
+            while not self.done.is_set():
+                self.peak = max(self.peak, process_rss(self.pid))
+                await asyncio.sleep(0.02)
+
+        self.task = asyncio.create_task(sample())
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.done.set()
+        assert self.task is not None
+        await self.task
+        self.peak = max(self.peak, process_rss(self.pid))
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+async def test_slow_client_download_is_paced_not_buffered(setup):
+    """The backend can write 256 MiB faster than this client reads: the proxy must wait."""
+    k, _, _ = setup
+    total = 256 * MiB
+    async with RssPeak(k.process.pid) as rss:
+        reader, writer = await asyncio.open_connection("127.0.0.1", k.port, limit=MiB)
+        try:
+            writer.write(b"GET /bytes/%d HTTP/1.1\r\nHost: dl.test\r\n\r\n" % total)
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(1.0)  # the client reads nothing for a second
+            stalled_growth = rss.growth
+            received = 0
+            async with asyncio.timeout(30):
+                while received < total:
+                    chunk = await reader.read(MiB)
+                    assert chunk
+                    received += len(chunk)
+        finally:
+            writer.close()
+    assert received == total
+    assert stalled_growth < 64 * MiB, stalled_growth
+    assert rss.growth < 64 * MiB, rss.growth
+
+
+async def test_upload_to_a_slow_upstream_is_paced_not_buffered(setup):
+    """The upstream reads nothing for a second: the proxy must stop reading the client."""
+    k, _, port = setup
+    total = 256 * MiB
+    block = b"s" * MiB
+
+    async def upload():
+        for _ in range(total // MiB):
+            yield block
+
+    async with (
+        CountingServer(port) as server,
+        RssPeak(k.process.pid) as rss,
+        aiohttp.ClientSession() as session,
+        session.post(
+            k.url + "/slowread",
+            data=upload(),
+            headers={"Host": "counting.test", "Content-Length": str(total)},
+        ) as answer,
+    ):
+        assert answer.status == 200
+        assert await answer.read() == b"ok"
+    assert server.body_bytes == total
+    assert rss.growth < 64 * MiB, rss.growth
