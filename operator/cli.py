@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("paths", nargs="+", metavar="PATH")
 
     commands.add_parser("crds", help="print the CRD manifests")
+
+    from kanal.operator.dataplane_cmd import add_dataplane_parser
+
+    add_dataplane_parser(commands, _add_listener_flags)
     return parser
 
 
@@ -69,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         sys.stdout.write(crds_yaml())
         return 0
+    if args.command == "dataplane":
+        from kanal.operator.dataplane_cmd import dataplane_command
+
+        return dataplane_command(args)
     if args.command == "run":
         from kanal.operator.standalone import run_command
 

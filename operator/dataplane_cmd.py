@@ -1,0 +1,105 @@
+"""`kanal dataplane --control-plane URL`: a dataplane fed by the control plane.
+
+The same process as `kanal run` (listeners, admin, graceful stop: see
+`kanal.dataplane.process`), with a `Subscriber` as its feed instead of files. The
+Snapshot kept in `--state-dir` is applied before any listener opens, so a dataplane
+restarted while the control plane is away serves (and is ready) at once.
+
+This module imports only the dataplane: a sidecar never loads pydantic or kopf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("kanal.dataplane")
+
+GATEWAYS = {"ingress": "ingress", "sidecar": "mesh"}
+"""The Route gateway each mode serves: a sidecar serves the Routes of the mesh."""
+
+
+def dataplane_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.control_plane.startswith(("http://", "https://")):
+        print(f"kanal dataplane: --control-plane must be an http:// or https:// URL, "
+              f"got {args.control_plane!r}", file=sys.stderr)
+        return 2
+    if args.workers != 1:
+        print("kanal dataplane: only --workers 1 is supported", file=sys.stderr)
+        return 2
+    if args.token_file is not None and not Path(args.token_file).is_file():
+        print(f"kanal dataplane: --token-file {args.token_file}: no such file", file=sys.stderr)
+        return 2
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        pass
+    else:
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from kanal.dataplane.process import DataplaneOptions, run_dataplane
+    from kanal.dataplane.runtime import Runtime
+    from kanal.dataplane.subscriber import Subscriber, SubscriberOptions
+
+    gateway = GATEWAYS[args.mode]
+    options = DataplaneOptions(
+        listen=args.listen,
+        tls_listen=args.tls_listen,
+        forward_listen=args.forward_listen,
+        admin=args.admin,
+        trusted_hops=args.trusted_hops,
+        gateway=gateway,
+    )
+    if getattr(args, "default_certificate", None) and hasattr(options, "default_certificate"):
+        options.default_certificate = args.default_certificate
+    subscriber = Subscriber(SubscriberOptions(
+        control_plane=args.control_plane,
+        mode=args.mode,
+        dataplane_id=args.dataplane_id,
+        namespace=args.namespace,
+        token_file=Path(args.token_file) if args.token_file else None,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+    ))
+    runtime = Runtime(gateway=gateway)
+    # The kept configuration is in place before any listener opens.
+    subscriber.load_state(runtime)
+    return await run_dataplane(options, subscriber.run, runtime)
+
+
+def add_dataplane_parser(commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+                         add_listener_flags: object) -> argparse.ArgumentParser:
+    """The `dataplane` sub-command's arguments (listener flags as for `kanal run`)."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "dataplane", help="a dataplane fed by the control plane (kanal operator)")
+    parser.add_argument("--control-plane", required=True, metavar="URL",
+                        help="where the control plane serves configuration, "
+                             "e.g. http://kanal-operator.kanal:9000")
+    parser.add_argument("--mode", choices=sorted(GATEWAYS), default="ingress",
+                        help="ingress serves Routes of gateway `ingress`; sidecar those of "
+                             "`mesh` (default ingress)")
+    parser.add_argument("--token-file", default=None, metavar="PATH",
+                        help="bearer token presented to the control plane, re-read on every "
+                             "request (default: the pod's service-account token)")
+    parser.add_argument("--state-dir", default=None, metavar="DIR",
+                        help="where the last good configuration is kept, and served from at "
+                             "start while the control plane is unreachable")
+    parser.add_argument("--dataplane-id", default=None, metavar="ID",
+                        help="how the control plane knows this dataplane "
+                             "(default $POD_NAME, else host name and process id)")
+    parser.add_argument("--namespace", default=None, metavar="NS",
+                        help="the namespace this dataplane runs in (default $POD_NAMESPACE)")
+    add_listener_flags(parser)  # type: ignore[operator]
+    return parser
