@@ -30,6 +30,7 @@ Feed = Callable[[Runtime, asyncio.Event], Coroutine[Any, Any, None]]
 class DataplaneOptions:
     listen: Address | None = ("127.0.0.1", 8080)
     tls_listen: Address | None = None
+    default_certificate: str | None = None  # `namespace/name` of a Route's TLS Secret
     forward_listen: Address | None = None
     admin: Address | None = ("127.0.0.1", 9901)
     trusted_hops: int = 0
@@ -70,7 +71,19 @@ async def start_listeners(runtime: Runtime, options: DataplaneOptions) -> list[a
         servers.append(await start_listener(context, sock))
         log.info("listening on http://%s:%d", host, port)
     if options.tls_listen is not None:
-        log.warning("--tls-listen: TLS termination is not available yet; listener not started")
+        from kanal.dataplane.tls import TlsTerminator
+
+        host, port = options.tls_listen
+        terminator = TlsTerminator(gateway=runtime.gateway,
+                                   default_certificate=options.default_certificate)
+        if runtime.config is not None:
+            terminator.update(runtime.config)
+        runtime.on_apply.append(terminator.update)
+        context = runtime.context("https", options.trusted_hops)
+        context.misdirected = terminator.misdirected
+        sock = bind_socket(host, port, reuse_port=options.reuse_port)
+        servers.append(await start_listener(context, sock, ssl_context=terminator.server_context))
+        log.info("listening on https://%s:%d", host, port)
     if options.forward_listen is not None:
         log.warning("--forward-listen: the forward proxy is not available yet; listener not started")
     return servers

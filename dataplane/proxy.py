@@ -168,7 +168,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         ssl_object = transport.get_extra_info("ssl_object")
-        self.server_name: str | None = ssl_object.server_hostname if ssl_object is not None else None
+        self.server_name: str | None = getattr(ssl_object, "kanal_server_name", None)  # set by tls.py
         self.context.clients.add(self)
 
     def data_received(self, data: bytes) -> None:

@@ -223,35 +223,12 @@ def _pool_changed(pool: EndpointPool, spec: Upstream, ssl_context: ssl.SSLContex
         or pool.connect_timeout != spec.connect_timeout
         or pool.idle_timeout != spec.idle_timeout
         or pool.server_hostname != (spec.tls.sni if spec.tls else None)
-        or (ssl_context is not None)
+        or pool.ssl_context is not ssl_context
     )
 
 
 def upstream_ssl_context(tls: UpstreamTLS | None) -> ssl.SSLContext:
-    """The client TLS context for an HTTPS Upstream."""
-    context = ssl.create_default_context(cadata=tls.ca_pem if tls and tls.ca_pem else None)
-    if tls is None or not tls.ca_pem:
-        context.load_default_certs()
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
-    if tls is not None and tls.insecure_skip_verify:
-        log.warning("TLS verification of upstream endpoints is off (insecureSkipVerify)")
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if tls is not None and tls.client_cert_pem and tls.client_key_pem:
-        _load_client_cert(context, tls.client_cert_pem, tls.client_key_pem)
-    return context
+    """The client TLS context for an HTTPS Upstream (one per distinct settings; see tls.py)."""
+    from kanal.dataplane.tls import upstream_context
 
-
-def _load_client_cert(context: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
-    """`load_cert_chain` reads files only: write the PEMs to a private temporary file."""
-    import os
-    import tempfile
-
-    fd, path = tempfile.mkstemp(prefix="kanal-client-", suffix=".pem")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(cert_pem.rstrip("\n") + "\n" + key_pem)
-        context.load_cert_chain(path)
-    finally:
-        os.unlink(path)
+    return upstream_context(tls)

@@ -27,6 +27,9 @@ def _add_listener_flags(parser: argparse.ArgumentParser) -> None:
                         metavar="HOST:PORT", help="plain HTTP listener (default 127.0.0.1:8080)")
     parser.add_argument("--tls-listen", type=_host_port, default=None, metavar="HOST:PORT",
                         help="HTTPS listener for Routes with spec.tls (off by default)")
+    parser.add_argument("--default-certificate", default=None, metavar="NAMESPACE/NAME",
+                        help="TLS Secret (one a Route's spec.tls names) presented to clients "
+                             "whose server name no Route claims; without it their handshake fails")
     parser.add_argument("--forward-listen", type=_host_port, default=None, metavar="HOST:PORT",
                         help="forward (egress) proxy listener (off by default)")
     parser.add_argument("--admin", type=_host_port, default=("127.0.0.1", 9901),

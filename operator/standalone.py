@@ -71,6 +71,7 @@ async def serve(args: argparse.Namespace) -> int:
     options = DataplaneOptions(
         listen=args.listen,
         tls_listen=args.tls_listen,
+        default_certificate=getattr(args, "default_certificate", None),
         forward_listen=args.forward_listen,
         admin=admin,
         trusted_hops=args.trusted_hops,
@@ -113,6 +114,10 @@ def worker_argv(args: argparse.Namespace, admin_port: int) -> Sequence[str]:
     """The command line of one worker process."""
     argv = [sys.executable, "-m", "kanal.operator.cli", "run", *args.paths]
     argv += ["--listen", f"{args.listen[0]}:{args.listen[1]}"]
+    if args.tls_listen is not None:
+        argv += ["--tls-listen", f"{args.tls_listen[0]}:{args.tls_listen[1]}"]
+    if getattr(args, "default_certificate", None):
+        argv += ["--default-certificate", args.default_certificate]
     argv += ["--trusted-hops", str(args.trusted_hops), "--log-level", args.log_level]
     argv += ["--worker", "--worker-admin", str(admin_port)]
     return argv
