@@ -25,6 +25,8 @@ Policies:
 
 from __future__ import annotations
 
+from typing import Any
+
 import hashlib
 import math
 import random
@@ -94,7 +96,7 @@ class EndpointState:
     a request starts and decrements it when it ends); LeastRequest reads it.
     """
 
-    __slots__ = ("active", "available", "endpoint", "key", "weight")
+    __slots__ = ("active", "available", "breaker", "endpoint", "healthy", "key", "weight")
 
     def __init__(self, endpoint: Endpoint, available: bool = True) -> None:
         self.endpoint = endpoint
@@ -102,6 +104,23 @@ class EndpointState:
         self.weight = endpoint.weight
         self.active = 0
         self.available = available
+        # Set by the runtime: active health (True until a check says otherwise) and the
+        # endpoint's circuit breaker (kanal.dataplane.breaker.Breaker), if any.
+        self.healthy = True
+        self.breaker: Any = None
+
+    @property
+    def health(self) -> str:
+        return "healthy" if self.healthy else "unhealthy"
+
+    @property
+    def circuit(self) -> str:
+        return "closed" if self.breaker is None else str(self.breaker.state)
+
+    def refresh(self, now: float) -> None:
+        """Recompute `available` from health and the circuit (call after either changes)."""
+        breaker = self.breaker
+        self.available = self.healthy and (breaker is None or breaker.admits(now))
 
     def __repr__(self) -> str:
         return (

@@ -12,7 +12,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httptools
 
@@ -262,7 +262,7 @@ class EndpointPool:
 
     __slots__ = (
         "address", "port", "ssl_context", "server_hostname", "connect_timeout",
-        "idle_timeout", "max_idle", "idle", "open", "state",
+        "idle_timeout", "max_idle", "idle", "open", "state", "limits",
     )
 
     def __init__(
@@ -287,6 +287,7 @@ class EndpointPool:
         self.idle: list[UpstreamConnection] = []
         self.open: set[UpstreamConnection] = set()
         self.state = state
+        self.limits: Any = None  # the Upstream's UpstreamLimits (runtime.py), set on build
 
     def take_idle(self) -> UpstreamConnection | None:
         """The most recently used idle connection; one that closed has left the list."""
@@ -298,6 +299,20 @@ class EndpointPool:
         return None
 
     async def connect(self) -> UpstreamConnection:
+        """A new connection, counted against the Upstream's connection limit."""
+        limits = self.limits
+        if limits is not None:
+            limits.connections += 1
+        try:
+            conn = await self._dial()
+        except BaseException:
+            if limits is not None:
+                limits.connection_closed()
+            raise
+        self.open.add(conn)
+        return conn
+
+    async def _dial(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self)  # noqa: E731
         try:
@@ -318,7 +333,6 @@ class EndpointPool:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise UpstreamConnectError(f"connect to {self.address}:{self.port} failed: {reason}") from exc
-        self.open.add(conn)
         return conn
 
     def put_back(self, conn: UpstreamConnection) -> None:
@@ -327,9 +341,15 @@ class EndpointPool:
             return
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
+        limits = self.limits
+        if limits is not None and limits.waiters:
+            limits.wake_one()
 
     def forget(self, conn: UpstreamConnection) -> None:
-        self.open.discard(conn)
+        if conn in self.open:
+            self.open.discard(conn)
+            if self.limits is not None:
+                self.limits.connection_closed()
         try:
             self.idle.remove(conn)
         except ValueError:

@@ -23,15 +23,21 @@ from typing import TYPE_CHECKING
 import httptools
 
 from kanal.dataplane import headers as hdrs
-from kanal.dataplane.pool import UpstreamConnection, UpstreamConnectError
+from kanal.dataplane.pool import EndpointPool, UpstreamConnection, UpstreamConnectError
 
 if TYPE_CHECKING:
+    from kanal.dataplane.balancer import EndpointState
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
-    from kanal.dataplane.snapshot import Route
+    from kanal.dataplane.snapshot import Retries, Route
 
 log = logging.getLogger("kanal.proxy")
 
 MAX_BUFFERED_BODY = 256 * 1024
+RETRY_BUFFER = 1024 * 1024
+"""Body bytes kept for a retry; a request that streamed more than this is not retried."""
+IMPLICIT_CONNECT_RETRIES = 2
+"""Other endpoints tried after a connect failure, even without a retry policy."""
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 NO_BODY = b""
 _CHUNK_END = b"0\r\n\r\n"
 
@@ -210,6 +216,8 @@ class ClientConnection(asyncio.Protocol):
         if upstream is not None:
             # The answer can no longer be delivered: the connection is mid-exchange.
             upstream.abort()
+        self._finish_endpoint(None)
+        self._exchange_over()
         self.current = None
         self.waiting.clear()
 
@@ -298,6 +306,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if request is self.current and self.request_sent and self.upstream is not None:
             self.upstream.write(b"%x\r\n%b\r\n" % (len(body), body) if request.chunked else body)
+            if self.kept_body is not None:
+                self._keep([body])
             return
         request.body.append(body)
         request.body_size += len(body)
@@ -389,52 +399,110 @@ class ClientConnection(asyncio.Protocol):
         self.set_cookie = None
         if set_token is not None and selection.rule.session_affinity is not None:
             self.set_cookie = selection.split.set_cookie_header(set_token).encode("latin-1")
-        hash_key = upstream.hash_key(request, self.peer) if upstream.hashed else None
-        state = upstream.balancer.pick(hash_key)
-        if state is None:
-            self._fail_request(503, f"upstream {backend} has no available endpoints")
-            return
-        timeout = selection.rule.timeout
+        self.hash_key = upstream.hash_key(request, self.peer) if upstream.hashed else None
+        rule = selection.rule
+        retries = rule.retries
+        self.retries = retries
+        self.attempts_left = retries.attempts if retries is not None else 0
+        self.implicit_retries = min(len(upstream.states) - 1, IMPLICIT_CONNECT_RETRIES)
+        self.kept_body = [] if self.attempts_left and not request.upgrade else None
+        self.kept_size = 0
+        self.is_retry = False
+        self.last_failure = None
+        timeout = rule.timeout
         if timeout:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
-        head = self._request_head(request, config)
-        pool = upstream.pools[state.key]
+        self.head = self._request_head(request, config)
         if request.expect_continue and not request.complete and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        conn = pool.take_idle() if not request.upgrade else None
+        self._attempt(request, None)
+
+    def _attempt(self, request: Request, exclude: EndpointState | None) -> None:
+        """Send the request to one endpoint of the chosen upstream."""
+        upstream = self.upstream_runtime
+        assert upstream is not None
+        state = upstream.pick(self.hash_key, exclude)
+        if state is None:
+            if self.last_failure is not None:
+                self._fail_request(*self.last_failure)
+            else:
+                self._fail_request(503, f"upstream {upstream.key} has no available endpoints "
+                                        "(every endpoint is unhealthy or its circuit is open)")
+            return
         state.active += 1
         self.endpoint_state = state
+        self.attempt_started = time.monotonic()
+        retries = self.retries
+        if retries is not None and retries.per_try_timeout:
+            self.try_timer = asyncio.get_running_loop().call_later(
+                retries.per_try_timeout, self._try_timed_out, retries.per_try_timeout
+            )
+        pool = upstream.pools[state.key]
+        conn = pool.take_idle() if not request.upgrade else None
         if conn is not None:
-            self._send(conn, request, head)
-        else:
-            context.spawn(self._connect_and_send(pool, request, head))
+            self._send(conn, request)
+            return
+        limits = upstream.limits
+        settings = upstream.spec.circuit_breaker
+        if limits.connections >= settings.max_connections:
+            if limits.pending >= settings.max_pending_requests:
+                self._finish_endpoint(None)
+                upstream.metrics.count_event("overload", upstream.key)
+                self._fail_request(
+                    503, f"upstream {upstream.key} is overloaded: {settings.max_connections} "
+                         f"connections busy and {settings.max_pending_requests} requests waiting",
+                    overloaded=True)
+                return
+            limits.pending += 1
+            limits.waiters.append(lambda: self._resume(request, pool))
+            return
+        self.context.spawn(self._connect_and_send(pool, request))
 
-    async def _connect_and_send(self, pool: object, request: Request, head: bytes) -> None:
-        from kanal.dataplane.pool import EndpointPool
+    def _resume(self, request: Request, pool: EndpointPool) -> None:
+        """A connection of the upstream freed up while this request waited for one."""
+        if self.current is not request or self.closed or self.upstream is not None:
+            if self.upstream_runtime is not None:
+                self.upstream_runtime.limits.wake_one()
+            return
+        conn = pool.take_idle()
+        if conn is not None:
+            self._send(conn, request)
+            return
+        upstream = self.upstream_runtime
+        assert upstream is not None
+        limits = upstream.limits
+        if limits.connections >= upstream.spec.circuit_breaker.max_connections:
+            limits.pending += 1
+            limits.waiters.appendleft(lambda: self._resume(request, pool))
+            return
+        self.context.spawn(self._connect_and_send(pool, request))
 
-        assert isinstance(pool, EndpointPool)
+    async def _connect_and_send(self, pool: EndpointPool, request: Request) -> None:
         try:
             conn = await pool.connect()
         except UpstreamConnectError as exc:
-            if self.current is request and not self.closed:
-                self._finish_endpoint()
-                self._fail_request(502, f"upstream {self.upstream_key}: {exc}")
+            if self.current is request and not self.closed and self.upstream is None:
+                self._attempt_failed("connect-failure", False, 502,
+                                     f"upstream {self.upstream_key}: {exc}")
             return
-        if self.current is not request or self.closed:
+        if self.current is not request or self.closed or self.upstream is not None:
             conn.release()
             return
-        self._send(conn, request, head)
+        self._send(conn, request)
 
-    def _send(self, conn: UpstreamConnection, request: Request, head: bytes) -> None:
+    def _send(self, conn: UpstreamConnection, request: Request) -> None:
         self.upstream = conn
-        self.sent_head = head
-        no_body = request.method == b"HEAD"
-        conn.start(self, head, no_body)
+        conn.start(self, self.head, request.method == b"HEAD")
         self.request_sent = True
-        if request.body:
+        chunks: list[bytes] | None = None
+        if self.is_retry and self.kept_body:
+            chunks = self.kept_body
+        elif request.body:
             chunks = request.body
             request.body = []
             request.body_size = 0
+            self._keep(chunks)
+        if chunks:
             if request.chunked:
                 conn.write(b"".join(b"%x\r\n%b\r\n" % (len(c), c) for c in chunks))
             else:
@@ -444,6 +512,85 @@ class ClientConnection(asyncio.Protocol):
         if self.paused_for_body and not self.waiting and self.transport is not None:
             self.paused_for_body = False
             self.transport.resume_reading()
+
+    def _keep(self, chunks: list[bytes]) -> None:
+        """Remember body bytes sent, while they fit, so a retry can send them again."""
+        kept = self.kept_body
+        if kept is None:
+            return
+        for chunk in chunks:
+            self.kept_size += len(chunk)
+            if self.kept_size > RETRY_BUFFER:
+                self.kept_body = None  # too big to replay: this request is not retried
+                return
+            kept.append(chunk)
+
+    def _attempt_failed(self, condition: str, reached: bool, status: int, reason: str) -> None:
+        """One try failed before any answer reached the client: retry it, or answer."""
+        request = self.current
+        failed = self.endpoint_state
+        self._finish_endpoint(False)
+        self._cancel_try_timer()
+        if request is None:
+            return
+        self.upstream = None
+        self.last_failure = (status, reason)
+        if self._may_retry(request, condition, reached):
+            upstream = self.upstream_runtime
+            assert upstream is not None
+            upstream.metrics.count_event("retry", upstream.key)
+            if not self.is_retry:
+                self.is_retry = True
+                upstream.limits.active_retries += 1
+            log.debug("retrying %s %s after %s: %s", request.method, request.target, condition, reason)
+            self._attempt(request, failed)
+            return
+        self._fail_request(status, reason)
+
+    def _may_retry(self, request: Request, condition: str, reached: bool) -> bool:
+        upstream = self.upstream_runtime
+        if upstream is None or self.response_started or request.upgrade or self.closed:
+            return False
+        if not reached and condition == "connect-failure" and self.implicit_retries > 0:
+            # Never left the proxy: another endpoint is always safe, with or without a
+            # retry policy (what nginx's proxy_next_upstream does for errors).
+            if upstream.retry_allowed() or not self.is_retry:
+                self.implicit_retries -= 1
+                return True
+        retries = self.retries
+        if retries is None or self.attempts_left <= 0:
+            return False
+        if not _retry_matches(retries.retry_on, condition):
+            return False
+        if reached and request.method not in IDEMPOTENT_METHODS:
+            return False
+        has_body = request.chunked or request.content_length not in (None, b"0")
+        if has_body and self.kept_body is None:
+            return False
+        if self.is_retry and not upstream.retry_allowed():
+            upstream.metrics.count_event("retry_budget_exhausted", upstream.key)
+            return False
+        if not self.is_retry and not upstream.retry_allowed():
+            upstream.metrics.count_event("retry_budget_exhausted", upstream.key)
+            return False
+        self.attempts_left -= 1
+        return True
+
+    def _try_timed_out(self, timeout: float) -> None:
+        self.try_timer = None
+        if self.current is None or self.response_started:
+            return
+        conn = self.upstream
+        self.upstream = None
+        if conn is not None:
+            conn.abort()
+        self._attempt_failed("timeout", True, 504,
+                             f"upstream {self.upstream_key} did not answer within {timeout:g}s (per try)")
+
+    def _cancel_try_timer(self) -> None:
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
 
     def _tls_policy(self, request: Request, route: Route, host_text: str, path: bytes) -> bool:
         """HTTPS redirects, HSTS and misdirected requests; True when already answered."""
@@ -528,6 +675,19 @@ class ClientConnection(asyncio.Protocol):
             conn.abort()
             return
         status = conn.status
+        self._cancel_try_timer()
+        if status >= 500:
+            if self.retries is not None and self._may_retry(request, str(status), True):
+                # Retried: this answer is dropped, and so is its connection.
+                self.attempts_left += 1  # _attempt_failed counts it again
+                conn.sink = None
+                conn.abort()
+                self.upstream = None
+                self._attempt_failed(str(status), True, status, f"upstream answered {status}")
+                return
+            self._finish_endpoint(False)
+        else:
+            self._finish_endpoint(True)
         headers = conn.headers
         if conn.connection_named:
             named = conn.connection_named
@@ -584,17 +744,16 @@ class ClientConnection(asyncio.Protocol):
             conn.release()
         else:
             conn.close()
-        self._finish_endpoint()
         self._end_exchange(conn.status)
 
     def upstream_failed(self, conn: UpstreamConnection, reason: str, exc: BaseException | None) -> None:
         request = self.current
         self.upstream = None
         if request is None:
-            self._finish_endpoint()
+            self._finish_endpoint(None)
             return
         if self.response_started:
-            self._finish_endpoint()
+            # Mid-answer: the client must see the answer cut off, never a clean end.
             self._record(request, 502)
             self._abort()
             return
@@ -602,22 +761,22 @@ class ClientConnection(asyncio.Protocol):
             conn.requests > 1
             and not conn.got_bytes
             and not isinstance(exc, TimeoutError)
-            and self.sent_head
-            and request.content_length in (None, b"0")
-            and not request.chunked
             and not request.upgrade
+            and (self.kept_body is not None or not (
+                request.chunked or request.content_length not in (None, b"0")))
+            and not self.resent_stale
         ):
             # A pooled connection the server had closed while it sat idle: the request
             # never reached the application (no byte came back), so send it again on a
-            # new connection to the same endpoint.
-            pool = conn.pool
-            head = self.sent_head
-            self.sent_head = b""
-            self.context.spawn(self._connect_and_send(pool, request, head))
+            # new connection to the same endpoint. Not a failure of the endpoint.
+            self.resent_stale = True
+            self.is_retry = self.is_retry or bool(self.kept_body)
+            self.context.spawn(self._connect_and_send(conn.pool, request))
             return
-        self._finish_endpoint()
-        status = 504 if isinstance(exc, TimeoutError) else 502
-        self._fail_request(status, f"upstream {self.upstream_key}: {reason}")
+        if isinstance(exc, TimeoutError):
+            self._attempt_failed("timeout", True, 504, f"upstream {self.upstream_key}: {reason}")
+        else:
+            self._attempt_failed("reset", True, 502, f"upstream {self.upstream_key}: {reason}")
 
     def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
         transport = self.transport
@@ -638,7 +797,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel = True
         conn.tunnel = transport
         conn.sink = None
-        self._finish_endpoint()
+        self._finish_endpoint(True)
         self._record(request, status)
         self._cancel_timer()
         buffered = request.body
@@ -676,17 +835,22 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
             self.paused_for_body = True
 
-    def _finish_endpoint(self) -> None:
-        state = getattr(self, "endpoint_state", None)
+    def _finish_endpoint(self, ok: bool | None) -> None:
+        """The current try is over: count it off the endpoint, and tell its breaker."""
+        state = self.endpoint_state
         if state is not None:
             state.active -= 1
             self.endpoint_state = None
+            upstream = self.upstream_runtime
+            if upstream is not None:
+                upstream.report(state, ok, time.monotonic() - self.attempt_started)
 
     def _end_exchange(self, status: int) -> None:
         request = self.current
         assert request is not None
         self._record(request, status)
         self._cancel_timer()
+        self._exchange_over()
         self.current = None
         transport = self.transport
         if transport is None:
@@ -707,7 +871,8 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _fail_request(
-        self, status: int, reason: str, *, close: bool = False, location: bytes | None = None
+        self, status: int, reason: str, *, close: bool = False, location: bytes | None = None,
+        overloaded: bool = False,
     ) -> None:
         """Answer the current request with an error of the proxy's own."""
         request = self.current or self.parsing
@@ -717,6 +882,8 @@ class ClientConnection(asyncio.Protocol):
         if upstream is not None:
             upstream.abort()
         self._cancel_timer()
+        self._finish_endpoint(None)
+        self._exchange_over()
         if request is None or transport is None or transport.is_closing():
             if transport is not None:
                 transport.close()
@@ -731,6 +898,8 @@ class ClientConnection(asyncio.Protocol):
         )
         if status == 503:
             head += b"Retry-After: 1\r\n"
+        if overloaded:
+            head += b"X-Kanal-Overloaded: true\r\n"
         if location is not None:
             head += b"Location: " + location + b"\r\n"
         head += b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n"
@@ -755,8 +924,20 @@ class ClientConnection(asyncio.Protocol):
             self._record(self.current, 504)
             self._abort()
             return
-        self._finish_endpoint()
-        self._fail_request(504, f"upstream {self.upstream_key} did not answer within {timeout:g}s")
+        self._finish_endpoint(False)
+        self._fail_request(504, f"upstream {self.upstream_key} did not answer within {timeout:g}s"
+                                " (the route's timeout, retries included)")
+
+    def _exchange_over(self) -> None:
+        """Release what one exchange held: its per-try timer and its retry budget."""
+        self._cancel_try_timer()
+        if self.is_retry:
+            self.is_retry = False
+            if self.upstream_runtime is not None:
+                limits = self.upstream_runtime.limits
+                limits.active_retries = max(limits.active_retries - 1, 0)
+        self.kept_body = None
+        self.resent_stale = False
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
@@ -769,6 +950,8 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = None
         if upstream is not None:
             upstream.abort()
+        self._finish_endpoint(None)
+        self._exchange_over()
         self.current = None
         if self.transport is not None:
             self.transport.abort()
@@ -778,8 +961,34 @@ class ClientConnection(asyncio.Protocol):
 
     set_cookie: bytes | None = None
     hsts: bytes | None = None
-    sent_head: bytes = b""
-    endpoint_state: object | None = None
+    head: bytes = b""
+    endpoint_state: EndpointState | None = None
+    attempt_started: float = 0.0
+    hash_key: str | None = None
+    retries: Retries | None = None
+    attempts_left: int = 0
+    implicit_retries: int = 0
+    kept_body: list[bytes] | None = None
+    kept_size: int = 0
+    is_retry: bool = False
+    resent_stale: bool = False
+    last_failure: tuple[int, str] | None = None
+    try_timer: asyncio.TimerHandle | None = None
+
+
+def _retry_matches(retry_on: tuple[str, ...], condition: str) -> bool:
+    """Does a failure condition (`connect-failure`, `reset`, `timeout`, or a status) qualify?
+
+    A per-try timeout is what would have been answered 504, so `504` covers it too;
+    `5xx` covers every 5xx status, resets and timeouts (Envoy's meaning).
+    """
+    if condition in retry_on:
+        return True
+    if condition == "timeout":
+        return "504" in retry_on or "5xx" in retry_on
+    if condition.isdigit():
+        return condition.startswith("5") and "5xx" in retry_on
+    return "5xx" in retry_on and condition in ("reset", "connect-failure")
 
 
 def _header(headers: list[tuple[bytes, bytes]], lower_name: bytes) -> bytes | None:

@@ -13,15 +13,19 @@ health or circuit state.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kanal.dataplane.balancer import Balancer, EndpointState, make_balancer
+from kanal.dataplane.breaker import Breaker
+from kanal.dataplane.health import EndpointChecker
 from kanal.dataplane.metrics import RequestMetrics
 from kanal.dataplane.pool import EndpointPool
 from kanal.dataplane.router import RouteTable
@@ -36,7 +40,10 @@ log = logging.getLogger("kanal.runtime")
 class UpstreamRuntime:
     """One Upstream of the applied configuration: its endpoints, balancer and pools."""
 
-    __slots__ = ("key", "spec", "states", "balancer", "pools", "hashed", "_header", "_cookie")
+    __slots__ = (
+        "key", "spec", "states", "balancer", "pools", "hashed", "_header", "_cookie", "limits",
+        "metrics", "max_open",
+    )
 
     def __init__(
         self,
@@ -44,16 +51,105 @@ class UpstreamRuntime:
         states: list[EndpointState],
         balancer: Balancer,
         pools: dict[str, EndpointPool],
+        limits: UpstreamLimits | None = None,
+        metrics: RequestMetrics | None = None,
     ) -> None:
         self.key = spec.key
         self.spec = spec
         self.states = states
         self.balancer = balancer
         self.pools = pools
+        self.limits = limits or UpstreamLimits()
+        self.metrics = metrics or RequestMetrics()
+        # Like Envoy's max ejection percent: at most this many circuits open at once,
+        # and always at least one, so one bad setting cannot eject every endpoint.
+        self.max_open = max(1, len(states) * MAX_EJECTION_PERCENT // 100)
         hash_on = spec.hash_on if spec.policy == "RingHash" else None
         self.hashed = hash_on is not None
         self._header = hash_on.header.lower().encode("latin-1") if hash_on and hash_on.header else None
         self._cookie = hash_on.cookie if hash_on and hash_on.cookie else None
+
+    # --- endpoints, circuits and outcomes ---------------------------------------------
+
+    def pick(self, hash_key: str | None, exclude: EndpointState | None = None) -> EndpointState | None:
+        """An endpoint whose circuit lets one more request through, or None."""
+        for _ in range(3):
+            state = self.balancer.pick(hash_key, exclude)
+            if state is None:
+                return None
+            breaker = state.breaker
+            if breaker is None or breaker.state == "closed":
+                return state
+            if self._acquire(state, breaker, time.monotonic()):
+                return state
+            exclude = state
+        return None
+
+    def _acquire(self, state: EndpointState, breaker: Breaker, now: float) -> bool:
+        before = breaker.state
+        allowed = breaker.acquire(now)
+        if breaker.state != before:
+            self._changed(state, breaker.state)
+        state.refresh(now)
+        return allowed
+
+    def report(self, state: EndpointState, ok: bool | None, duration: float) -> None:
+        """The outcome of one request to `state`: success, failure, or none (client left)."""
+        breaker = state.breaker
+        if breaker is None:
+            return
+        now = time.monotonic()
+        if ok:
+            slow = breaker.settings.slow_call_duration
+            if breaker.state == "closed" and not breaker.consecutive and (slow is None or duration <= slow):
+                breaker.record(True, duration, now)  # the common case: count it, no more
+                return
+            open_now = sum(1 for s in self.states if s.breaker is not None and s.breaker.state == "open")
+            changed = breaker.record(True, duration, now, may_open=open_now < self.max_open)
+        elif ok is None:
+            breaker.release_probe()
+            changed = None
+        else:
+            self.metrics.count_event("failure", self.key)
+            open_now = sum(1 for s in self.states if s.breaker is not None and s.breaker.state == "open")
+            changed = breaker.record(False, duration, now, may_open=open_now < self.max_open)
+        if changed is not None:
+            self._changed(state, changed)
+        state.refresh(now)
+
+    def _changed(self, state: EndpointState, new_state: str) -> None:
+        key = (self.key, state.key, new_state)
+        changes = self.metrics.circuit_changes
+        changes[key] = changes.get(key, 0) + 1
+        if new_state == "open":
+            self.metrics.count_event("ejection", self.key)
+            breaker = state.breaker
+            log.warning(
+                "circuit of %s in upstream %s opened for %.1fs",
+                state.key, self.key, breaker.open_duration() if breaker else 0.0,
+            )
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
+                delay = max((breaker.open_until if breaker else 0.0) - time.monotonic(), 0.0)
+                loop.call_later(delay, self._wake, state)
+        else:
+            log.info("circuit of %s in upstream %s is %s", state.key, self.key, new_state)
+
+    def _wake(self, state: EndpointState) -> None:
+        """The open time of a circuit is over: half-open, so probes may go."""
+        breaker = state.breaker
+        if breaker is None:
+            return
+        now = time.monotonic()
+        changed = breaker.poll(now)
+        if changed is not None:
+            self._changed(state, changed)
+        state.refresh(now)
+
+    def retry_allowed(self) -> bool:
+        """The retry budget: retries in flight stay under a share of requests in flight."""
+        active = sum(state.active for state in self.states)
+        return self.limits.active_retries < max(MIN_RETRY_CONCURRENCY, active * RETRY_BUDGET_PERCENT // 100)
 
     def hash_key(self, request: Request, peer: str) -> str | None:
         """What RingHash hashes for this request; None when the request lacks it."""
@@ -72,6 +168,35 @@ class UpstreamRuntime:
 
             return _cookie(request.cookie, self._cookie)
         return peer
+
+
+MAX_EJECTION_PERCENT = 50
+RETRY_BUDGET_PERCENT = 20
+MIN_RETRY_CONCURRENCY = 3
+
+
+class UpstreamLimits:
+    """Counters of one Upstream that outlive reloads: connections, waiters, retries."""
+
+    __slots__ = ("connections", "pending", "waiters", "active_retries")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.pending = 0
+        self.waiters: deque[Callable[[], None]] = deque()
+        self.active_retries = 0
+
+    def connection_closed(self) -> None:
+        self.connections = max(self.connections - 1, 0)
+        self.wake_one()
+
+    def wake_one(self) -> None:
+        """Let the longest-waiting request try again (a connection freed up)."""
+        if self.waiters:
+            waiter = self.waiters.popleft()
+            self.pending = max(self.pending - 1, 0)
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon(waiter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +259,8 @@ class Runtime:
         self._states: dict[tuple[str, str], EndpointState] = {}
         self._pools: dict[tuple[str, str], EndpointPool] = {}
         self.metrics = RequestMetrics()
+        self._limits: dict[str, UpstreamLimits] = {}
+        self._checkers: dict[tuple[str, str], EndpointChecker] = {}
         # Called with each new Config right after it is published (TLS certificates,
         # health checkers, egress policies: whatever else follows the configuration).
         self.on_apply: list[Callable[[Config], None]] = []
@@ -151,6 +278,7 @@ class Runtime:
         for spec in snapshot.upstreams:
             states: list[EndpointState] = []
             pools: dict[str, EndpointPool] = {}
+            limits = self._limits.setdefault(spec.key, UpstreamLimits())
             ssl_context = upstream_ssl_context(spec.tls) if spec.protocol == "HTTPS" else None
             for endpoint in spec.endpoints:
                 state_key = (spec.key, f"{endpoint.address}:{endpoint.port}")
@@ -159,8 +287,14 @@ class Runtime:
                     fresh = EndpointState(endpoint)
                     if state is not None:
                         fresh.active = state.active
-                        fresh.available = state.available
+                        fresh.healthy = state.healthy
+                        fresh.breaker = state.breaker
                     state = fresh
+                if state.breaker is None:
+                    state.breaker = Breaker(spec.circuit_breaker)
+                else:
+                    state.breaker.settings = spec.circuit_breaker
+                state.refresh(time.monotonic())
                 states.append(state)
                 pool = self._pools.get(state_key)
                 if pool is None or _pool_changed(pool, spec, ssl_context):
@@ -173,9 +307,10 @@ class Runtime:
                         idle_timeout=spec.idle_timeout,
                         state=state,
                     )
+                pool.limits = limits
                 pools[state.key] = pool
             balancer = make_balancer(spec.policy, states, self.rng, spec.hash_on)
-            upstreams[spec.key] = UpstreamRuntime(spec, states, balancer, pools)
+            upstreams[spec.key] = UpstreamRuntime(spec, states, balancer, pools, limits, self.metrics)
         return Config(snapshot=snapshot, table=table, upstreams=upstreams)
 
     def apply(self, snapshot: Snapshot) -> Config:
@@ -193,6 +328,8 @@ class Runtime:
             context.config = config
         self.metrics.config_version = snapshot.version
         self.metrics.config_applied += 1
+        self._limits = {key: limits for key, limits in self._limits.items() if key in config.upstreams}
+        self._sync_checkers(config)
         for listener in self.on_apply:
             listener(config)
         kept = {id(pool) for pool in self._pools.values()}
@@ -206,6 +343,51 @@ class Runtime:
                 pool.idle.clear()
         return config
 
+    def _sync_checkers(self, config: Config) -> None:
+        """One active health checker per endpoint of each Upstream with `healthCheck`."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return  # built outside a running loop (a pure test): no checks to run
+        wanted: dict[tuple[str, str], tuple[UpstreamRuntime, EndpointState]] = {}
+        for upstream in config.upstreams.values():
+            if upstream.spec.health_check is None:
+                continue
+            for state in upstream.states:
+                wanted[(upstream.key, state.key)] = (upstream, state)
+        for key in list(self._checkers):
+            checker = self._checkers[key]
+            entry = wanted.get(key)
+            if entry is None or checker.settings != entry[0].spec.health_check:
+                checker.stop()
+                del self._checkers[key]
+                if entry is None:
+                    continue
+        for key, (upstream, state) in wanted.items():
+            checker = self._checkers.get(key)
+            if checker is not None:
+                if checker.state is not state:
+                    checker.adopt(state)
+                continue
+            settings = upstream.spec.health_check
+            assert settings is not None
+            pool = upstream.pools[state.key]
+            checker = EndpointChecker(
+                upstream.key, state, settings, on_change=self._health_changed(upstream),
+                ssl_context=pool.ssl_context, server_hostname=pool.server_hostname, rng=self.rng,
+            )
+            self._checkers[key] = checker
+            checker.start()
+
+    def _health_changed(self, upstream: UpstreamRuntime) -> Callable[[EndpointState, bool, str], None]:
+        def changed(state: EndpointState, healthy: bool, detail: str) -> None:
+            if healthy:
+                log.info("endpoint %s of upstream %s is healthy again", state.key, upstream.key)
+            else:
+                log.warning("endpoint %s of upstream %s is unhealthy: %s", state.key, upstream.key, detail)
+            self.metrics.count_event("healthy" if healthy else "unhealthy", upstream.key)
+        return changed
+
     def sweep(self) -> None:
         """Close idle upstream connections past their idle timeout."""
         now = time.monotonic()
@@ -213,6 +395,9 @@ class Runtime:
             pool.sweep(now)
 
     def close(self) -> None:
+        for checker in self._checkers.values():
+            checker.stop()
+        self._checkers.clear()
         for pool in self._pools.values():
             pool.close_all()
 
