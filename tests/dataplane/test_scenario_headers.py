@@ -201,3 +201,11 @@ async def test_forwarding_headers_follow_each_request_on_a_keepalive_connection(
     assert header_values(second, "x-real-ip") == ["127.0.0.1"]
     assert header_values(second, "x-forwarded-host") == ["two.test"]
     assert header_values(third, "x-real-ip") == ["3.3.3.3"]
+
+
+async def test_trusted_hops_ignore_a_client_address_that_is_not_an_address(trusting):
+    record = await seen_by_backend(
+        trusting,
+        b"GET /fwd HTTP/1.1\r\nHost: shop.example.com\r\nX-Forwarded-For: <script>\r\n\r\n",
+    )
+    assert header_values(record, "x-real-ip") == ["127.0.0.1"]

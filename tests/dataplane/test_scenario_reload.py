@@ -142,3 +142,32 @@ async def test_a_bad_edit_keeps_the_last_good_version_of_that_object_only(kanal,
             "a.yaml" in ln and "line 6" in ln
             for ln in k.log().splitlines()[len(log.splitlines()) :]
         ), k.log()
+
+
+async def test_a_bad_upstream_edit_keeps_its_endpoints_and_a_deleted_file_removes_its_route(
+    kanal, two
+):
+    v1, v2, _ = two
+    k = kanal(
+        {
+            "app.yaml": upstream_yaml("app", v1),
+            "route.yaml": route("app", "app.test", "app"),
+            "gone.yaml": route("gone", "gone.test", "app"),
+        }
+    )
+    async with aiohttp.ClientSession() as session:
+        assert await backend_of(session, k.url + "/", "gone.test") == "v1"
+        version = k.version()
+        # The Upstream now points at v2 with an impossible port next to it: it is rejected.
+        k.write(
+            "app.yaml",
+            upstream_yaml("app", v2).replace(
+                "endpoints: [", "endpoints: [{address: 127.0.0.1, port: 70000}, "
+            ),
+        )
+        (k.folder / "gone.yaml").unlink()
+        await asyncio.to_thread(k.wait_for_new_version, version)
+        async with session.get(k.url + "/", headers={"Host": "gone.test"}) as answer:
+            assert answer.status == 404
+        assert await backend_of(session, k.url + "/", "app.test") == "v1"
+        assert any("app.yaml" in ln and "port" in ln for ln in k.log().splitlines()), k.log()

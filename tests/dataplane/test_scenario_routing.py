@@ -208,6 +208,7 @@ async def reach(
         ("shop.example.com", "/", "A"),
         ("SHOP.Example.COM", "/x", "A"),  # host names are case-insensitive
         ("shop.example.com:8080", "/", "A"),  # the port is not part of the name
+        ("shop.example.com.", "/", "A"),  # a fully qualified name with its final dot
         ("api.example.com", "/", "B"),  # *.example.com
         ("deep.api.example.com", "/", "B"),  # a wildcard covers several labels
         ("API.EXAMPLE.COM:443", "/", "B"),
