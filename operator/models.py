@@ -735,6 +735,20 @@ class EgressPolicySpec(KanalModel):
         description="Add no X-Forwarded-For, Forwarded or Via headers (default false).",
     )
 
+    @model_validator(mode="after")
+    def _no_wildcard_across_a_public_suffix(self) -> EgressPolicySpec:
+        # A built-in list of common public suffixes (every TLD is one), not the full PSL.
+        from kanal.dataplane.egress import wildcard_public_suffix
+
+        for index, rule in enumerate(self.allow):
+            suffix = wildcard_public_suffix(rule.host)
+            if suffix is not None:
+                raise ValueError(
+                    f"allow[{index}].host: {rule.host} is a wildcard across the public suffix "
+                    f"{suffix}; allow the domains under it by name"
+                )
+        return self
+
 
 # --------------------------------------------------------------------------- envelope
 
