@@ -85,7 +85,14 @@ async def start_listeners(runtime: Runtime, options: DataplaneOptions) -> list[a
         servers.append(await start_listener(context, sock, ssl_context=terminator.server_context))
         log.info("listening on https://%s:%d", host, port)
     if options.forward_listen is not None:
-        log.warning("--forward-listen: the forward proxy is not available yet; listener not started")
+        from kanal.dataplane.forward import ForwardProxy
+
+        host, port = options.forward_listen
+        forward = ForwardProxy(runtime)  # follows the configuration through runtime.on_apply
+        sock = bind_socket(host, port, reuse_port=options.reuse_port)
+        servers.append(await forward.start(sock))
+        log.info("forward proxy on %s:%d (EgressPolicies of namespace %s)",
+                 host, port, forward.namespace)
     return servers
 
 

@@ -1,0 +1,1130 @@
+"""The forward (egress) proxy: `--forward-listen`, governed by EgressPolicies.
+
+One `ForwardConnection` (an `asyncio.Protocol`, parsed by llhttp through httptools,
+like the reverse proxy's client side) per client connection. It serves:
+
+- absolute-form requests (`GET http://host:port/path HTTP/1.1`): sent to the origin
+  with the origin-form request line (`GET /path HTTP/1.1`), hop-by-hop headers and
+  `Proxy-*` removed, bodies streamed both ways with transport flow control. The
+  client connection is kept alive; the connection to the origin is kept for the next
+  request of the same client to the same host and port (never shared between
+  clients).
+- `CONNECT host:port`: a tunnel relaying bytes both ways without looking at them
+  (TLS stays end to end), half-closes passed on (`eof_received` -> `write_eof`), and
+  closed after `tunnel_idle_timeout` seconds without a byte either way.
+- requests for mesh services (hosts of Routes with `gateways: [mesh]`): handed, as
+  re-framed bytes, to the reverse proxy's own `ClientConnection` over the route table
+  built for the `mesh` gateway, so they are balanced, retried and circuit-broken like
+  any routed request. Such a request is the last on its client connection (it is
+  passed on with `Connection: close`).
+
+Every decision is `kanal.dataplane.egress`'s (pure): credentials first, then the
+destination by name and port, then ONE resolution (`loop.getaddrinfo`) whose every
+address is checked; the checked addresses themselves are dialed, never the name
+again. Denied: 403 with the reason; missing or wrong credentials: 407 with
+`Proxy-Authenticate: Basic realm="kanal"`; DNS failure 502, connect refused 502,
+connect timeout 504. Every request and tunnel leaves one line on the `kanal.egress`
+logger (INFO): client, destination, address dialed, decision, status, bytes each way,
+duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+from kanal.dataplane import headers as hdrs
+from kanal.dataplane.egress import (
+    EgressRules,
+    InvalidHost,
+    IPAddress,
+    check_addresses,
+    normalize_host,
+)
+
+if TYPE_CHECKING:
+    from kanal.dataplane.proxy import ClientConnection
+    from kanal.dataplane.runtime import Config, ProxyContext, Runtime
+
+log = logging.getLogger("kanal.egress")
+
+MAX_BUFFERED_BODY = 256 * 1024
+_CHUNK_END = b"0\r\n\r\n"
+_REQUEST_DROPPED = hdrs.HOP_BY_HOP | {b"content-length", b"host"}
+_FORWARDING = hdrs.FORWARDING | {b"via"}
+_RESPONSE_SPECIAL = hdrs.HOP_BY_HOP | {b"content-length"}
+REASONS = {
+    400: b"Bad Request", 403: b"Forbidden", 407: b"Proxy Authentication Required",
+    501: b"Not Implemented", 502: b"Bad Gateway", 504: b"Gateway Timeout",
+}
+
+class ForwardProxy:
+    """What every connection of one forward listener shares: policy, mesh routes, timeouts."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        namespace: str = "default",
+        connect_timeout: float = 10.0,
+        resolve_timeout: float = 5.0,
+        idle_timeout: float = 60.0,
+        tunnel_idle_timeout: float = 300.0,
+        keepalive_timeout: float = 75.0,
+    ) -> None:
+        self.runtime = runtime
+        self.namespace = namespace
+        self.connect_timeout = connect_timeout
+        self.resolve_timeout = resolve_timeout
+        self.idle_timeout = idle_timeout
+        self.tunnel_idle_timeout = tunnel_idle_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.rules = EgressRules((), (), namespace)
+        self.connections: set[ForwardConnection] = set()
+        self.server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        # The reverse proxy over the mesh gateway's routes, for mesh services. Its
+        # context is one of the runtime's, so graceful stops drain it too.
+        self.mesh_context: ProxyContext = runtime.context("http", 0)
+        self.mesh_context.config = None
+        runtime.on_apply.append(self.apply)
+        if runtime.config is not None:
+            self.apply(runtime.config)
+
+    def apply(self, config: Config) -> None:
+        """Follow a new configuration: its policies and its mesh routes."""
+        from kanal.dataplane.router import RouteTable
+        from kanal.dataplane.runtime import Config as ConfigType
+
+        rules = EgressRules.from_snapshot(config.snapshot, self.namespace)
+        for ignored in rules.ignored:
+            log.warning("EgressPolicy %s: a wildcard across a public suffix is ignored", ignored)
+        try:
+            table = RouteTable.build(config.snapshot, gateway="mesh", rng=self.runtime.rng)
+        except (ValueError, TypeError) as exc:  # pragma: no cover - the ingress build passed
+            log.error("mesh routes of %s not usable: %s", config.version, exc)
+            self.mesh_context.config = None
+        else:
+            self.mesh_context.config = ConfigType(
+                snapshot=config.snapshot, table=table, upstreams=config.upstreams)
+        self.rules = rules
+
+    async def start(self, sock: socket.socket) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: ForwardConnection(self), sock=sock, backlog=1024)
+        self._sweeper = loop.create_task(self._sweep_forever())
+        return self.server
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.abort("proxy stopping")
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def _sweep_forever(self) -> None:
+        """Idle clients, stalled exchanges and idle tunnels; ends once the listener closed."""
+        shortest = min(self.idle_timeout, self.tunnel_idle_timeout, self.keepalive_timeout)
+        interval = max(0.05, min(1.0, shortest / 4))
+        while self.server is None or self.server.is_serving() or self.connections:
+            await asyncio.sleep(interval)
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        for conn in list(self.connections):
+            conn.sweep(now)
+
+
+class ForwardRequest:
+    """One request (or CONNECT) from a client, and the bookkeeping of its exchange."""
+
+    __slots__ = (
+        "address",
+        "authorization",
+        "body",
+        "body_size",
+        "chunked",
+        "complete",
+        "content_length",
+        "decision",
+        "down",
+        "headers",
+        "host",
+        "http11",
+        "keep_alive",
+        "logged",
+        "method",
+        "no_body",
+        "port",
+        "reason",
+        "sent",
+        "started",
+        "status",
+        "target",
+        "up",
+        "upgrade",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.http11 = True
+        self.keep_alive = True
+        self.chunked = False
+        self.content_length: bytes | None = None
+        self.complete = False
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.started = time.monotonic()
+        self.authorization: bytes | None = None
+        self.upgrade = False
+        self.host = ""
+        self.port = 0
+        self.address = "-"
+        self.decision = "-"
+        self.reason = ""
+        self.status = 0
+        self.up = 0
+        self.down = 0
+        self.sent = False
+        self.logged = False
+        self.no_body = False
+
+
+class _Refused(Exception):
+    """A request answered by the proxy itself (status, reason)."""
+
+    def __init__(self, status: int, reason: str, decision: str = "deny") -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.decision = decision
+
+
+class ForwardConnection(asyncio.Protocol):
+    """One client connection on the forward listener."""
+
+    def __init__(self, proxy: ForwardProxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = "-"
+        self.peer_ip = ""
+        self.parsing: ForwardRequest | None = None
+        self.current: ForwardRequest | None = None
+        self.waiting: deque[ForwardRequest] = deque()
+        self.origin: OriginConnection | None = None
+        self.mode = "http"  # http | tunnel | mesh
+        self.inner: ClientConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.last_activity = time.monotonic()
+        self.read_paused: set[str] = set()
+        self.client_eof = False
+        self.origin_eof = False
+        self.closed = False
+        self.response_chunked = False
+        self.response_close = False
+        self.response_started = False
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer_ip = str(peer[0])
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self.proxy.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        if self.mode == "tunnel":
+            request = self.current
+            if request is not None:
+                request.up += len(data)
+            if self.origin is not None:
+                self.origin.write(data)
+            return
+        request = self.current
+        if request is not None and request.method == b"CONNECT" and request.complete:
+            request.body.append(data)  # early tunnel bytes: sent once the tunnel is up
+            request.body_size += len(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = upgrade.args[0] if upgrade.args else len(data)
+            self._client_upgrade(data[offset:])
+        except httptools.HttpParserError as exc:
+            if self.response_started:
+                self.abort(f"malformed request: {exc}")
+            else:
+                request = self.current or self.parsing or ForwardRequest()
+                self.current = request
+                self._refuse(request, 400, f"malformed request: {exc}", close=True)
+
+    def eof_received(self) -> bool | None:
+        if self.mode == "tunnel":
+            self.client_eof = True
+            origin = self.origin
+            if origin is not None and origin.transport is not None:
+                if self.origin_eof:
+                    self._close()
+                    return True
+                if origin.transport.can_write_eof():
+                    origin.transport.write_eof()
+                    return True
+            return None
+        if self.mode == "mesh" and self.inner is not None:
+            return self.inner.eof_received()
+        if self.current is not None and self.current.complete:
+            self.response_close = True  # answer what was asked, then close
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.proxy.connections.discard(self)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        origin = self.origin
+        self.origin = None
+        if origin is not None:
+            if self.mode == "tunnel":
+                origin.close()
+            else:
+                origin.abort()
+        if self.inner is not None:
+            self.inner.connection_lost(exc)
+        request = self.current
+        if request is not None and not request.logged:
+            if not request.status:
+                request.status = 499  # the client went away first
+            self._log(request)
+        self.current = None
+        self.waiting.clear()
+
+    def pause_writing(self) -> None:
+        if self.mode == "mesh" and self.inner is not None:
+            self.inner.pause_writing()
+        elif self.origin is not None:
+            self.origin.pause_reading("client")
+
+    def resume_writing(self) -> None:
+        if self.mode == "mesh" and self.inner is not None:
+            self.inner.resume_writing()
+        elif self.origin is not None:
+            self.origin.resume_reading("client")
+
+    # --- reading from the client, paused for several reasons at once -------------------------
+
+    def pause(self, why: str) -> None:
+        if not self.read_paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.read_paused.add(why)
+
+    def resume(self, why: str) -> None:
+        if why not in self.read_paused:
+            return
+        self.read_paused.discard(why)
+        if not self.read_paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    # --- httptools callbacks (request) ------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.parsing = ForwardRequest()
+
+    def on_url(self, url: bytes) -> None:
+        if self.parsing is not None:
+            self.parsing.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self.parsing
+        if request is None:
+            return
+        lower = name.lower()
+        if lower == b"proxy-authorization":
+            request.authorization = value
+        elif lower == b"content-length":
+            request.content_length = value
+        elif lower == b"transfer-encoding":
+            request.chunked = True
+        request.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        request = self.parsing
+        if request is None:
+            return
+        parser = self.parser
+        request.method = parser.get_method()
+        request.http11 = parser.get_http_version() == "1.1"
+        request.keep_alive = parser.should_keep_alive()
+        request.upgrade = parser.should_upgrade()
+        request.no_body = request.method == b"HEAD"
+        if self.mode == "mesh":
+            return  # after a mesh request, the connection ends with its answer
+        if request.upgrade and request.method != b"CONNECT" and self.current is None:
+            self.current = request  # refused once the parser stops at the upgrade
+            return
+        if self.current is not None:
+            self.waiting.append(request)
+            self.pause("queued")
+            return
+        self._begin(request)
+
+    def on_body(self, body: bytes) -> None:
+        request = self.parsing
+        if request is None:
+            return
+        if request is self.current and self.mode == "mesh":
+            if self.inner is not None:
+                request.up += len(body)
+                self.inner.data_received(_frame(body) if request.chunked else body)
+            return
+        if request is self.current and request.sent and self.origin is not None:
+            request.up += len(body)
+            self.origin.write(_frame(body) if request.chunked else body)
+            return
+        request.body.append(body)
+        request.body_size += len(body)
+        if request.body_size > MAX_BUFFERED_BODY:
+            self.pause("body")
+
+    def on_message_complete(self) -> None:
+        request = self.parsing
+        if request is None:
+            return
+        request.complete = True
+        self.parsing = None
+        if request is not self.current or not request.chunked:
+            return
+        if self.mode == "mesh" and self.inner is not None:
+            self.inner.data_received(_CHUNK_END)
+        elif request.sent and self.origin is not None:
+            self.origin.write(_CHUNK_END)
+
+    def _client_upgrade(self, rest: bytes) -> None:
+        """CONNECT (or another protocol switch): nothing more is parsed as HTTP."""
+        request = self.current
+        if request is None or request.method != b"CONNECT":
+            if request is not None:
+                self._refuse(request, 501, "protocol upgrades through the forward proxy are not "
+                                           "supported; use CONNECT", close=True)
+            else:
+                self.abort("upgrade behind another request")
+            return
+        request.complete = True
+        self.parsing = None
+        self.pause("connect")
+        if rest:
+            request.body.append(rest)
+            request.body_size += len(rest)
+
+    # --- one exchange -----------------------------------------------------------------------
+
+    def _begin(self, request: ForwardRequest) -> None:
+        self.current = request
+        self.response_started = False
+        self.response_chunked = False
+        self.pause("deciding")
+        self.task = asyncio.get_running_loop().create_task(self._serve(request))
+
+    async def _serve(self, request: ForwardRequest) -> None:
+        try:
+            await self._serve_checked(request)
+        except _Refused as refused:
+            request.decision = refused.decision
+            self._refuse(request, refused.status, refused.reason,
+                         close=request.method == b"CONNECT" or not request.complete)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # pragma: no cover - a bug: answer and say so
+            log.exception("forward proxy error")
+            self._refuse(request, 502, f"proxy error: {exc}", close=True)
+
+    async def _serve_checked(self, request: ForwardRequest) -> None:
+        proxy = self.proxy
+        rules = proxy.rules  # one policy for the whole exchange, as one config per request
+        connect = request.method == b"CONNECT"
+        if not rules.authenticate(request.authorization):
+            request.decision = "auth"
+            raise _Refused(407, "proxy authentication required"
+                           if request.authorization is None else "wrong proxy credentials",
+                           decision="auth")
+        host, port, path = _destination(request)
+        request.host, request.port = host, port
+        decision = rules.decide(host, port, connect=connect)
+        request.reason = decision.reason
+        if not decision.allowed:
+            raise _Refused(403, decision.reason)
+        if decision.mesh:
+            self._to_mesh(request)
+            return
+        request.decision = "allow"
+        origin = self.origin
+        if (origin is not None and origin.reusable and not connect
+                and origin.key == (host, port)):
+            why = check_addresses([origin.ip], decision.allow_private)
+            if why is not None:
+                raise _Refused(403, why)
+            request.address = str(origin.ip)
+        else:
+            if origin is not None:
+                self.origin = None
+                origin.close()
+            addresses = await self._resolve(host, port)
+            why = check_addresses(addresses, decision.allow_private)
+            if why is not None:
+                raise _Refused(403, f"{host} resolves to {why}")
+            origin = await self._dial(request, host, port, addresses)
+            if self.closed:
+                origin.abort()
+                return
+            self.origin = origin
+        if connect:
+            self._start_tunnel(request, origin)
+        else:
+            self._send_request(request, origin, path, anonymize=rules.anonymize)
+
+    async def _resolve(self, host: str, port: int) -> list[IPAddress]:
+        """One resolution; every address it gave, in order, each once."""
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.proxy.resolve_timeout):
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                               proto=socket.IPPROTO_TCP)
+        except TimeoutError:
+            raise _Refused(504, f"DNS lookup of {host} timed out after "
+                                f"{self.proxy.resolve_timeout:g}s", decision="error") from None
+        except (socket.gaierror, OSError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise _Refused(502, f"DNS lookup of {host} failed: {reason}",
+                           decision="error") from None
+        addresses: list[IPAddress] = []
+        for family, _, _, _, sockaddr in infos:
+            if family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+            if address not in addresses:
+                addresses.append(address)
+        if not addresses:
+            raise _Refused(502, f"DNS lookup of {host} gave no address", decision="error")
+        return addresses
+
+    async def _dial(self, request: ForwardRequest, host: str, port: int,
+                    addresses: list[IPAddress]) -> OriginConnection:
+        """Connect to the checked addresses themselves, in order, within the connect timeout."""
+        loop = asyncio.get_running_loop()
+        failures: list[str] = []
+        deadline = loop.time() + self.proxy.connect_timeout
+        for address in addresses:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            request.address = str(address)
+            try:
+                async with asyncio.timeout(left):
+                    _, origin = await loop.create_connection(
+                        lambda dialed=address: OriginConnection(self, host, port, dialed),  # type: ignore[misc]
+                        str(address), port)
+            except TimeoutError:
+                failures.append(f"{address}: timed out")
+                break
+            except OSError as exc:
+                failures.append(f"{address}: {exc.strerror or exc}")
+                continue
+            return origin
+        if failures and failures[-1].endswith("timed out"):
+            raise _Refused(504, f"connect to {host}:{port} timed out after "
+                                f"{self.proxy.connect_timeout:g}s", decision="error")
+        raise _Refused(502, f"connect to {host}:{port} failed ({'; '.join(failures)})",
+                       decision="error")
+
+    def _send_request(self, request: ForwardRequest, origin: OriginConnection, path: bytes,
+                      *, anonymize: bool) -> None:
+        lines = [request.method + b" " + path + b" HTTP/1.1", b"Host: " + _host_header(request)]
+        lines += [name + b": " + value
+                  for name, value in _end_to_end(request.headers, anonymize)]
+        if request.chunked:
+            lines.append(b"Transfer-Encoding: chunked")
+        elif request.content_length is not None:
+            lines.append(b"Content-Length: " + request.content_length)
+        if not anonymize:
+            lines += self._forwarding_lines(request)
+        lines.append(b"\r\n")
+        head = b"\r\n".join(lines)
+        origin.start(request)
+        origin.write(head)
+        request.up += len(head)
+        request.sent = True
+        if request.body:
+            chunks, request.body, request.body_size = request.body, [], 0
+            data = b"".join(_frame(c) for c in chunks) if request.chunked else b"".join(chunks)
+            request.up += len(data)
+            origin.write(data)
+        if request.complete and request.chunked:
+            origin.write(_CHUNK_END)
+        self.resume("body")
+        self.resume("deciding")
+
+    def _forwarding_lines(self, request: ForwardRequest) -> list[bytes]:
+        sent: dict[bytes, list[bytes]] = {}
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower in (b"x-forwarded-for", b"forwarded", b"via"):
+                sent.setdefault(lower, []).append(value)
+        peer = self.peer_ip.encode("latin-1")
+        node = b'"[' + peer + b']"' if b":" in peer else peer
+        chains = {name: b", ".join(values) + b", " for name, values in sent.items()}
+        return [
+            b"X-Forwarded-For: " + chains.get(b"x-forwarded-for", b"") + peer,
+            b"Forwarded: " + chains.get(b"forwarded", b"") + b"for=" + node,
+            b"Via: " + chains.get(b"via", b"") + (b"1.1 kanal" if request.http11 else b"1.0 kanal"),
+        ]
+
+    def _start_tunnel(self, request: ForwardRequest, origin: OriginConnection) -> None:
+        assert self.transport is not None
+        self.mode = "tunnel"
+        origin.tunnel = True
+        answer = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+        request.status = 200
+        request.down += len(answer)
+        self.transport.write(answer)
+        self.response_started = True
+        if request.body:
+            data = b"".join(request.body)
+            request.body, request.body_size = [], 0
+            request.up += len(data)
+            origin.write(data)
+        self.read_paused.clear()
+        self.transport.resume_reading()
+
+    def _to_mesh(self, request: ForwardRequest) -> None:
+        """Hand the request to the reverse proxy over the mesh routes; it answers and closes."""
+        from kanal.dataplane.proxy import ClientConnection
+
+        assert self.transport is not None
+        request.decision = "mesh"
+        self.mode = "mesh"
+        inner = ClientConnection(self.proxy.mesh_context)
+        self.inner = inner
+        inner.connection_made(_InnerTransport(self, self.transport))  # type: ignore[arg-type]
+        version = b"HTTP/1.1" if request.http11 else b"HTTP/1.0"
+        lines = [request.method + b" " + request.target + b" " + version]
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower in hdrs.HOP_BY_HOP and lower != b"transfer-encoding":
+                continue
+            lines.append(name + b": " + value)
+        lines.append(b"Connection: close")
+        lines.append(b"\r\n")
+        data = b"\r\n".join(lines)
+        if request.body:
+            chunks, request.body, request.body_size = request.body, [], 0
+            data += b"".join(_frame(c) for c in chunks) if request.chunked else b"".join(chunks)
+        if request.complete and request.chunked:
+            data += _CHUNK_END
+        request.up += len(data)
+        request.status = -1  # the reverse proxy answers; its own metrics have the status
+        inner.data_received(data)
+        self.resume("body")
+        self.resume("deciding")
+        self.resume("queued")
+
+    # --- the origin's answer ----------------------------------------------------------------
+
+    def response_head(self, origin: OriginConnection) -> None:
+        request = self.current
+        transport = self.transport
+        if request is None or transport is None:
+            origin.abort()
+            return
+        status = origin.status
+        if 100 <= status < 200:
+            if status != 101 and request.http11:
+                line = b"HTTP/1.1 %d %b\r\n\r\n" % (status, origin.reason or b"Continue")
+                request.down += len(line)
+                transport.write(line)
+            return
+        request.status = status
+        no_body = request.no_body or status in (204, 304)
+        origin.no_body = no_body
+        close = not request.keep_alive or not request.complete or self.response_close
+        lines = [b"HTTP/1.1 %d %b" % (status, origin.reason or b"OK")]
+        lines += [name + b": " + value for name, value in origin.headers]
+        self.response_chunked = False
+        if no_body:
+            if origin.content_length is not None:
+                lines.append(b"Content-Length: " + origin.content_length)
+        elif origin.content_length is not None and not origin.chunked:
+            lines.append(b"Content-Length: " + origin.content_length)
+        elif request.http11:
+            lines.append(b"Transfer-Encoding: chunked")
+            self.response_chunked = True
+        else:
+            close = True
+        if close:
+            lines.append(b"Connection: close")
+        elif not request.http11:
+            lines.append(b"Connection: keep-alive")
+        self.response_close = close
+        lines.append(b"\r\n")
+        head = b"\r\n".join(lines)
+        request.down += len(head)
+        self.response_started = True
+        transport.write(head)
+
+    def response_body(self, chunk: bytes) -> None:
+        request = self.current
+        if request is None or self.transport is None:
+            return
+        self.last_activity = time.monotonic()
+        data = _frame(chunk) if self.response_chunked else chunk
+        request.down += len(data)
+        self.transport.write(data)
+
+    def response_done(self, origin: OriginConnection) -> None:
+        request = self.current
+        if request is None or self.transport is None:
+            origin.abort()
+            return
+        if self.response_chunked:
+            request.down += len(_CHUNK_END)
+            self.transport.write(_CHUNK_END)
+        if not (origin.keep_alive and request.complete and origin.reusable_after_exchange()):
+            if self.origin is origin:
+                self.origin = None
+            origin.close()
+        self._end_exchange(request)
+
+    def origin_failed(self, origin: OriginConnection, reason: str, timeout: bool = False) -> None:
+        request = self.current
+        if self.origin is origin:
+            self.origin = None
+        if self.mode == "tunnel":
+            self._close()
+            return
+        if request is None or not request.sent:
+            return
+        if self.response_started:
+            request.status = request.status or 502
+            request.reason = reason
+            self.abort(reason)
+            return
+        request.decision = "error"
+        self._refuse(request, 504 if timeout else 502, f"{request.host}:{request.port}: {reason}",
+                     close=True)
+
+    def tunnel_data(self, data: bytes) -> None:
+        request = self.current
+        if request is not None:
+            request.down += len(data)
+        self.last_activity = time.monotonic()
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def tunnel_eof(self) -> bool:
+        self.origin_eof = True
+        transport = self.transport
+        if transport is None:
+            return False
+        if self.client_eof:
+            self._close()
+            return False
+        if transport.can_write_eof():
+            transport.write_eof()
+            return True
+        return False
+
+    # --- endings ----------------------------------------------------------------------------
+
+    def _end_exchange(self, request: ForwardRequest) -> None:
+        self._log(request)
+        self.current = None
+        self.task = None
+        if self.response_close or not request.keep_alive or not request.complete:
+            self._close()
+            return
+        self.resume("body")
+        self.resume("deciding")
+        if self.waiting:
+            following = self.waiting.popleft()
+            if not self.waiting:
+                self.resume("queued")
+            self._begin(following)
+        self.last_activity = time.monotonic()
+
+    def _refuse(self, request: ForwardRequest, status: int, reason: str, *, close: bool = False) -> None:
+        """Answer with an error of the proxy's own."""
+        transport = self.transport
+        origin = self.origin
+        if origin is not None and (request.sent or request.method == b"CONNECT"):
+            self.origin = None
+            origin.abort()
+        request.status = status
+        request.reason = reason
+        if request.decision == "-":
+            request.decision = "deny" if status in (403, 407) else "error"
+        if transport is None or transport.is_closing():
+            self._log(request)
+            self.current = None
+            return
+        body = f"kanal: {status} {reason}\n".encode()
+        keep = not close and request.keep_alive and request.complete and not self.response_close
+        head = (b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Length: %d\r\n" % (status, REASONS.get(status, b"Error"), len(body)))
+        if status == 407:
+            head += b'Proxy-Authenticate: Basic realm="kanal"\r\n'
+        head += b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n"
+        data = head + (b"" if request.method == b"HEAD" else body)
+        request.down += len(data)
+        transport.write(data)
+        self.response_close = not keep
+        self._end_exchange(request)
+
+    def _log(self, request: ForwardRequest) -> None:
+        if request.logged:
+            return
+        request.logged = True
+        method = request.method.decode("latin-1") or "-"
+        destination = f"{request.host}:{request.port}" if request.host else "-"
+        status = "-" if request.status < 0 else str(request.status)
+        log.info(
+            "client=%s method=%s dest=%s addr=%s decision=%s status=%s up=%d down=%d "
+            "duration=%.3fs reason=%r",
+            self.peer, method, destination, request.address, request.decision, status,
+            request.up, request.down, time.monotonic() - request.started, request.reason,
+        )
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, reason: str) -> None:
+        """Cut the client off: a truncated answer must never look complete."""
+        request = self.current
+        if request is not None and not request.reason:
+            request.reason = reason
+        origin = self.origin
+        self.origin = None
+        if origin is not None:
+            origin.abort()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def sweep(self, now: float) -> None:
+        proxy = self.proxy
+        idle = now - self.last_activity
+        origin = self.origin
+        if origin is not None:
+            idle = min(idle, now - origin.last_activity)
+        if self.mode == "tunnel":
+            if idle > proxy.tunnel_idle_timeout:
+                if self.current is not None:
+                    self.current.reason = (f"tunnel idle for {proxy.tunnel_idle_timeout:g}s "
+                                           f"(idle timeout)")
+                self._close()
+                if origin is not None:
+                    origin.close()
+            return
+        if self.mode == "mesh":
+            return  # the reverse proxy's housekeeping looks after it
+        request = self.current
+        if request is None:
+            if idle > proxy.keepalive_timeout:
+                self._close()
+        elif request.sent and idle > proxy.idle_timeout:
+            if self.response_started:
+                request.reason = f"no data for {proxy.idle_timeout:g}s (idle timeout)"
+                self.abort(request.reason)
+            else:
+                self.origin_failed(origin or _NO_ORIGIN,
+                                   f"no answer within {proxy.idle_timeout:g}s (idle timeout)",
+                                   timeout=True)
+        elif not request.sent and idle > proxy.idle_timeout + proxy.connect_timeout:
+            self.abort("stalled before reaching the origin")
+
+
+class _InnerTransport:
+    """The client transport as the reverse proxy's ClientConnection sees it (mesh requests).
+
+    Writes are counted for the access log; pausing and resuming reading go through the
+    forward connection, which also pauses for reasons of its own.
+    """
+
+    def __init__(self, outer: ForwardConnection, transport: asyncio.Transport) -> None:
+        self._outer = outer
+        self._transport = transport
+
+    def write(self, data: bytes) -> None:
+        request = self._outer.current
+        if request is not None:
+            request.down += len(data)
+        self._transport.write(data)
+
+    def pause_reading(self) -> None:
+        self._outer.pause("inner")
+
+    def resume_reading(self) -> None:
+        self._outer.resume("inner")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _NoOrigin:
+    status = 0
+
+
+_NO_ORIGIN: Any = _NoOrigin()
+
+
+class OriginConnection(asyncio.Protocol):
+    """The connection to the origin: an HTTP exchange at a time, or a tunnel's far end."""
+
+    def __init__(self, client: ForwardConnection, host: str, port: int, ip: IPAddress) -> None:
+        self.client: ForwardConnection | None = client
+        self.key = (host, port)
+        self.ip = ip
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.tunnel = False
+        self.busy = False
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.content_length: bytes | None = None
+        self.chunked = False
+        self.no_body = False
+        self.keep_alive = True
+        self.head_done = False
+        self.closed = False
+        self.last_activity = time.monotonic()
+        self.paused: set[str] = set()
+        self.named: set[bytes] | None = None
+
+    @property
+    def reusable(self) -> bool:
+        return (not self.closed and not self.busy and not self.tunnel and self.keep_alive
+                and self.transport is not None and not self.transport.is_closing())
+
+    def reusable_after_exchange(self) -> bool:
+        self.busy = False
+        return self.reusable
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def start(self, request: ForwardRequest) -> None:
+        self.busy = True
+        self.head_done = False
+        self.no_body = request.no_body
+        self.last_activity = time.monotonic()
+
+    def write(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        client = self.client
+        if client is None:
+            self.close()
+            return
+        if self.tunnel:
+            client.tunnel_data(data)
+            return
+        if not self.busy:
+            self.close()  # bytes from an idle origin: confused or closing
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.abort()
+            client.origin_failed(self, f"invalid response: {exc}")
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel and self.client is not None:
+            return self.client.tunnel_eof()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        client = self.client
+        self.client = None
+        if client is None:
+            return
+        if self.tunnel:
+            if client.origin is self:
+                client.origin = None
+            client._close()
+            return
+        if not self.busy:
+            if client.origin is self:
+                client.origin = None
+            return
+        if self.head_done and self.content_length is None and not self.chunked and not self.no_body:
+            client.response_done(self)  # a body delimited by the connection's end
+            return
+        client.origin_failed(self, "origin closed the connection" if exc is None
+                             else f"origin connection lost: {exc}")
+
+    def pause_writing(self) -> None:
+        if self.client is not None:
+            self.client.pause("origin")
+
+    def resume_writing(self) -> None:
+        if self.client is not None:
+            self.client.resume("origin")
+
+    def pause_reading(self, why: str) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused.add(why)
+
+    def resume_reading(self, why: str) -> None:
+        if why in self.paused:
+            self.paused.discard(why)
+            if not self.paused and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    # --- httptools callbacks (response) -----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.reason = b""
+        self.content_length = None
+        self.chunked = False
+        self.named = None
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower not in _RESPONSE_SPECIAL:
+            self.headers.append((name, value))
+        elif lower == b"content-length":
+            self.content_length = value
+        elif lower == b"transfer-encoding":
+            self.chunked = b"chunked" in value.lower()
+        elif lower == b"connection":
+            tokens = hdrs.connection_tokens(value) - hdrs.RESPONSE_DROPPED
+            if tokens:
+                self.named = (self.named or set()) | tokens
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if self.named:
+            named = self.named
+            self.headers = [(n, v) for n, v in self.headers if n.lower() not in named]
+        client = self.client
+        if 100 <= self.status < 200:
+            if client is not None:
+                client.response_head(self)
+            return
+        self.head_done = True
+        self.keep_alive = self.parser.should_keep_alive()
+        if client is not None:
+            client.response_head(self)
+            if self.no_body:
+                # A HEAD answer (or 204/304) has no body whatever its headers say.
+                self.parser = httptools.HttpResponseParser(self)
+                client.response_done(self)
+
+    def on_body(self, body: bytes) -> None:
+        if self.client is not None:
+            self.client.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self.head_done or self.no_body:
+            return
+        if self.client is not None:
+            self.client.response_done(self)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.client = None
+        if self.transport is not None:
+            self.transport.abort()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _frame(chunk: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(chunk), chunk)
+
+
+def _destination(request: ForwardRequest) -> tuple[str, int, bytes]:
+    """Host, port and origin-form target of a forward request; _Refused(400) if unusable."""
+    target = request.target
+    if request.method == b"CONNECT":
+        text = target.decode("latin-1")
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit() or not host:
+            raise _Refused(400, f"CONNECT needs host:port, got {text!r}", decision="error")
+        port = int(port_text)
+        path = b""
+    else:
+        if target[:1] == b"/" or target == b"*":
+            raise _Refused(400, "this is a forward proxy: send absolute-form requests "
+                                "(GET http://host/path) or CONNECT", decision="error")
+        try:
+            url = httptools.parse_url(target)
+        except httptools.HttpParserInvalidURLError:
+            raise _Refused(400, "malformed request target", decision="error") from None
+        if url.schema is None or url.schema.lower() != b"http":
+            raise _Refused(400, "only http:// URLs are forwarded; use CONNECT for https",
+                           decision="error")
+        if url.userinfo:
+            raise _Refused(400, "credentials in the URL are not forwarded", decision="error")
+        if not url.host:
+            raise _Refused(400, "absolute-form request without a host", decision="error")
+        host = url.host.decode("latin-1")
+        port = url.port if url.port is not None else 80
+        path = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+    if not 1 <= port <= 65535:
+        raise _Refused(400, f"port {port} out of range", decision="error")
+    try:
+        return normalize_host(host), port, path
+    except InvalidHost as exc:
+        raise _Refused(400, str(exc), decision="error") from None
+
+
+def _host_header(request: ForwardRequest) -> bytes:
+    host = request.host
+    text = f"[{host}]" if ":" in host else host
+    if request.port != 80:
+        text += f":{request.port}"
+    return text.encode("latin-1")
+
+
+_KEPT_DROPPED = _REQUEST_DROPPED | {b"x-forwarded-for", b"forwarded", b"via"}
+_ANONYMOUS_DROPPED = _REQUEST_DROPPED | _FORWARDING
+
+
+def _end_to_end(headers: list[tuple[bytes, bytes]], anonymize: bool) -> list[tuple[bytes, bytes]]:
+    """The client's headers minus hop-by-hop ones, those `Connection` names and Host; the
+    chains of X-Forwarded-For, Forwarded and Via are re-added by `_forwarding_lines`, or,
+    anonymizing, every forwarding header is dropped."""
+    return hdrs.filter_headers(headers, _ANONYMOUS_DROPPED if anonymize else _KEPT_DROPPED)
