@@ -331,7 +331,8 @@ class EndpointPool:
         except ssl.SSLError as exc:
             raise UpstreamConnectError(f"TLS to {self.address}:{self.port} failed: {exc}") from exc
         except OSError as exc:
-            reason = exc.strerror or str(exc)
+            reason = exc.strerror or str(exc) or (  # a bare reset: say where it happened
+                f"{type(exc).__name__} in the TLS handshake" if self.ssl_context else type(exc).__name__)
             raise UpstreamConnectError(f"connect to {self.address}:{self.port} failed: {reason}") from exc
         return conn
 
