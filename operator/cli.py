@@ -59,6 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("crds", help="print the CRD manifests")
 
+    operator = commands.add_parser("operator", help="the control plane in a cluster (kopf)")
+    operator.add_argument("--config-listen", type=_host_port, default=("0.0.0.0", 9000),
+                          metavar="HOST:PORT",
+                          help="where dataplanes subscribe (default 0.0.0.0:9000)")
+    operator.add_argument("--admin", type=_host_port, default=("0.0.0.0", 9901),
+                          metavar="HOST:PORT",
+                          help="/live, /ready and /metrics (default 0.0.0.0:9901)")
+    operator.add_argument("--namespaces", default="", metavar="A,B",
+                          help="namespaces to watch (default: all)")
+    operator.add_argument("--token-file", default=None, metavar="PATH",
+                          help="shared secret dataplanes must present (default: their "
+                               "service-account tokens, checked with a TokenReview)")
+    operator.add_argument("--allow-loopback-endpoints", action="store_true",
+                          help="accept static endpoints on loopback, link-local or node "
+                               "addresses (refused by default)")
+    operator.add_argument("--log-level", default="info",
+                          choices=["debug", "info", "warning", "error"])
+
     from kanal.operator.dataplane_cmd import add_dataplane_parser
 
     add_dataplane_parser(commands, _add_listener_flags)
@@ -80,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kanal.operator.dataplane_cmd import dataplane_command
 
         return dataplane_command(args)
+    if args.command == "operator":
+        from kanal.operator.kube.main import operator_command
+
+        return operator_command(args)
     if args.command == "run":
         from kanal.operator.standalone import run_command
 
