@@ -181,7 +181,10 @@ async def dataplane(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Dat
         instance.start()
         started.append(instance)
         if wait_ready:
-            await async_wait_until(instance.ready, timeout=20)
+            try:
+                await async_wait_until(instance.ready, timeout=20)
+            except AssertionError:
+                raise AssertionError(f"kanal dataplane not ready:\n{instance.log()}") from None
         return instance
 
     yield start
