@@ -104,11 +104,12 @@ async def test_absolute_form_requests_reach_the_origin_in_origin_form(forward, b
     caplog.set_level(logging.INFO, logger="kanal.egress")
     app = await backends("app")
     fwd = await forward(allow(local(app.port)))
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://localhost:{app.port}/path?q=1", proxy=fwd.url,
-                               headers={"X-Forwarded-For": "10.9.9.9"}) as answer:
-            assert answer.status == 200
-            record = await answer.json()
+    async with aiohttp.ClientSession() as session, session.get(
+        f"http://localhost:{app.port}/path?q=1", proxy=fwd.url,
+        headers={"X-Forwarded-For": "10.9.9.9"},
+    ) as answer:
+        assert answer.status == 200
+        record = await answer.json()
     assert record["raw_path"] == "/path?q=1"
     headers = {k.lower(): v for k, v in record["headers"]}
     assert headers["host"] == f"localhost:{app.port}"
@@ -164,12 +165,13 @@ async def test_bodies_stream_both_ways(forward, backends):
 async def test_anonymize_adds_and_keeps_no_forwarding_headers(forward, backends):
     app = await backends("app")
     fwd = await forward(allow(local(app.port), anonymize=True))
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"http://localhost:{app.port}/", proxy=fwd.url, headers={
+    async with aiohttp.ClientSession() as session, session.get(
+        f"http://localhost:{app.port}/", proxy=fwd.url, headers={
             "X-Forwarded-For": "10.1.1.1", "Forwarded": "for=10.1.1.1", "Via": "1.1 other",
             "X-Real-IP": "10.1.1.1",
-        }) as answer:
-            record = await answer.json()
+        },
+    ) as answer:
+        record = await answer.json()
     names = {k.lower() for k, _ in record["headers"]}
     assert not names & {"x-forwarded-for", "forwarded", "via", "x-real-ip"}
 
@@ -210,11 +212,11 @@ async def test_connect_tunnels_real_tls(forward, tls_backend, caplog, tmp_path):
     fwd = await forward(allow(local(port)))
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
-    async with aiohttp.ClientSession() as session:
-        async with session.get(f"https://localhost:{port}/x", proxy=fwd.url,
-                               ssl=client_context) as answer:
-            assert answer.status == 200
-            assert await answer.text() == "secret over TLS: /x"
+    async with aiohttp.ClientSession() as session, session.get(
+        f"https://localhost:{port}/x", proxy=fwd.url, ssl=client_context,
+    ) as answer:
+        assert answer.status == 200
+        assert await answer.text() == "secret over TLS: /x"
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     code, out, err = await curl("-x", fwd.url, "--cacert", str(ca_file), f"https://localhost:{port}/y")

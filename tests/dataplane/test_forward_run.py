@@ -119,14 +119,14 @@ async def test_policies_follow_edits(k, app, forward_port):
         """)
     try:
         k.wait_for_new_version(old)
-        code, out, _ = await curl("-x", proxy, "-w", "%{http_code}", "-o", "/dev/null",
+        _, out, _ = await curl("-x", proxy, "-w", "%{http_code}", "-o", "/dev/null",
                                   f"http://localhost:{app.port}/")
         assert out == "403"
     finally:
         old = k.version()
         (k.folder / "block.yaml").unlink()
         k.wait_for_new_version(old)
-    code, out, _ = await curl("-x", proxy, "-w", "%{http_code}", "-o", "/dev/null",
+    _code, out, _ = await curl("-x", proxy, "-w", "%{http_code}", "-o", "/dev/null",
                               f"http://localhost:{app.port}/")
     assert out == "200"
 
@@ -143,7 +143,7 @@ async def test_the_reverse_listener_is_never_a_forward_proxy(k, app, victim):
         k.port, f"CONNECT 127.0.0.1:{victim.port} HTTP/1.1\r\nHost: 127.0.0.1:{victim.port}\r\n\r\n"
         .encode())
     assert answer.status == 405
-    code, out, _ = await curl("-x", k.url, "-w", "%{http_connect}", "-o", "/dev/null", "-p",
+    _code, out, _ = await curl("-x", k.url, "-w", "%{http_connect}", "-o", "/dev/null", "-p",
                               f"http://127.0.0.1:{victim.port}/")
     assert out == "405"
     assert len(victim.received) == before
