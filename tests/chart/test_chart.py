@@ -21,8 +21,8 @@ from __future__ import annotations
 import base64
 import datetime
 import functools
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kubernetes_validate
@@ -30,7 +30,12 @@ import pytest
 import yaml
 
 from tests.chart.conftest import (
-    CHART, NAMESPACE, VALUE_SETS, Helm, Rendered, values_args,
+    CHART,
+    NAMESPACE,
+    VALUE_SETS,
+    Helm,
+    Rendered,
+    values_args,
 )
 
 KUBERNETES_VERSION = "1.33.0"
