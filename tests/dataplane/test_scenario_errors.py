@@ -7,12 +7,15 @@ smuggling cases go through raw sockets, since a client library would refuse to s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import aiohttp
 import pytest
 
-from tests.conftest import free_port, raw_request, upstream_yaml
+from tests.conftest import free_port, raw_request, read_response, upstream_yaml
+
+MiB = 1024 * 1024
 
 
 def route(name: str, host: str, backends: str, extra: str = "") -> str:
@@ -201,3 +204,40 @@ async def test_malformed_or_smuggling_request_is_400_and_never_reaches_a_backend
     status, _, _ = await get(setup["kanal"], "ok.test", "/after")
     assert status == 200
     assert [r["path"] for r in ok.received[before:]] == ["/after"]
+
+
+OVERSIZED = [
+    pytest.param(
+        b"GET / HTTP/1.1\r\nHost: ok.test\r\nX-Big: " + b"a" * MiB + b"\r\n\r\n", id="1MiB-header"
+    ),
+    pytest.param(b"GET /" + b"a" * MiB + b" HTTP/1.1\r\nHost: ok.test\r\n\r\n", id="1MiB-target"),
+    pytest.param(
+        b"GET / HTTP/1.1\r\nHost: ok.test\r\n"
+        + b"".join(b"X-%d: 1\r\n" % i for i in range(20000))
+        + b"\r\n",
+        id="20000-headers",
+    ),
+]
+
+
+@pytest.mark.xfail(
+    reason="proxy.py has no limit on the request head: a 1 MiB header, a 1 MiB target or 20000 "
+    "headers are buffered and forwarded (the backend answers 400), instead of 431/414 from the proxy",
+    strict=True,
+)
+@pytest.mark.parametrize("data", OVERSIZED)
+async def test_an_oversized_request_head_is_refused_by_the_proxy(setup, data):
+    ok = setup["ok"]
+    before = len(ok.received)
+    reader, writer = await asyncio.open_connection("127.0.0.1", setup["kanal"].port)
+    try:
+        writer.write(data)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await read_response(reader)
+    finally:
+        writer.close()
+    assert answer.status in (400, 414, 431), answer
+    assert answer.body.startswith(b"kanal:"), answer.body[:200]
+    assert len(ok.received) == before

@@ -98,6 +98,7 @@ async def test_session_affinity_survives_reloads_and_weight_changes_move_only_ne
             assert await c.get() == first[id(c)]
 
         # A weight change moves new clients only.
+        version = k.version()
         k.write("route.yaml", split_route({"v1": 1, "v2": 3}, affinity=True))
         await asyncio.to_thread(k.wait_for_new_version, version)
         for c in clients:
@@ -107,6 +108,12 @@ async def test_session_affinity_survives_reloads_and_weight_changes_move_only_ne
         clients += newcomers
         placed = collections.Counter([await c.get() for c in newcomers])
         assert placed == {"v1": 10, "v2": 30}
+
+        # Weight 0 drains a side: its clients move too (blue/green with affinity).
+        version = k.version()
+        k.write("route.yaml", split_route({"v1": 0, "v2": 1}, affinity=True))
+        await asyncio.to_thread(k.wait_for_new_version, version)
+        assert {await c.get() for c in clients} == {"v2"}
     finally:
         for c in clients:
             await c.close()
