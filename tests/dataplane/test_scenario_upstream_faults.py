@@ -163,3 +163,27 @@ async def test_an_upstream_that_hangs_up_without_answering_is_502(setup):
         (answer,) = await raw_request(k.port, b"GET /hangup HTTP/1.1\r\nHost: a\r\n\r\n")
     assert answer.status == 502
     assert b"default/faulty" in answer.body
+
+
+async def test_a_close_delimited_upstream_answer_is_relayed_whole(setup):
+    k, port = setup
+    body = b"".join(b"line %d\n" % i for i in range(20000))
+
+    async def close_delimited(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: text/plain\r\n\r\n")
+        for start in range(0, len(body), 30000):
+            writer.write(body[start : start + 30000])
+            await writer.drain()
+
+    async with Server(port, close_delimited):
+        async with aiohttp.ClientSession() as session, session.get(k.url + "/eof") as answer:
+            assert answer.status == 200
+            assert await answer.read() == body
+        # and the client's connection stays usable: the proxy framed the body itself
+        (first, second) = await raw_request(
+            k.port,
+            b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n",
+            responses=2,
+        )
+        assert first.body == body and second.body == body
