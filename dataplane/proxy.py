@@ -529,7 +529,7 @@ class ClientConnection(asyncio.Protocol):
         """One try failed before any answer reached the client: retry it, or answer."""
         request = self.current
         failed = self.endpoint_state
-        self._finish_endpoint(False)
+        self._finish_endpoint(False, refused=condition == "connect-failure")
         self._cancel_try_timer()
         if request is None:
             return
@@ -835,7 +835,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
             self.paused_for_body = True
 
-    def _finish_endpoint(self, ok: bool | None) -> None:
+    def _finish_endpoint(self, ok: bool | None, *, refused: bool = False) -> None:
         """The current try is over: count it off the endpoint, and tell its breaker."""
         state = self.endpoint_state
         if state is not None:
@@ -843,7 +843,7 @@ class ClientConnection(asyncio.Protocol):
             self.endpoint_state = None
             upstream = self.upstream_runtime
             if upstream is not None:
-                upstream.report(state, ok, time.monotonic() - self.attempt_started)
+                upstream.report(state, ok, time.monotonic() - self.attempt_started, refused=refused)
 
     def _end_exchange(self, status: int) -> None:
         request = self.current

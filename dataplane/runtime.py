@@ -93,8 +93,15 @@ class UpstreamRuntime:
         state.refresh(now)
         return allowed
 
-    def report(self, state: EndpointState, ok: bool | None, duration: float) -> None:
-        """The outcome of one request to `state`: success, failure, or none (client left)."""
+    def report(
+        self, state: EndpointState, ok: bool | None, duration: float, *, refused: bool = False
+    ) -> None:
+        """The outcome of one request to `state`: success, failure, or none (client left).
+
+        `refused`: the endpoint could not be reached at all. Such a circuit may always
+        open: the share cap guards against settings that call answers failures, and an
+        endpoint that refuses connections is down whatever the settings say.
+        """
         breaker = state.breaker
         if breaker is None:
             return
@@ -112,7 +119,7 @@ class UpstreamRuntime:
         else:
             self.metrics.count_event("failure", self.key)
             open_now = sum(1 for s in self.states if s.breaker is not None and s.breaker.state == "open")
-            changed = breaker.record(False, duration, now, may_open=open_now < self.max_open)
+            changed = breaker.record(False, duration, now, may_open=refused or open_now < self.max_open)
         if changed is not None:
             self._changed(state, changed)
         state.refresh(now)
