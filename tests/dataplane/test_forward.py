@@ -426,3 +426,27 @@ async def test_without_a_policy_mesh_services_go_through_the_mesh_routes(forward
     await async_wait_until(lambda: _true(len(egress_lines(caplog)) == 4))
     assert sum("dest=orders.mesh:80 addr=- decision=mesh" in line for line in egress_lines(caplog)) == 2
 
+
+
+async def test_connect_timeout_is_a_504(forward):
+    """A listener that never accepts, its backlog full: connecting hangs, on loopback."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    held = []
+    try:
+        for _ in range(3):  # fill the backlog; later SYNs go unanswered
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            held.append(filler)
+        fwd = await forward(allow(local(port)), connect_timeout=0.3)
+        status, body, _ = await absolute(fwd.port, f"http://localhost:{port}/")
+        assert status == 504 and "timed out after 0.3s" in body
+    finally:
+        for sock in held:
+            sock.close()
+        listener.close()
