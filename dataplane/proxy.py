@@ -494,14 +494,15 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = conn
         conn.start(self, self.head, request.method == b"HEAD")
         self.request_sent = True
-        chunks: list[bytes] | None = None
+        chunks: list[bytes] = []
         if self.is_retry and self.kept_body:
-            chunks = self.kept_body
-        elif request.body:
-            chunks = request.body
+            chunks.extend(self.kept_body)  # what the failed try had sent
+        if request.body:
+            fresh = request.body  # what arrived while no connection was ready
             request.body = []
             request.body_size = 0
-            self._keep(chunks)
+            self._keep(fresh)
+            chunks.extend(fresh)
         if chunks:
             if request.chunked:
                 conn.write(b"".join(b"%x\r\n%b\r\n" % (len(c), c) for c in chunks))

@@ -342,3 +342,21 @@ async def test_soak_one_of_three_endpoints_killed_and_restarted_twice(kanal, bac
     assert sum(served.values()) > 200
     assert set(served) == {"b0", "b1", "b2"}
     assert circuits_seen, "the victim's state was visible in /config while it was down"
+
+
+async def test_a_retried_put_sends_its_whole_body_again(kanal, backends, raw_servers):
+    good = await backends("good")
+    failing = await raw_servers(answer_503)
+    k = kanal({
+        "up.yaml": upstream("pool", [failing.port, good.port],
+                            "  circuitBreaker: {consecutiveFailures: 1000}\n"),
+        "route.yaml": route("pool", "      retries: {attempts: 1, retryOn: [\"503\"]}\n"),
+    })
+    body = bytes(range(256)) * 400  # 100 KiB, within the retry buffer
+    async with aiohttp.ClientSession() as session:
+        for _ in range(6):
+            async with session.put(k.url + "/upload", data=body) as answer:
+                assert answer.status == 200, await answer.text()
+                assert (await answer.json())["body_size"] == len(body)
+    assert failing.connections >= 2
+    assert all(r["body_size"] == len(body) for r in good.received)
