@@ -118,6 +118,9 @@ def worker_argv(args: argparse.Namespace, admin_port: int) -> Sequence[str]:
         argv += ["--tls-listen", f"{args.tls_listen[0]}:{args.tls_listen[1]}"]
     if getattr(args, "default_certificate", None):
         argv += ["--default-certificate", args.default_certificate]
+    for flag, address in (("--tls-listen", args.tls_listen), ("--forward-listen", args.forward_listen)):
+        if address is not None:
+            argv += [flag, f"{address[0]}:{address[1]}"]
     argv += ["--trusted-hops", str(args.trusted_hops), "--log-level", args.log_level]
     argv += ["--worker", "--worker-admin", str(admin_port)]
     return argv
