@@ -178,8 +178,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         self.status = status
-        if 100 <= status < 200 and status != 101:
-            return  # informational: the final answer follows on the same connection
+        if 100 <= status < 200:
+            # Informational: the final answer follows on the same connection. A 101 ends
+            # HTTP here: feed_data raises HttpParserUpgrade, and the sink hears of it then.
+            return
         self.head_done = True
         # Read now: once the message is complete the parser forgets the answer's version.
         self.keep_alive = self.parser.should_keep_alive()

@@ -15,7 +15,10 @@ socket is paused meanwhile) and are served in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -33,6 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("kanal.proxy")
 
 MAX_BUFFERED_BODY = 256 * 1024
+MAX_TARGET = 8 * 1024
+"""Longest request target accepted (414 beyond), as nginx's large header buffers."""
+MAX_HEAD = 64 * 1024
+"""Most bytes of request headers accepted (431 beyond)."""
+MAX_HEADERS = 200
 RETRY_BUFFER = 1024 * 1024
 """Body bytes kept for a retry; a request that streamed more than this is not retried."""
 IMPLICIT_CONNECT_RETRIES = 2
@@ -62,6 +70,7 @@ class Request:
         "method", "target", "headers", "host", "http11", "keep_alive", "chunked",
         "content_length", "upgrade", "expect_continue", "complete", "body", "body_size",
         "started", "cookie", "forwarded", "connection_named", "upgrade_value", "decoded",
+        "head_size",
     )
 
     def __init__(self) -> None:
@@ -84,6 +93,7 @@ class Request:
         self.connection_named: set[bytes] | None = None
         self.upgrade_value: bytes | None = None
         self.decoded: dict[str, str] | None = None
+        self.head_size = 0
 
     # A read-only mapping of lower-case header names to first values, for the router;
     # decoded only if a route asks for a header.
@@ -190,10 +200,19 @@ class ClientConnection(asyncio.Protocol):
             offset = upgrade.args[0] if upgrade.args else len(data)
             self._client_upgrade(data[offset:])
         except httptools.HttpParserError as exc:
+            refused = self.refused
             if self.current is not None and self.response_started:
                 self._abort()
+            elif refused is not None:
+                self.refused = None
+                self._fail_request(refused[0], refused[1], close=True)
             else:
                 self._fail_request(400, f"malformed request: {exc}", close=True)
+
+    def _refuse_head(self, status: int, reason: str) -> None:
+        """Stop parsing a request head that is too large; data_received answers `status`."""
+        self.refused = (status, reason)
+        raise httptools.HttpParserError(reason)
 
     def eof_received(self) -> bool | None:
         if self.tunnel and self.upstream is not None:
@@ -242,11 +261,17 @@ class ClientConnection(asyncio.Protocol):
         request = self.parsing
         if request is not None:
             request.target += url
+            if len(request.target) > MAX_TARGET:
+                self._refuse_head(414, f"request target longer than {MAX_TARGET} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self.parsing
         if request is None:
             return
+        request.head_size += len(name) + len(value) + 4
+        if request.head_size > MAX_HEAD or len(request.headers) >= MAX_HEADERS:
+            self._refuse_head(431, f"request headers larger than {MAX_HEAD} bytes "
+                                   f"or more than {MAX_HEADERS} of them")
         lower = name.lower()
         if lower not in _SPECIAL_REQUEST_HEADERS:
             request.headers.append((name, value))
@@ -330,6 +355,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _begin(self, request: Request) -> None:
         self.current = request
+        self.route_key = ""
+        self.upstream_key = ""
         self.response_started = False
         self.request_sent = False
         self.response_chunked = False
@@ -626,6 +653,11 @@ class ClientConnection(asyncio.Protocol):
         if named:
             headers = [(name, value) for name, value in headers if name.lower() not in named]
         lines = [request.method + b" " + request.target + b" HTTP/1.1"]
+        if request.host is None:
+            # An HTTP/1.0 client may send no Host; the upstream leg is HTTP/1.1 and needs one.
+            upstream = self.upstream_runtime
+            authority = upstream.states[0].key if upstream is not None and upstream.states else "localhost"
+            lines.append(b"Host: " + authority.encode("latin-1"))
         lines += [name + b": " + value for name, value in headers]
         if request.chunked:
             lines.append(b"Transfer-Encoding: chunked")
@@ -955,12 +987,13 @@ class ClientConnection(asyncio.Protocol):
         self._exchange_over()
         self.current = None
         if self.transport is not None:
-            self.transport.abort()
+            reset_connection(self.transport)
 
     def idle_for(self, now: float) -> float:
         return now - self.last_activity if self.current is None else 0.0
 
     set_cookie: bytes | None = None
+    refused: tuple[int, str] | None = None
     hsts: bytes | None = None
     head: bytes = b""
     endpoint_state: EndpointState | None = None
@@ -975,6 +1008,16 @@ class ClientConnection(asyncio.Protocol):
     resent_stale: bool = False
     last_failure: tuple[int, str] | None = None
     try_timer: asyncio.TimerHandle | None = None
+
+
+def reset_connection(transport: asyncio.BaseTransport) -> None:
+    """Abort with a TCP reset (SO_LINGER 0), not a FIN: a close-delimited answer cut
+    short must not look like a complete one to the client."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()  # type: ignore[attr-defined]
 
 
 def _retry_matches(retry_on: tuple[str, ...], condition: str) -> bool:

@@ -206,11 +206,6 @@ async def test_metrics_count_a_404_without_route_or_upstream(k):
     assert value(samples, "kanal_requests_total", route="", upstream="", code="404") >= 2
 
 
-@pytest.mark.xfail(
-    reason="proxy.py _begin: a 404 (no route) on a keep-alive connection is counted under the "
-    "upstream of the connection's previous request (upstream_key is not reset)",
-    strict=True,
-)
 async def test_metrics_do_not_blame_the_previous_upstream_for_a_404(k):
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
         async with session.get(k.url + "/api/x", headers={"Host": "shop.example.com"}) as answer:

@@ -220,11 +220,6 @@ OVERSIZED = [
 ]
 
 
-@pytest.mark.xfail(
-    reason="proxy.py has no limit on the request head: a 1 MiB header, a 1 MiB target or 20000 "
-    "headers are buffered and forwarded (the backend answers 400), instead of 431/414 from the proxy",
-    strict=True,
-)
 @pytest.mark.parametrize("data", OVERSIZED)
 async def test_an_oversized_request_head_is_refused_by_the_proxy(setup, data):
     ok = setup["ok"]

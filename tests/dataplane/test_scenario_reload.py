@@ -82,11 +82,6 @@ async def test_in_flight_request_survives_a_reload(kanal, two):
         assert status == 200 and body["backend"] == "v1"
 
 
-@pytest.mark.xfail(
-    reason="WebSocket upgrade broken (pool.py on_headers_complete sends the 101 through "
-    "response_head); the reload part cannot be reached until that is fixed",
-    strict=True,
-)
 async def test_open_websocket_survives_a_reload(kanal, two):
     _, _, ups = two
     k = kanal({"up.yaml": ups, "route.yaml": route("app", None, "v1")})

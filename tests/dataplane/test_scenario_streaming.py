@@ -190,11 +190,6 @@ async def test_http10_and_pipelined_requests(setup):
     assert [a.json()["path"] for a in answers] == [f"/p{i}" for i in range(5)]
 
 
-@pytest.mark.xfail(
-    reason="proxy.py _request_head: an HTTP/1.0 request without Host is sent upstream as "
-    "HTTP/1.1 without Host, and the backend answers 400 Missing 'Host' header",
-    strict=True,
-)
 async def test_http10_request_without_host_is_served(setup):
     k, _, _ = setup
     (answer,) = await raw_request(k.port, b"GET /nohost HTTP/1.0\r\n\r\n")
@@ -202,11 +197,6 @@ async def test_http10_request_without_host_is_served(setup):
     assert answer.json()["path"] == "/nohost"
 
 
-@pytest.mark.xfail(
-    reason="pool.py on_headers_complete hands the upstream's 101 to response_head: the client "
-    "gets 101 without Upgrade/Connection, with Transfer-Encoding: chunked and a 0-chunk",
-    strict=True,
-)
 async def test_websocket_is_relayed_both_ways(setup):
     k, _, _ = setup
     async with aiohttp.ClientSession() as session:

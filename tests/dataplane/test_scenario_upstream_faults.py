@@ -124,12 +124,6 @@ async def test_a_chunked_answer_cut_short_is_never_delivered_as_complete(setup):
                 await answer.read()
 
 
-@pytest.mark.xfail(
-    reason="proxy.py _abort uses transport.abort(), which ends the client connection with a "
-    "FIN: an HTTP/1.0 client's close-delimited body cut short upstream looks complete "
-    "(needs SO_LINGER 0 / RST)",
-    strict=True,
-)
 async def test_a_close_delimited_answer_cut_short_ends_in_a_reset(setup):
     k, port = setup
 
