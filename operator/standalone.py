@@ -114,8 +114,6 @@ def worker_argv(args: argparse.Namespace, admin_port: int) -> Sequence[str]:
     """The command line of one worker process."""
     argv = [sys.executable, "-m", "kanal.operator.cli", "run", *args.paths]
     argv += ["--listen", f"{args.listen[0]}:{args.listen[1]}"]
-    if args.tls_listen is not None:
-        argv += ["--tls-listen", f"{args.tls_listen[0]}:{args.tls_listen[1]}"]
     if getattr(args, "default_certificate", None):
         argv += ["--default-certificate", args.default_certificate]
     for flag, address in (("--tls-listen", args.tls_listen), ("--forward-listen", args.forward_listen)):
