@@ -5,7 +5,8 @@
 of the burst, so a steady stream of events cannot starve the rebuild. Pokes that arrive
 while the action runs make one more run afterwards. An action that fails is retried
 after a backoff that doubles from `backoff_initial` to `backoff_cap` and resets after a
-success; pokes during the backoff do not shorten it.
+success. The retry comes right after its backoff and covers the pokes made meanwhile
+(pokes do not shorten a backoff).
 
 All timing is on the event loop's clock (`loop.time()`), so tests drive it on virtual
 time with looptime.
@@ -88,24 +89,24 @@ class Debouncer:
                     await asyncio.wait_for(self._poked.wait(), timeout=delay)
                 except TimeoutError:
                     break
-            self._first = self._last = None
-            self._poked.clear()
-            try:
-                await self.action()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.failures += 1
-                self._backoff = min(self.backoff_cap,
-                                    max(self.backoff_initial, self._backoff * 2))
-                log.exception("%s failed; retrying in %.1f s", self.name, self._backoff)
+            while True:
+                self._first = self._last = None
+                self._poked.clear()
+                try:
+                    await self.action()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self.runs += 1
+                    self.failures += 1
+                    self._backoff = min(self.backoff_cap,
+                                        max(self.backoff_initial, self._backoff * 2))
+                    log.exception("%s failed; retrying in %.1f s", self.name, self._backoff)
+                    # The retry reads the latest inputs: it covers pokes made meanwhile.
+                    await asyncio.sleep(self._backoff)
+                    continue
                 self.runs += 1
-                await asyncio.sleep(self._backoff)
-                if self._first is None:
-                    self._first = self._last = loop.time()
-                self._poked.set()
-                continue
-            self.runs += 1
-            self._backoff = 0.0
+                self._backoff = 0.0
+                break
             if self._first is None:
                 self._idle.set()

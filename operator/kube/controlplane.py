@@ -26,7 +26,7 @@ from kanal.operator.compiler import CompileResult
 from kanal.operator.kube.auth import TokenReviewAuthenticator
 from kanal.operator.kube.builder import DEFAULT_CAP, DEFAULT_HOLDOFF, Debouncer
 from kanal.operator.kube.client import KubeClient, KubeError, login
-from kanal.operator.kube.status import EventPoster, Programmed, StatusWriter, kopf_warn
+from kanal.operator.kube.status import Programmed, StatusWriter
 from kanal.operator.kube.store import EndpointPolicy, Store
 from kanal.operator.models import GROUP, RESOURCES, VERSION
 from kanal.operator.publisher import Publisher, shared_token_authenticator
@@ -134,7 +134,6 @@ class ControlPlane:
     options: OperatorOptions = field(default_factory=OperatorOptions)
     connection: kopf.ConnectionInfo | None = None
     """How to reach the API server; default: kanal.operator.kube.client.login()."""
-    post_event: EventPoster = kopf_warn
 
     def __post_init__(self) -> None:
         self.store = Store(policy=EndpointPolicy(
@@ -172,7 +171,7 @@ class ControlPlane:
         self.publisher.on_ack.append(self._on_ack)
         self.publisher.on_forget.append(lambda _: self.status_refresher.poke())
         self.metrics = Metrics(self.publisher)
-        self.status = StatusWriter(self.client, self.store, post_event=self.post_event)
+        self.status = StatusWriter(self.client, self.store)
         if self.options.admin is not None:
             self.admin_address = await self._serve(self._admin_app(), self.options.admin)
         await self.initial_sync()

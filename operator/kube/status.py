@@ -11,17 +11,20 @@ would show differs from what it shows (or what this writer last wrote, while the
 watch has not brought that back yet), so a rebuild that changes nothing writes nothing.
 
 A rejection (Accepted False) also raises a Warning Event on the object, once per
-distinct message, through kopf's event poster.
+distinct message. The writer posts it itself: kopf's `kopf.warn` works only inside a
+handler, and statuses are written by the debounced builder, outside any handler.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
+import aiohttp
 from kanal.operator.compiler import CompileResult
 from kanal.operator.conditions import ACCEPTED, PROGRAMMED, REASON_NOT_ACCEPTED, ObjectStatus
 from kanal.operator.kube.client import KubeClient, KubeError
@@ -33,8 +36,7 @@ log = logging.getLogger("kanal.operator.status")
 REASON_PROGRAMMED = "Programmed"
 REASON_PENDING = "Pending"
 
-EventPoster = Callable[[Mapping[str, Any], str, str], None]
-"""(object reference body, reason, message): raise a Warning Event."""
+COMPONENT = "kanal-operator"
 
 
 def utc_now() -> str:
@@ -42,14 +44,25 @@ def utc_now() -> str:
         "%Y-%m-%dT%H:%M:%SZ")
 
 
-def kopf_warn(ref: Mapping[str, Any], reason: str, message: str) -> None:
-    """Post a Warning Event through kopf (only inside a running operator)."""
-    import kopf
-
-    try:
-        kopf.warn(kopf.Body(cast(Any, dict(ref))), reason=reason, message=message)
-    except LookupError:  # not inside kopf.operator(): nobody to post it
-        log.debug("no kopf event poster; not posting %s", reason)
+async def post_warning(client: KubeClient, ref: Mapping[str, Any], reason: str,
+                       message: str) -> None:
+    """A Warning Event on the object, as `kubectl describe` shows them."""
+    meta = ref.get("metadata") or {}
+    namespace, name = meta.get("namespace") or "default", meta.get("name")
+    now = utc_now()
+    involved = {"apiVersion": ref.get("apiVersion"), "kind": ref.get("kind"),
+                "namespace": namespace, "name": name}
+    if meta.get("uid"):
+        involved["uid"] = meta["uid"]
+    await client.post(f"/api/v1/namespaces/{namespace}/events", {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{name}.", "namespace": namespace},
+        "involvedObject": involved,
+        "type": "Warning", "reason": reason, "message": message[:1024],
+        "source": {"component": COMPONENT}, "reportingComponent": COMPONENT,
+        "reportingInstance": socket.gethostname(),
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    })
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +151,6 @@ def status_path(kind: str, namespace: str, name: str) -> str:
 class StatusWriter:
     client: KubeClient
     store: Store
-    post_event: EventPoster = kopf_warn
     now: Callable[[], str] = utc_now
     patches: int = 0
     _written: dict[tuple[str, str], tuple[str | None, dict[str, Any]]] = field(
@@ -160,7 +172,7 @@ class StatusWriter:
             status = result.status(entry.kind, entry.key)
             if status is None:
                 continue
-            self._maybe_warn(entry, status)
+            await self._maybe_warn(entry, status)
             try:
                 if await self._write_one(entry, status, programmed):
                     patched += 1
@@ -195,7 +207,7 @@ class StatusWriter:
         self._written[identity] = (uid, full)
         return True
 
-    def _maybe_warn(self, entry: KanalEntry, status: ObjectStatus) -> None:
+    async def _maybe_warn(self, entry: KanalEntry, status: ObjectStatus) -> None:
         accepted = status.condition(ACCEPTED)
         if accepted is None or accepted.status == "True":
             self._warned.pop((entry.kind, entry.key), None)
@@ -206,4 +218,7 @@ class StatusWriter:
             return
         self._warned[(entry.kind, entry.key)] = mark
         log.warning("%s %s rejected: %s", entry.kind, entry.key, accepted.message)
-        self.post_event(entry.ref, accepted.reason, accepted.message)
+        try:
+            await post_warning(self.client, entry.ref, accepted.reason, accepted.message)
+        except (KubeError, OSError, aiohttp.ClientError) as exc:
+            log.warning("could not post an Event for %s %s: %s", entry.kind, entry.key, exc)
