@@ -114,15 +114,19 @@ def snapshot_body(snapshot: Snapshot) -> bytes:
     dataplane would refuse it anyway).
     """
     plain = snapshot.to_dict()
-    dump = json.dumps
-    content = dump({**plain, "version": ""}, sort_keys=True, separators=(",", ":"))
-    version = hashlib.sha256(content.encode()).hexdigest()[:16]
+    plain["version"] = ""
+    content = json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()
+    version = hashlib.sha256(content).hexdigest()[:16]
     if snapshot.version != version:
         raise ValueError(
             f"snapshot version {snapshot.version!r} is not the hash of its content ({version}); "
             "use Snapshot.with_version()"
         )
-    return dump(plain, sort_keys=True, separators=(",", ":")).encode()
+    # Sorted keys put "version" last: the body is the content with the version filled in
+    # (the same bytes as snapshot.to_json(), serialised once instead of twice).
+    tail = b',"version":""}'
+    assert content.endswith(tail)
+    return content[: -len(tail)] + b',"version":"' + version.encode() + b'"}'
 
 
 class Publisher:
@@ -171,8 +175,8 @@ class Publisher:
         """
         if self._current is not None and self._current.snapshot.version == snapshot.version:
             return
+        now = self.clock()  # propagation times count from here, serialising included
         body = snapshot_body(snapshot)
-        now = self.clock()
         self._current = _Published(snapshot, body, now)
         self._published_at[snapshot.version] = now
         self._published_at.move_to_end(snapshot.version)

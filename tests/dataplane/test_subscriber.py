@@ -20,6 +20,7 @@ from kanal.dataplane.runtime import Runtime
 from kanal.dataplane.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
 from kanal.dataplane.subscriber import (
     Backoff,
+    SnapshotDecoder,
     SnapshotRejected,
     Subscriber,
     SubscriberOptions,
@@ -173,3 +174,28 @@ def test_the_token_is_read_afresh_each_time(tmp_path: Path) -> None:
     assert subscriber._headers() == {"Authorization": "Bearer two"}
     token.unlink()
     assert subscriber._headers() == {}
+
+
+def test_the_decoder_reuses_what_did_not_change_and_agrees_with_the_full_decoder() -> None:
+    base = snapshot()
+    more = Upstream(key="default/v2", endpoints=(Endpoint("127.0.0.2", 80),))
+    first = dataclasses.replace(base, upstreams=(*base.upstreams, more)).with_version()
+    route = first.routes[0]
+    changed_rule = dataclasses.replace(route.rules[0], backends=(Backend("default/v2"),))
+    second = dataclasses.replace(first, routes=(dataclasses.replace(route, rules=(changed_rule,)),)
+                                 ).with_version()
+
+    decoder = SnapshotDecoder()
+    one = decoder.parse(first.to_json())
+    two = decoder.parse(second.to_json())
+    assert one == first and two == second == Snapshot.from_json(second.to_json())
+    assert two.upstreams[0] is one.upstreams[0] and two.upstreams[1] is one.upstreams[1]
+    assert two.routes[0] is not one.routes[0]
+
+    # Canonical bytes with a changed content but the old version: refused all the same.
+    tampered = json.loads(second.to_json())
+    tampered["upstreams"][1]["endpoints"][0]["port"] = 81
+    body = json.dumps(tampered, sort_keys=True, separators=(",", ":"))
+    with pytest.raises(SnapshotRejected, match="does not match"):
+        decoder.parse(body)
+    assert decoder.parse(second.to_json()) == second
