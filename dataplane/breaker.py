@@ -83,8 +83,8 @@ class Breaker:
         return self.probes_in_flight < self.settings.half_open_requests
 
     def open_duration(self) -> float:
-        factor = min(2 ** max(self.openings - 1, 0), MAX_OPEN_FACTOR)
-        return self.settings.open_duration * factor
+        factor: int = min(2 ** max(self.openings - 1, 0), MAX_OPEN_FACTOR)
+        return float(self.settings.open_duration * factor)
 
     # --- events ------------------------------------------------------------------------
 

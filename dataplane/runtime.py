@@ -371,10 +371,10 @@ class Runtime:
                 if entry is None:
                     continue
         for key, (upstream, state) in wanted.items():
-            checker = self._checkers.get(key)
-            if checker is not None:
-                if checker.state is not state:
-                    checker.adopt(state)
+            existing = self._checkers.get(key)
+            if existing is not None:
+                if existing.state is not state:
+                    existing.adopt(state)
                 continue
             settings = upstream.spec.health_check
             assert settings is not None

@@ -175,11 +175,17 @@ def group_admin_app(workers: list[Worker]) -> web.Application:
 
 async def supervise(args: argparse.Namespace) -> int:
     workers = [Worker(index, args) for index in range(args.workers)]
-    for worker in workers:
-        await worker.start()
+    # The admin address is taken first: if it is busy, no worker is left behind.
     runner = web.AppRunner(group_admin_app(workers), access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, args.admin[0], args.admin[1]).start()
+    try:
+        await web.TCPSite(runner, args.admin[0], args.admin[1]).start()
+    except OSError as exc:
+        log.error("cannot serve admin on %s:%d: %s", args.admin[0], args.admin[1], exc)
+        await runner.cleanup()
+        return 1
+    for worker in workers:
+        await worker.start()
     log.info("admin for %d workers on http://%s:%d", len(workers), *args.admin)
 
     stopping = asyncio.Event()
