@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from kanal.dataplane.snapshot import Snapshot
+from kanal.dataplane.snapshot import Snapshot, _to_plain, content_version
 from kanal.dataplane.subscriber import ACK_PATH, SNAPSHOT_PATH, VERSION_HEADER
 
 log = logging.getLogger("kanal.publisher")
@@ -107,26 +107,52 @@ def shared_token_authenticator(token: str) -> Authenticator:
     return authenticate
 
 
-def snapshot_body(snapshot: Snapshot) -> bytes:
-    """The bytes served for a Snapshot: canonical JSON, the same on every replica.
+def snapshot_body(snapshot: Snapshot, fragments: dict[Any, str] | None = None) -> bytes:
+    """The bytes served for a Snapshot: canonical JSON (`snapshot.to_json()`), the same on
+    every replica.
 
-    Raises ValueError when the Snapshot's version is not the hash of its content (a
-    dataplane would refuse it anyway).
+    `fragments` maps Routes, Upstreams and EgressPolicies to their JSON text, from the
+    previous call: items equal to one there are not serialised again (a change to one
+    Route of a thousand serialises one Route). It is updated to the items of this
+    Snapshot. Raises ValueError when the Snapshot's version is not the hash of its
+    content (a dataplane would refuse it anyway).
     """
-    plain = snapshot.to_dict()
-    plain["version"] = ""
-    content = json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()
-    version = hashlib.sha256(content).hexdigest()[:16]
-    if snapshot.version != version:
+    if fragments is not None:
+        body = _assemble(snapshot, fragments)
+        if body is not None:
+            return body
+        fragments.clear()  # equal but differently typed values (1 == 1.0): start afresh
+    body = _assemble(snapshot, {})
+    if body is None:
         raise ValueError(
-            f"snapshot version {snapshot.version!r} is not the hash of its content ({version}); "
-            "use Snapshot.with_version()"
+            f"snapshot version {snapshot.version!r} is not the hash of its content "
+            f"({content_version(snapshot)}); use Snapshot.with_version()"
         )
-    # Sorted keys put "version" last: the body is the content with the version filled in
-    # (the same bytes as snapshot.to_json(), serialised once instead of twice).
-    tail = b',"version":""}'
-    assert content.endswith(tail)
-    return content[: -len(tail)] + b',"version":"' + version.encode() + b'"}'
+    return body
+
+
+def _assemble(snapshot: Snapshot, fragments: dict[Any, str]) -> bytes | None:
+    """Canonical JSON of `snapshot` from per-item fragments; None if the version is wrong."""
+    dump = json.dumps
+    used: dict[Any, str] = {}
+    parts = []
+    # Sorted keys: egress_policies, routes, upstreams, version; lists keep their order.
+    for name, items in (("egress_policies", snapshot.egress_policies),
+                        ("routes", snapshot.routes), ("upstreams", snapshot.upstreams)):
+        texts = []
+        for item in items:
+            text = fragments.get(item)
+            if text is None:
+                text = dump(_to_plain(item), sort_keys=True, separators=(",", ":"))
+            used[item] = text
+            texts.append(text)
+        parts.append(f'"{name}":[{",".join(texts)}]')
+    content = ("{" + ",".join(parts) + ',"version":""}').encode()
+    if hashlib.sha256(content).hexdigest()[:16] != snapshot.version:
+        return None
+    fragments.clear()
+    fragments.update(used)
+    return content[: -len(b'""}')] + b'"' + snapshot.version.encode() + b'"}'
 
 
 class Publisher:
@@ -159,6 +185,7 @@ class Publisher:
         self._keep_versions = keep_versions
         self._dataplanes: dict[str, DataplaneStatus] = {}
         self._changed: asyncio.Event | None = None
+        self._fragments: dict[Any, str] = {}
         self._closing = False
 
     # ------------------------------------------------------------------ the operator's side
@@ -176,7 +203,7 @@ class Publisher:
         if self._current is not None and self._current.snapshot.version == snapshot.version:
             return
         now = self.clock()  # propagation times count from here, serialising included
-        body = snapshot_body(snapshot)
+        body = snapshot_body(snapshot, self._fragments)
         self._current = _Published(snapshot, body, now)
         self._published_at[snapshot.version] = now
         self._published_at.move_to_end(snapshot.version)

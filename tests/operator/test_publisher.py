@@ -283,3 +283,21 @@ async def test_a_stopping_replica_releases_held_polls(served: Any) -> None:
     server.publisher.close()
     async with asyncio.timeout(5):
         assert (await poll)[0] == 503
+
+
+def test_serialising_again_reuses_unchanged_items_and_gives_the_same_bytes() -> None:
+    fragments: dict[Any, str] = {}
+    first = snapshot(9001)
+    assert snapshot_body(first, fragments) == first.to_json().encode()
+    upstream = first.upstreams[0]
+    second = dataclasses.replace(first, upstreams=(
+        upstream, Upstream(key="default/v2", endpoints=(Endpoint("127.0.0.1", 9002),)))).with_version()
+    assert snapshot_body(second, fragments) == second.to_json().encode()
+    assert set(fragments) == {*second.routes, *second.upstreams}
+    # Equal values of another type (2 == 2.0) serialise differently: never a stale fragment.
+    odd = dataclasses.replace(second, upstreams=(
+        dataclasses.replace(upstream, connect_timeout=int(upstream.connect_timeout)),
+        *second.upstreams[1:])).with_version()
+    assert snapshot_body(odd, fragments) == odd.to_json().encode()
+    with pytest.raises(ValueError):
+        snapshot_body(dataclasses.replace(odd, version="0" * 16), fragments)
