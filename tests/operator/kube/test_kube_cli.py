@@ -124,19 +124,19 @@ async def test_restart_and_a_control_plane_that_goes_away(
     # A new operator (same port) lists everything before it serves: the dataplane
     # gets the complete new configuration, never a partial one.
     second = await kanal_operator(config_port)
-    await dp.wait_for({"v2"})
+    await dp.wait_for({"v2"}, timeout=30)
     _, ready = await second.admin("/ready")
     assert ready.split()[-1] != version
 
     # Put back as it was: the same inputs give the same version as the first operator's.
     await cluster.patch("EndpointSlice", "default", "web-1", {"ports": [
         {"name": "http", "port": v1.port, "protocol": "TCP"}]})
-    await dp.wait_for({"v1"})
+    await dp.wait_for({"v1"}, timeout=30)
 
     async def same_version() -> bool:
         return (await second.admin("/ready"))[1].split()[-1] == version
 
-    await async_wait_until(same_version, timeout=10)
+    await async_wait_until(same_version, timeout=20)
     condition: dict[str, Any] = {}
 
     def programmed() -> bool:
