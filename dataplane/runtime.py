@@ -258,8 +258,15 @@ class ProxyContext:
 class Runtime:
     """Builds Configs from Snapshots and publishes them to every listener's context."""
 
-    def __init__(self, *, gateway: str = "ingress", rng: random.Random | None = None) -> None:
+    def __init__(self, *, gateway: str = "ingress", rng: random.Random | None = None,
+                 namespace: str | None = None) -> None:
         self.gateway = gateway
+        # A sidecar's namespace: its mesh routes answer to every spelling of a
+        # Service's name relative to it (kanal.dataplane.mesh). None: names as written.
+        self.namespace = namespace
+        # Runtimes serving other listeners of this process (a sidecar's inbound one):
+        # swept, drained and closed with this one.
+        self.companions: list[Runtime] = []
         self.rng = rng or random.Random()
         self.contexts: list[ProxyContext] = []
         self.config: Config | None = None
@@ -280,9 +287,21 @@ class Runtime:
 
     def build(self, snapshot: Snapshot) -> Config:
         """Make a runnable Config; raises ValueError when the Snapshot cannot run."""
-        table = RouteTable.build(snapshot, gateway=self.gateway, rng=self.rng)
+        routed = snapshot
+        if self.gateway == "mesh" and self.namespace is not None:
+            from kanal.dataplane.mesh import with_mesh_aliases
+
+            routed = with_mesh_aliases(snapshot, self.namespace)
+        table = RouteTable.build(routed, gateway=self.gateway, rng=self.rng)
         upstreams: dict[str, UpstreamRuntime] = {}
+        previous = self.config.upstreams if self.config is not None else {}
         for spec in snapshot.upstreams:
+            unchanged = previous.get(spec.key)
+            if unchanged is not None and (unchanged.spec is spec or unchanged.spec == spec):
+                # Same Upstream as before: keep its balancer, states and pools as they are
+                # (a one-Route change must not cost a rebuild of every upstream).
+                upstreams[spec.key] = unchanged
+                continue
             states: list[EndpointState] = []
             pools: dict[str, EndpointPool] = {}
             limits = self._limits.setdefault(spec.key, UpstreamLimits())
@@ -400,8 +419,12 @@ class Runtime:
         now = time.monotonic()
         for pool in self._pools.values():
             pool.sweep(now)
+        for companion in self.companions:
+            companion.sweep()
 
     def close(self) -> None:
+        for companion in self.companions:
+            companion.close()
         for checker in self._checkers.values():
             checker.stop()
         self._checkers.clear()
