@@ -12,7 +12,9 @@ like the reverse proxy's client side) per client connection. It serves:
 - `CONNECT host:port`: a tunnel relaying bytes both ways without looking at them
   (TLS stays end to end), half-closes passed on (`eof_received` -> `write_eof`), and
   closed after `tunnel_idle_timeout` seconds without a byte either way.
-- requests for mesh services (hosts of Routes with `gateways: [mesh]`): handed, as
+- requests for mesh services (hosts of Routes with `gateways: [mesh]`, in any
+  spelling of a Service's name relative to the proxy's namespace: `orders`,
+  `orders.shop`, `orders.shop.svc.cluster.local`; see `kanal.dataplane.mesh`): handed, as
   re-framed bytes, to the reverse proxy's own `ClientConnection` over the route table
   built for the `mesh` gateway, so they are balanced, retried and circuit-broken like
   any routed request. Such a request is the last on its client connection (it is
@@ -100,14 +102,23 @@ class ForwardProxy:
 
     def apply(self, config: Config) -> None:
         """Follow a new configuration: its policies and its mesh routes."""
+        from kanal.dataplane.mesh import with_mesh_aliases
         from kanal.dataplane.router import RouteTable
         from kanal.dataplane.runtime import Config as ConfigType
 
-        rules = EgressRules.from_snapshot(config.snapshot, self.namespace)
+        # Mesh hosts in any spelling of a Service's name, relative to this namespace.
+        routed = with_mesh_aliases(config.snapshot, self.namespace)
+        rules = EgressRules.from_snapshot(routed, self.namespace)
         for ignored in rules.ignored:
             log.warning("EgressPolicy %s: a wildcard across a public suffix is ignored", ignored)
+        runtime = self.runtime
+        if runtime.gateway == "mesh" and runtime.namespace == self.namespace:
+            # A sidecar: its own table already is the mesh's, built the same way.
+            self.mesh_context.config = config
+            self.rules = rules
+            return
         try:
-            table = RouteTable.build(config.snapshot, gateway="mesh", rng=self.runtime.rng)
+            table = RouteTable.build(routed, gateway="mesh", rng=self.runtime.rng)
         except (ValueError, TypeError) as exc:  # pragma: no cover - the ingress build passed
             log.error("mesh routes of %s not usable: %s", config.version, exc)
             self.mesh_context.config = None

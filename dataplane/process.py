@@ -38,6 +38,10 @@ class DataplaneOptions:
     gateway: str = "ingress"
     drain_timeout: float = 10.0
     quiet_admin: bool = False
+    namespace: str = "default"  # whose EgressPolicies the forward listener applies
+    # A sidecar's inbound listener, proxying to the app on 127.0.0.1:app_port.
+    inbound_listen: Address | None = None
+    app_port: int | None = None
 
 
 def apply_snapshot(runtime: Runtime, snapshot: Snapshot) -> str | None:
@@ -88,12 +92,50 @@ async def start_listeners(runtime: Runtime, options: DataplaneOptions) -> list[a
         from kanal.dataplane.forward import ForwardProxy
 
         host, port = options.forward_listen
-        forward = ForwardProxy(runtime)  # follows the configuration through runtime.on_apply
+        # Follows the configuration through runtime.on_apply.
+        forward = ForwardProxy(runtime, namespace=options.namespace)
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
         servers.append(await forward.start(sock))
         log.info("forward proxy on %s:%d (EgressPolicies of namespace %s)",
                  host, port, forward.namespace)
+    if options.inbound_listen is not None and options.app_port is not None:
+        host, port = options.inbound_listen
+        inbound = inbound_runtime(runtime, options.app_port)
+        context = inbound.context("http", options.trusted_hops)
+        sock = bind_socket(host, port, reuse_port=options.reuse_port)
+        servers.append(await start_listener(context, sock))
+        log.info("inbound on http://%s:%d to the app on 127.0.0.1:%d",
+                 host, port, options.app_port)
     return servers
+
+
+INBOUND_ROUTE = "kanal-sidecar/inbound"
+INBOUND_UPSTREAM = "kanal-sidecar/app"
+
+
+def inbound_snapshot(app_port: int) -> Snapshot:
+    """A sidecar's inbound configuration: any request, to the app on 127.0.0.1:app_port,
+    with the default circuit breaker, limits and timeouts of an Upstream."""
+    from kanal.dataplane.snapshot import Backend, Endpoint, Route, Rule, Upstream
+
+    return Snapshot(
+        routes=(Route(key=INBOUND_ROUTE, rules=(Rule(index=0, backends=(
+            Backend(upstream=INBOUND_UPSTREAM),)),)),),
+        upstreams=(Upstream(key=INBOUND_UPSTREAM,
+                            endpoints=(Endpoint(address="127.0.0.1", port=app_port),)),),
+    ).with_version()
+
+
+def inbound_runtime(runtime: Runtime, app_port: int) -> Runtime:
+    """A second Runtime with the fixed inbound Snapshot, a companion of `runtime` (drained,
+    swept and closed with it), counting its requests in the same metrics."""
+    inbound = Runtime(gateway="ingress", rng=runtime.rng)
+    metrics = inbound.metrics = runtime.metrics
+    version, applied = metrics.config_version, metrics.config_applied
+    inbound.apply(inbound_snapshot(app_port))
+    metrics.config_version, metrics.config_applied = version, applied
+    runtime.companions.append(inbound)
+    return inbound
 
 
 async def run_dataplane(options: DataplaneOptions, feed: Feed, runtime: Runtime | None = None) -> int:
@@ -145,7 +187,7 @@ async def drain(runtime: Runtime, timeout: float) -> None:
     deadline = loop.time() + timeout
     while True:
         busy = False
-        for context in runtime.contexts:
+        for context in [c for r in (runtime, *runtime.companions) for c in r.contexts]:
             for client in list(context.clients):
                 if client.current is None and client.transport is not None:
                     client.transport.close()

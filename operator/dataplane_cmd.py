@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,12 @@ def dataplane_command(args: argparse.Namespace) -> int:
         return 2
     if args.workers != 1:
         print("kanal dataplane: only --workers 1 is supported", file=sys.stderr)
+        return 2
+    if (args.inbound_listen is None) != (args.app_port is None):
+        print("kanal dataplane: --inbound-listen and --app-port go together", file=sys.stderr)
+        return 2
+    if args.inbound_listen is not None and args.mode != "sidecar":
+        print("kanal dataplane: --inbound-listen is for --mode sidecar", file=sys.stderr)
         return 2
     if args.token_file is not None and not Path(args.token_file).is_file():
         print(f"kanal dataplane: --token-file {args.token_file}: no such file", file=sys.stderr)
@@ -55,6 +62,7 @@ async def serve(args: argparse.Namespace) -> int:
     from kanal.dataplane.subscriber import Subscriber, SubscriberOptions
 
     gateway = GATEWAYS[args.mode]
+    namespace = pod_namespace(args.namespace)
     options = DataplaneOptions(
         listen=args.listen,
         tls_listen=args.tls_listen,
@@ -62,6 +70,9 @@ async def serve(args: argparse.Namespace) -> int:
         admin=args.admin,
         trusted_hops=args.trusted_hops,
         gateway=gateway,
+        namespace=namespace,
+        inbound_listen=args.inbound_listen,
+        app_port=args.app_port,
     )
     if getattr(args, "default_certificate", None) and hasattr(options, "default_certificate"):
         options.default_certificate = args.default_certificate
@@ -73,10 +84,33 @@ async def serve(args: argparse.Namespace) -> int:
         token_file=Path(args.token_file) if args.token_file else None,
         state_dir=Path(args.state_dir) if args.state_dir else None,
     ))
-    runtime = Runtime(gateway=gateway)
+    # A sidecar's mesh routes answer to every spelling of a Service's name, relative
+    # to its namespace (kanal.dataplane.mesh); so does its forward listener.
+    runtime = Runtime(gateway=gateway, namespace=namespace if args.mode == "sidecar" else None)
     # The kept configuration is in place before any listener opens.
     subscriber.load_state(runtime)
     return await run_dataplane(options, subscriber.run, runtime)
+
+
+def pod_namespace(flag: str | None) -> str:
+    """--namespace, else $POD_NAMESPACE, else the service account's namespace, else default."""
+    if flag:
+        return flag
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text(encoding="utf-8").strip() or "default"
+    except OSError:
+        return "default"
+
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}")
+    return int(text)
 
 
 def add_dataplane_parser(commands: argparse._SubParsersAction,  # type: ignore[type-arg]
@@ -100,6 +134,15 @@ def add_dataplane_parser(commands: argparse._SubParsersAction,  # type: ignore[t
                         help="how the control plane knows this dataplane "
                              "(default $POD_NAME, else host name and process id)")
     parser.add_argument("--namespace", default=None, metavar="NS",
-                        help="the namespace this dataplane runs in (default $POD_NAMESPACE)")
+                        help="the namespace this dataplane runs in (default $POD_NAMESPACE): "
+                             "the forward listener applies its EgressPolicies, and a sidecar "
+                             "resolves short service names (`orders`) in it")
     add_listener_flags(parser)  # type: ignore[operator]
+    host_port = parser._option_string_actions["--listen"].type
+    parser.add_argument("--inbound-listen", type=host_port, default=None, metavar="HOST:PORT",
+                        help="sidecar: the inbound listener, proxying every request to the "
+                             "app on 127.0.0.1:--app-port with timeouts, limits and circuit "
+                             "breaking (off by default; needs --app-port)")
+    parser.add_argument("--app-port", type=_port, default=None, metavar="N",
+                        help="sidecar: the port the app listens on, on 127.0.0.1")
     return parser
