@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--allow-loopback-endpoints", action="store_true",
                           help="accept static endpoints on loopback, link-local or node "
                                "addresses (refused by default)")
+    operator.add_argument("--webhook-listen", type=_host_port, default=None, metavar="HOST:PORT",
+                          help="serve the admission webhooks (sidecar injection on /inject, "
+                               "validation on /validate) over HTTPS here (off by default)")
+    operator.add_argument("--webhook-cert-dir", default=None, metavar="DIR",
+                          help="the webhook server's certificate: tls.crt and tls.key (ca.crt "
+                               "is the webhook configurations' caBundle)")
+    operator.add_argument("--sidecar-template", default=None, metavar="PATH",
+                          help="YAML of what injection adds to a pod: initContainers or "
+                               "containers, volumes, appEnv, inbound (the chart's sidecar.yaml)")
     operator.add_argument("--log-level", default="info",
                           choices=["debug", "info", "warning", "error"])
 

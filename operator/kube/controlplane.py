@@ -65,6 +65,11 @@ def _env_address(name: str, default: Address) -> Address:
     return (host.strip("[]") or "0.0.0.0", int(port))
 
 
+def _env_path(name: str) -> Path | None:
+    text = os.environ.get(name)
+    return Path(text) if text else None
+
+
 @dataclass
 class OperatorOptions:
     """`kanal operator`'s flags (or, under `kopf run -m`, the KANAL_* environment)."""
@@ -80,6 +85,12 @@ class OperatorOptions:
     holdoff: float = DEFAULT_HOLDOFF
     cap: float = DEFAULT_CAP
     poll_timeout: float = 25.0
+    webhook_listen: Address | None = None
+    """Where kopf's admission webhook server listens (HTTPS); None: no server."""
+    webhook_cert_dir: Path | None = None
+    """tls.crt and tls.key of the webhook server (ca.crt is the chart's business)."""
+    sidecar_template: Path | None = None
+    """What the injection webhook adds to pods (the chart's sidecar.yaml)."""
 
     @classmethod
     def from_env(cls) -> OperatorOptions:
@@ -92,6 +103,10 @@ class OperatorOptions:
             token_file=Path(token_file) if token_file else None,
             allow_loopback_endpoints=os.environ.get("KANAL_ALLOW_LOOPBACK_ENDPOINTS", "")
             .lower() in ("1", "true", "yes"),
+            webhook_listen=(_env_address("KANAL_WEBHOOK_LISTEN", ("0.0.0.0", 9443))
+                            if os.environ.get("KANAL_WEBHOOK_LISTEN") else None),
+            webhook_cert_dir=_env_path("KANAL_WEBHOOK_CERT_DIR"),
+            sidecar_template=_env_path("KANAL_SIDECAR_TEMPLATE"),
         )
 
     def node_ips(self) -> frozenset[str]:

@@ -18,6 +18,9 @@ from typing import Any
 
 import aiohttp
 import kopf
+
+# The admission webhooks (sidecar injection, validation) register with kopf here too.
+from kanal.operator.kube import webhooks
 from kanal.operator.kube.client import KubeError, login
 from kanal.operator.kube.controlplane import ControlPlane, OperatorOptions
 from kanal.operator.models import GROUP, VERSION
@@ -42,6 +45,9 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     options = memo.get(MEMO_OPTIONS) or OperatorOptions.from_env()
+    memo[MEMO_OPTIONS] = options
+    # kopf's webhook server on --webhook-listen; the chart registers the webhooks.
+    webhooks.configure(settings, options.webhook_listen, options.webhook_cert_dir)
     control_plane = ControlPlane(options, connection=memo.get(MEMO_CONNECTION))
     try:
         await control_plane.start()

@@ -26,6 +26,11 @@ def options_from_args(args: argparse.Namespace) -> OperatorOptions:
         namespaces=namespaces,
         token_file=Path(args.token_file) if args.token_file else None,
         allow_loopback_endpoints=args.allow_loopback_endpoints,
+        webhook_listen=getattr(args, "webhook_listen", None),
+        webhook_cert_dir=Path(args.webhook_cert_dir) if getattr(args, "webhook_cert_dir", None)
+        else None,
+        sidecar_template=Path(args.sidecar_template) if getattr(args, "sidecar_template", None)
+        else None,
     )
 
 
@@ -42,6 +47,21 @@ def operator_command(args: argparse.Namespace) -> int:
             return 2
         if not options.token_file.read_text(encoding="utf-8").strip():
             print(f"kanal operator: --token-file {options.token_file} is empty", file=sys.stderr)
+            return 2
+    if options.webhook_cert_dir is not None:
+        missing = [name for name in ("tls.crt", "tls.key")
+                   if not (options.webhook_cert_dir / name).is_file()]
+        if missing:
+            print(f"kanal operator: --webhook-cert-dir {options.webhook_cert_dir}: no "
+                  f"{' or '.join(missing)}", file=sys.stderr)
+            return 2
+    if options.sidecar_template is not None:
+        from kanal.operator.kube.webhooks import load_template
+
+        try:
+            load_template(options.sidecar_template)
+        except (OSError, ValueError) as exc:
+            print(f"kanal operator: --sidecar-template: {exc}", file=sys.stderr)
             return 2
     try:
         asyncio.run(run_operator(options))

@@ -125,6 +125,26 @@ def _validation_message(exc: ValidationError) -> str:
                      for path, message in describe_validation_error(exc))
 
 
+def validate_kanal(kind: str, body: Mapping[str, Any], policy: EndpointPolicy
+                   ) -> tuple[KanalResource | None, str | None]:
+    """A cluster object's model, or why it is rejected: what the store (Accepted False)
+    and the validating admission webhook both say."""
+    model: KanalResource | None = None
+    error: str | None = None
+    try:
+        model = RESOURCES[kind].model_validate(_trimmed(body))
+    except ValidationError as exc:
+        error = _validation_message(exc)
+    if body.get("apiVersion") != API_VERSION and error is None:
+        error = f"apiVersion: unknown version {body.get('apiVersion')}; expected {API_VERSION}"
+        model = None
+    if isinstance(model, Upstream):
+        refused = policy.check(model)
+        if refused is not None:
+            model, error = None, refused
+    return model, error
+
+
 def _secret_refs(model: KanalResource) -> frozenset[NamespacedName]:
     namespace = model.metadata.namespace
     names: list[str] = []
@@ -294,19 +314,7 @@ class Store:
     def _apply_kanal(self, kind: str, body: Mapping[str, Any]) -> bool:
         namespace, name = namespaced_name(body)
         trimmed = _trimmed(body)
-        model: KanalResource | None = None
-        error: str | None = None
-        try:
-            model = RESOURCES[kind].model_validate(trimmed)
-        except ValidationError as exc:
-            error = _validation_message(exc)
-        if body.get("apiVersion") != API_VERSION and error is None:
-            error = f"apiVersion: unknown version {body.get('apiVersion')}; expected {API_VERSION}"
-            model = None
-        if isinstance(model, Upstream):
-            refused = self.policy.check(model)
-            if refused is not None:
-                model, error = None, refused
+        model, error = validate_kanal(kind, body, self.policy)
         meta = trimmed["metadata"]
         fingerprint = json.dumps(
             [trimmed.get("spec"), meta.get("generation"), str(meta.get("creationTimestamp")),
