@@ -159,7 +159,7 @@ def test_the_sidecar_template_makes_a_valid_pod(rendered: Rendered) -> None:
         assert not rendered.of_kind("ConfigMap")
         return
     template = sidecar_template(rendered)
-    assert set(template) <= {"containers", "initContainers", "volumes"}
+    assert set(template) <= {"containers", "initContainers", "volumes", "appEnv", "inbound"}
     app = {"name": "app", "image": "example/app:1"}
     pod = {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "injected"},
@@ -174,6 +174,20 @@ def test_the_sidecar_template_makes_a_valid_pod(rendered: Rendered) -> None:
     native = rendered.values["sidecar"]["native"]
     assert (sidecar in template.get("initContainers", [])) is native
     assert (sidecar.get("restartPolicy") == "Always") is native
+    # What the webhook gives the app: the forward listener as its proxy, and the inbound
+    # port the sidecar listens on when the pod names its app port.
+    ports = rendered.values["sidecar"]["ports"]
+    assert template["inbound"] == {"port": ports["inbound"]}
+    if ports["forward"]:
+        proxy = f"http://127.0.0.1:{ports['forward']}"
+        assert args_of(sidecar)["--forward-listen"] == f"127.0.0.1:{ports['forward']}"
+        assert template["appEnv"] == [
+            {"name": "HTTP_PROXY", "value": proxy}, {"name": "HTTPS_PROXY", "value": proxy},
+            {"name": "NO_PROXY", "value": "localhost,127.0.0.1,::1"}]
+    else:
+        assert "appEnv" not in template
+    assert args_of(sidecar)["--listen"] == f"127.0.0.1:{ports['listen']}"
+    assert args_of(sidecar)["--mode"] == "sidecar"
 
 
 # --------------------------------------------------------------------------- RBAC
@@ -406,6 +420,9 @@ def test_webhooks(rendered: Rendered) -> None:
     hooks = mutating_config["webhooks"]
     assert [h["failurePolicy"] for h in hooks] == [values["mutating"]["failurePolicy"]] * 2
     by_pod, by_namespace = hooks
+    inject = values["paths"]["inject"]
+    assert by_pod["clientConfig"]["service"]["path"] == inject
+    assert by_namespace["clientConfig"]["service"]["path"] == inject + "-namespace"
     assert by_pod["objectSelector"] == {"matchLabels": {"kanal.dev/inject": "true"}}
     assert by_namespace["namespaceSelector"] == {"matchLabels": {"kanal.dev/inject": "true"}}
     assert by_namespace["objectSelector"]["matchExpressions"] == [
