@@ -8,9 +8,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
-
 from kanal.dataplane.metrics import MetricsCollector
 from kanal.dataplane.runtime import Config, Runtime
 
@@ -89,8 +86,7 @@ def parse_explain_query(query: Any) -> tuple[str, str, str, str, dict[str, str]]
 
 
 def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None) -> web.Application:
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(MetricsCollector(runtime.metrics))
+    registry: Any = None  # prometheus_client's, made at the first scrape (lazy import)
 
     async def live(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -117,6 +113,13 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
         return web.json_response(answer, dumps=_dumps)
 
     async def metrics(_: web.Request) -> web.Response:
+        nonlocal registry
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+        if registry is None:
+            registry = CollectorRegistry(auto_describe=True)
+            registry.register(MetricsCollector(runtime.metrics))
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -58,6 +55,13 @@ class MetricsCollector:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        # prometheus_client (4 MiB resident) is loaded at the first scrape, not at start.
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         metrics = self.metrics
         requests = CounterMetricFamily(
             "kanal_requests", "Requests answered, by route, upstream and status code",
