@@ -138,7 +138,7 @@ def add_dataplane_parser(commands: argparse._SubParsersAction,  # type: ignore[t
                              "the forward listener applies its EgressPolicies, and a sidecar "
                              "resolves short service names (`orders`) in it")
     add_listener_flags(parser)  # type: ignore[operator]
-    host_port = parser._option_string_actions["--listen"].type
+    from kanal.operator.cli import _host_port as host_port
     parser.add_argument("--inbound-listen", type=host_port, default=None, metavar="HOST:PORT",
                         help="sidecar: the inbound listener, proxying every request to the "
                              "app on 127.0.0.1:--app-port with timeouts, limits and circuit "

@@ -57,7 +57,7 @@ class KanalWebhookServer(kopf.WebhookServer):
     """kopf's server; the object of a review gets the request's namespace when it has
     none (a pod made by a ReplicaSet arrives without one)."""
 
-    async def __call__(self, fn: Any) -> AsyncIterator[Any]:  # type: ignore[override]
+    async def __call__(self, fn: Any) -> AsyncIterator[Any]:
         async def with_namespace(request: Any, **kwargs: Any) -> Any:
             payload = request.get("request") if isinstance(request, dict) else None
             if isinstance(payload, dict) and payload.get("namespace"):
@@ -111,7 +111,7 @@ def load_template(path: Path) -> dict[str, Any]:
 
 
 def _sidecar_names(template: Mapping[str, Any]) -> set[str]:
-    return {c.get("name") for key in ("initContainers", "containers")
+    return {str(c.get("name")) for key in ("initContainers", "containers")
             for c in template.get(key) or () if isinstance(c, dict)}
 
 
@@ -127,7 +127,7 @@ def inject(pod: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str, Any
     """The pod with the sidecar, or None when it already has one. Pure."""
     spec = pod.get("spec") or {}
     names = _sidecar_names(template)
-    present = {c.get("name") for key in ("initContainers", "containers")
+    present = {str(c.get("name")) for key in ("initContainers", "containers")
                for c in spec.get(key) or ()}
     if names & present:
         return None
@@ -226,7 +226,7 @@ def _mutate(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, by_namespace: b
         return  # already injected
     spec = injected["spec"]
     # The JSON patch kopf sends is the difference between the pod and this.
-    patch.fns.append(lambda raw: raw.__setitem__("spec", spec))  # type: ignore[attr-defined]
+    patch.fns.append(lambda raw: raw.__setitem__("spec", spec))
     log.info("%s: sidecar injected", where)
 
 
