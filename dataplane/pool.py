@@ -185,6 +185,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_done = True
         # Read now: once the message is complete the parser forgets the answer's version.
         self.keep_alive = self.parser.should_keep_alive()
+        if self.no_body and (self.chunked or self.content_length not in (None, b"0")):
+            # The answer to a HEAD announces a body it does not carry. Some servers send
+            # it anyway; a reused connection would read those bytes as the next answer.
+            self.keep_alive = False
         if status in (204, 304):
             self.no_body = True
         sink = self.sink

@@ -270,8 +270,6 @@ class Runtime:
         self.rng = rng or random.Random()
         self.contexts: list[ProxyContext] = []
         self.config: Config | None = None
-        self._states: dict[tuple[str, str], EndpointState] = {}
-        self._pools: dict[tuple[str, str], EndpointPool] = {}
         self.metrics = RequestMetrics()
         self._limits: dict[str, UpstreamLimits] = {}
         self._checkers: dict[tuple[str, str], EndpointChecker] = {}
@@ -296,19 +294,23 @@ class Runtime:
         upstreams: dict[str, UpstreamRuntime] = {}
         previous = self.config.upstreams if self.config is not None else {}
         for spec in snapshot.upstreams:
-            unchanged = previous.get(spec.key)
-            if unchanged is not None and (unchanged.spec is spec or unchanged.spec == spec):
+            before = previous.get(spec.key)
+            if before is not None and (before.spec is spec or before.spec == spec):
                 # Same Upstream as before: keep its balancer, states and pools as they are
                 # (a one-Route change must not cost a rebuild of every upstream).
-                upstreams[spec.key] = unchanged
+                upstreams[spec.key] = before
                 continue
             states: list[EndpointState] = []
             pools: dict[str, EndpointPool] = {}
+            # Endpoint states and pools outlive a change of their Upstream: health,
+            # circuits, requests in flight and warm connections carry over.
+            old_states = {state.key: state for state in before.states} if before else {}
+            old_pools = before.pools if before is not None else {}
             limits = self._limits.setdefault(spec.key, UpstreamLimits())
             ssl_context = upstream_ssl_context(spec.tls) if spec.protocol == "HTTPS" else None
             for endpoint in spec.endpoints:
-                state_key = (spec.key, f"{endpoint.address}:{endpoint.port}")
-                state = self._states.get(state_key)
+                endpoint_key = f"{endpoint.address}:{endpoint.port}"
+                state = old_states.get(endpoint_key)
                 if state is None or state.weight != endpoint.weight:
                     fresh = EndpointState(endpoint)
                     if state is not None:
@@ -322,7 +324,7 @@ class Runtime:
                     state.breaker.settings = spec.circuit_breaker
                 state.refresh(time.monotonic())
                 states.append(state)
-                pool = self._pools.get(state_key)
+                pool = old_pools.get(endpoint_key)
                 if pool is None or _pool_changed(pool, spec, ssl_context):
                     pool = EndpointPool(
                         endpoint.address,
@@ -342,13 +344,7 @@ class Runtime:
     def apply(self, snapshot: Snapshot) -> Config:
         """Build and publish a Snapshot atomically; the old one keeps its in-flight requests."""
         config = self.build(snapshot)
-        old_pools = self._pools
-        self._states = {
-            (key, state.key): state for key, up in config.upstreams.items() for state in up.states
-        }
-        self._pools = {
-            (key, pool_key): pool for key, up in config.upstreams.items() for pool_key, pool in up.pools.items()
-        }
+        previous = self.config.upstreams if self.config is not None else {}
         self.config = config
         for context in self.contexts:
             context.config = config
@@ -358,16 +354,25 @@ class Runtime:
         self._sync_checkers(config)
         for listener in self.on_apply:
             listener(config)
-        kept = {id(pool) for pool in self._pools.values()}
-        for pool in old_pools.values():
-            if id(pool) not in kept:
-                # Idle connections of endpoints that left go now; busy ones finish their
-                # exchange and are then closed, because their pool no longer takes them.
-                pool.max_idle = 0
-                for conn in pool.idle:
-                    conn.close()
-                pool.idle.clear()
+        for key, old in previous.items():
+            new = config.upstreams.get(key)
+            if new is old:
+                continue
+            kept = {id(pool) for pool in new.pools.values()} if new is not None else set()
+            for pool in old.pools.values():
+                if id(pool) not in kept:
+                    # Idle connections of endpoints that left go now; busy ones finish
+                    # their exchange, then close: their pool no longer takes them back.
+                    pool.max_idle = 0
+                    for conn in pool.idle:
+                        conn.close()
+                    pool.idle.clear()
         return config
+
+    def _all_pools(self) -> list[EndpointPool]:
+        if self.config is None:
+            return []
+        return [pool for upstream in self.config.upstreams.values() for pool in upstream.pools.values()]
 
     def _sync_checkers(self, config: Config) -> None:
         """One active health checker per endpoint of each Upstream with `healthCheck`."""
@@ -417,7 +422,7 @@ class Runtime:
     def sweep(self) -> None:
         """Close idle upstream connections past their idle timeout."""
         now = time.monotonic()
-        for pool in self._pools.values():
+        for pool in self._all_pools():
             pool.sweep(now)
         for companion in self.companions:
             companion.sweep()
@@ -428,7 +433,7 @@ class Runtime:
         for checker in self._checkers.values():
             checker.stop()
         self._checkers.clear()
-        for pool in self._pools.values():
+        for pool in self._all_pools():
             pool.close_all()
 
 
