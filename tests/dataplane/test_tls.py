@@ -251,6 +251,8 @@ def test_normalise():
 # --------------------------------------------------------------------------- protocol policy
 
 
+# Offering TLS 1.0 and 1.1 is the point of this test; Python warns that they are old.
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
 async def test_tls_1_2_with_an_aead_cipher_works_and_old_protocols_fail(ca, certs):
     terminator = TlsTerminator()
     terminator.update(Snapshot(routes=(route("a", ("a.example.com",), certs["a"]),)))
