@@ -11,7 +11,7 @@ Publisher records it (`on_ack`), which includes the transfer, the dataplane's ch
 the build of its route table and pools, and the ACK's trip back.
 
 A tool for people, like `bench/run.py`: nothing here runs in CI and no figure is a
-pass/fail threshold. The targets it is read against (docs: performance.md): compile
+pass/fail threshold. The targets it is read against (docs/performance.md): compile
 under 1 s; propagation p99 at most 250 ms.
 """
 

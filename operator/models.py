@@ -1,7 +1,7 @@
 """The custom resources users write (Route, Upstream, EgressPolicy) and the Secrets they name.
 
 These pydantic models are the one definition of the API (group `kanal.dev`, version
-`v1alpha1`, see the design's api.md): `kanal validate` and `kanal run` check manifests
+`v1alpha1`, see docs/api.md): `kanal validate` and `kanal run` check manifests
 with them, the operator parses watched objects with them, and the CRD generator turns
 their JSON schema into the CRDs' structural OpenAPI schema, their `description`s into
 `kubectl explain` text. Hence the rules this module keeps:
