@@ -130,6 +130,21 @@ class Breaker:
             return self._move("trip", now)
         return None
 
+    def count_success(self, now: float, duration: float) -> bool:
+        """The hot path's shortcut for `record(True, ...)`: True when that is all it takes.
+
+        Only a closed circuit with no failure streak and no slow-call limit qualifies;
+        anything else returns False and the caller goes through `record`.
+        """
+        if self.state != "closed" or self.consecutive or self.settings.slow_call_duration is not None:
+            return False
+        slot = int(now * BUCKETS / WINDOW_SECONDS)
+        if slot == self._slot:
+            self._calls[slot % BUCKETS] += 1
+        else:
+            self._count(True, now)
+        return True
+
     def release_probe(self) -> None:
         """A probe that ended without a verdict (the client went away)."""
         if self.state == "half-open":

@@ -194,6 +194,17 @@ class ClientConnection(asyncio.Protocol):
                 upstream.write(data)
             return
         self.last_activity = time.monotonic()
+        parsing = self.parsing
+        if parsing is not None and not parsing.method:
+            # A head still incomplete: bound it (431), whatever pieces it comes in, and
+            # from now on count header sizes one by one on this connection.
+            self.strict_head = True
+            parsing.head_size += len(data)
+            if parsing.head_size > MAX_HEAD + MAX_TARGET:
+                self._fail_request(431, f"request head larger than {MAX_HEAD} bytes", close=True)
+                return
+        elif len(data) > MAX_HEAD // 4:
+            self.strict_head = True  # a big read may hold a big head: count it exactly
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -268,10 +279,10 @@ class ClientConnection(asyncio.Protocol):
         request = self.parsing
         if request is None:
             return
-        request.head_size += len(name) + len(value) + 4
-        if request.head_size > MAX_HEAD or len(request.headers) >= MAX_HEADERS:
-            self._refuse_head(431, f"request headers larger than {MAX_HEAD} bytes "
-                                   f"or more than {MAX_HEADERS} of them")
+        if self.strict_head:
+            request.head_size += len(name) + len(value) + 4
+            if request.head_size > MAX_HEAD:
+                self._refuse_head(431, f"request headers larger than {MAX_HEAD} bytes")
         lower = name.lower()
         if lower not in _SPECIAL_REQUEST_HEADERS:
             request.headers.append((name, value))
@@ -311,6 +322,8 @@ class ClientConnection(asyncio.Protocol):
         request = self.parsing
         if request is None:
             return
+        if len(request.headers) > MAX_HEADERS:
+            self._refuse_head(431, f"more than {MAX_HEADERS} request headers")
         parser = self.parser
         request.method = parser.get_method()
         request.http11 = parser.get_http_version() == "1.1"
@@ -430,12 +443,13 @@ class ClientConnection(asyncio.Protocol):
         rule = selection.rule
         retries = rule.retries
         self.retries = retries
-        self.attempts_left = retries.attempts if retries is not None else 0
-        self.implicit_retries = min(len(upstream.states) - 1, IMPLICIT_CONNECT_RETRIES)
-        self.kept_body = [] if self.attempts_left and not request.upgrade else None
-        self.kept_size = 0
-        self.is_retry = False
-        self.last_failure = None
+        if retries is not None:
+            # (Per-exchange retry state is otherwise left at its resting values by
+            # _exchange_over, so a request without a policy sets nothing here.)
+            self.attempts_left = retries.attempts
+            if retries.attempts and not request.upgrade:
+                self.kept_body = []
+                self.kept_size = 0
         timeout = rule.timeout
         if timeout:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
@@ -448,7 +462,11 @@ class ClientConnection(asyncio.Protocol):
         """Send the request to one endpoint of the chosen upstream."""
         upstream = self.upstream_runtime
         assert upstream is not None
-        state = upstream.pick(self.hash_key, exclude)
+        state = upstream.balancer.pick(self.hash_key, exclude)
+        if state is not None and state.breaker is not None and state.breaker.state != "closed":
+            # Half-open: this request is its probe if a probe is free, else pick another.
+            if not upstream.acquire(state):
+                state = upstream.pick(self.hash_key, state)
         if state is None:
             if self.last_failure is not None:
                 self._fail_request(*self.last_failure)
@@ -579,11 +597,12 @@ class ClientConnection(asyncio.Protocol):
         upstream = self.upstream_runtime
         if upstream is None or self.response_started or request.upgrade or self.closed:
             return False
-        if not reached and condition == "connect-failure" and self.implicit_retries > 0:
+        implicit = min(len(upstream.states) - 1, IMPLICIT_CONNECT_RETRIES)
+        if not reached and condition == "connect-failure" and self.implicit_used < implicit:
             # Never left the proxy: another endpoint is always safe, with or without a
             # retry policy (what nginx's proxy_next_upstream does for errors).
             if upstream.retry_allowed() or not self.is_retry:
-                self.implicit_retries -= 1
+                self.implicit_used += 1
                 return True
         retries = self.retries
         if retries is None or self.attempts_left <= 0:
@@ -708,7 +727,8 @@ class ClientConnection(asyncio.Protocol):
             conn.abort()
             return
         status = conn.status
-        self._cancel_try_timer()
+        if self.try_timer is not None:
+            self._cancel_try_timer()
         if status >= 500:
             if self.retries is not None and self._may_retry(request, str(status), True):
                 # Retried: this answer is dropped, and so is its connection.
@@ -874,16 +894,24 @@ class ClientConnection(asyncio.Protocol):
         if state is not None:
             state.active -= 1
             self.endpoint_state = None
+            breaker = state.breaker
+            now = time.monotonic()
+            if ok and breaker is not None and breaker.count_success(now, now - self.attempt_started):
+                return  # the common case: a success of a closed circuit, counted
             upstream = self.upstream_runtime
             if upstream is not None:
-                upstream.report(state, ok, time.monotonic() - self.attempt_started, refused=refused)
+                upstream.report(state, ok, now - self.attempt_started, refused=refused)
 
     def _end_exchange(self, status: int) -> None:
         request = self.current
         assert request is not None
-        self._record(request, status)
-        self._cancel_timer()
-        self._exchange_over()
+        self.context.metrics.observe(
+            self.route_key, self.upstream_key, status, time.monotonic() - request.started
+        )
+        if self.timer is not None:
+            self._cancel_timer()
+        if self.try_timer is not None or self.retries is not None or self.last_failure is not None:
+            self._exchange_over()
         self.current = None
         transport = self.transport
         if transport is None:
@@ -969,7 +997,13 @@ class ClientConnection(asyncio.Protocol):
             if self.upstream_runtime is not None:
                 limits = self.upstream_runtime.limits
                 limits.active_retries = max(limits.active_retries - 1, 0)
+        # Back to the resting values _begin relies on.
+        self.retries = None
+        self.attempts_left = 0
         self.kept_body = None
+        self.kept_size = 0
+        self.implicit_used = 0
+        self.last_failure = None
         self.resent_stale = False
 
     def _cancel_timer(self) -> None:
@@ -994,6 +1028,7 @@ class ClientConnection(asyncio.Protocol):
 
     set_cookie: bytes | None = None
     refused: tuple[int, str] | None = None
+    strict_head: bool = False
     hsts: bytes | None = None
     head: bytes = b""
     endpoint_state: EndpointState | None = None
@@ -1001,7 +1036,7 @@ class ClientConnection(asyncio.Protocol):
     hash_key: str | None = None
     retries: Retries | None = None
     attempts_left: int = 0
-    implicit_retries: int = 0
+    implicit_used: int = 0
     kept_body: list[bytes] | None = None
     kept_size: int = 0
     is_retry: bool = False

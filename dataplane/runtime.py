@@ -85,6 +85,11 @@ class UpstreamRuntime:
             exclude = state
         return None
 
+    def acquire(self, state: EndpointState) -> bool:
+        """Take a request's place through `state`'s circuit (a probe when half-open)."""
+        breaker = state.breaker
+        return breaker is None or self._acquire(state, breaker, time.monotonic())
+
     def _acquire(self, state: EndpointState, breaker: Breaker, now: float) -> bool:
         before = breaker.state
         allowed = breaker.acquire(now)

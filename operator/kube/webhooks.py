@@ -258,7 +258,7 @@ def _validator(kind: str) -> Any:
             policy = EndpointPolicy(
                 allow_loopback=bool(getattr(options, "allow_loopback_endpoints", False)),
                 node_addresses=options.node_ips() if options is not None else frozenset())
-        _, error = validate_kanal(kind, dict(body), policy)
+        _resource, error = validate_kanal(kind, dict(body), policy)
         if error is not None:
             raise kopf.AdmissionError(error, code=422)
     validate.__name__ = f"validate_{kind.lower()}"
