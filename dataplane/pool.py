@@ -44,8 +44,9 @@ class ResponseSink(Protocol):
     def upstream_failed(self, conn: UpstreamConnection, reason: str, exc: BaseException | None) -> None: ...
     def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None: ...
     def upstream_pause_writing(self) -> None: ...
-    def begin_batch(self) -> None: ...
+    batch: list[bytes] | None
     def end_batch(self) -> None: ...
+    def flush(self, batch: list[bytes]) -> None: ...
     def upstream_resume_writing(self) -> None: ...
 
 
@@ -55,7 +56,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "transport", "parser", "sink", "status", "headers", "content_length",
         "chunked", "no_body", "got_bytes", "idle_since", "last_activity", "closed",
-        "requests", "tunnel", "head_done", "reason", "keep_alive", "connection_named",
+        "requests", "tunnel", "head_done", "keep_alive", "connection_named",
         "upgrade_value",
     )
 
@@ -65,7 +66,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.sink: ResponseSink | None = None
         self.status = 0
-        self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_length: bytes | None = None
         self.chunked = False
@@ -97,7 +97,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         self.last_activity = time.monotonic()
-        sink.begin_batch()
+        sink.batch = []  # what the sink writes while this is parsed leaves in one send
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -110,7 +110,10 @@ class UpstreamConnection(asyncio.Protocol):
             sink.end_batch()
             sink.upstream_failed(self, f"invalid response from upstream: {exc}", exc)
         else:
-            sink.end_batch()
+            batch = sink.batch
+            sink.batch = None
+            if batch:
+                sink.flush(batch)
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -147,17 +150,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- httptools callbacks -------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
+    # No on_message_begin or on_status: each callback httptools finds is a Python call
+    # per answer. `start` resets what a new answer needs, and the reason phrase, which
+    # HTTP/1.1 clients ignore, is the standard one for the status.
+
+    def _reset_answer(self) -> None:
         self.headers = []
-        self.reason = b""
         self.connection_named = None
         self.upgrade_value = None
         self.content_length = None
         self.chunked = False
         self.head_done = False
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """Keep end-to-end headers; note framing and hop-by-hop ones, which stop here."""
@@ -181,6 +184,8 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= status < 200:
             # Informational: the final answer follows on the same connection. A 101 ends
             # HTTP here: feed_data raises HttpParserUpgrade, and the sink hears of it then.
+            if status != 101:
+                self._reset_answer()
             return
         self.head_done = True
         # Read now: once the message is complete the parser forgets the answer's version.
@@ -220,6 +225,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         self.no_body = no_body
         self.got_bytes = False
+        self.headers = []
+        self.connection_named = None
+        self.upgrade_value = None
+        self.content_length = None
+        self.chunked = False
         self.head_done = False
         self.requests += 1
         self.last_activity = time.monotonic()
@@ -245,7 +255,9 @@ class UpstreamConnection(asyncio.Protocol):
     def release(self) -> None:
         """The exchange is over: back to the pool if the connection can carry another."""
         self.sink = None
-        if self.reusable:
+        transport = self.transport
+        if (self.keep_alive and not self.closed and self.tunnel is None and transport is not None
+                and not transport.is_closing()):
             self.pool.put_back(self)
         else:
             self.close()

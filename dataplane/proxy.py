@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http
 import logging
 import socket
 import struct
@@ -54,6 +55,12 @@ _SPECIAL_REQUEST_HEADERS = (
     | {b"host", b"cookie", b"content-length", b"transfer-encoding", b"expect"}
 )
 _METHOD_TEXT = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+
+_STATUS_LINES = {
+    status.value: b"HTTP/1.1 %d %b" % (status.value, status.phrase.encode("latin-1"))
+    for status in http.HTTPStatus
+}
+"""Status lines as the proxy writes them: the standard reason phrase for each code."""
 
 REASONS = {
     308: b"Permanent Redirect", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
@@ -155,14 +162,14 @@ class ClientConnection(asyncio.Protocol):
 
     # --- output -------------------------------------------------------------------------------
 
-    def begin_batch(self) -> None:
-        """Collect writes until `end_batch`: a small answer leaves in one send."""
-        self.batch = []
-
     def end_batch(self) -> None:
         batch = self.batch
         self.batch = None
-        if batch and self.transport is not None:
+        if batch:
+            self.flush(batch)
+
+    def flush(self, batch: list[bytes]) -> None:
+        if self.transport is not None:
             self.transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
 
     def _write(self, data: bytes) -> None:
@@ -750,7 +757,7 @@ class ClientConnection(asyncio.Protocol):
         # After an answer that refuses an upgrade, the client may already be speaking
         # the new protocol: nothing more on this connection can be read as HTTP.
         close = not request.keep_alive or self.close_after or request.upgrade
-        lines = [b"HTTP/1.1 %d %b" % (status, conn.reason or REASONS.get(status, b"OK"))]
+        lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown" % status]
         for name, value in headers:
             lines.append(name + b": " + value)
         if conn.content_length is not None and not conn.chunked:
