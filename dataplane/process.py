@@ -46,10 +46,13 @@ class DataplaneOptions:
 
 def apply_snapshot(runtime: Runtime, snapshot: Snapshot) -> str | None:
     """Validate and swap in a Snapshot; None when applied (or already current), else why not."""
+    from kanal.dataplane.server import configuration_objects
+
     if runtime.config is not None and runtime.config.version == snapshot.version:
         return None
     try:
-        runtime.apply(snapshot)
+        with configuration_objects():
+            runtime.apply(snapshot)
     except (ValueError, TypeError) as exc:
         runtime.metrics.config_rejected += 1
         log.error("configuration %s rejected: %s", snapshot.version, exc)

@@ -37,6 +37,7 @@ from typing import Any
 
 import aiohttp
 from kanal.dataplane.process import apply_snapshot
+from kanal.dataplane.server import configuration_objects
 from kanal.dataplane.runtime import Runtime
 from kanal.dataplane.snapshot import Snapshot, content_version
 
@@ -342,7 +343,8 @@ class Subscriber:
                    header_version: str | None) -> str | None:
         """Validate and apply one Snapshot body, keep it if good, ACK or NACK it."""
         try:
-            snapshot = self.decoder.parse(body)
+            with configuration_objects():
+                snapshot = self.decoder.parse(body)
         except SnapshotRejected as exc:
             version = header_version or "unknown"
             error: str | None = f"invalid snapshot: {exc}"
