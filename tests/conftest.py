@@ -463,3 +463,57 @@ def process_rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+# --------------------------------------------------------------------------- kanal dataplane
+
+
+@dataclass
+class DataplaneProcess:
+    """`kanal dataplane` as a subprocess, started as a user would, ended by its PID."""
+
+    port: int
+    admin_port: int
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(process.wait, 15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+
+    async def admin(self, path: str) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{self.admin_port}{path}", timeout=aiohttp.ClientTimeout(total=5)
+        ) as answer:
+            if answer.content_type == "application/json":
+                return answer.status, await answer.json()
+            return answer.status, await answer.text()
+
+    async def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"kanal dataplane exited early:\n{self.log()}")
+        try:
+            status, _ = await self.admin("/ready")
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return False
+        return status == 200

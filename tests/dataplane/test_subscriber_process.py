@@ -7,10 +7,7 @@ with real aiohttp backends behind it and real HTTP clients in front.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,7 +30,7 @@ from kanal.dataplane.snapshot import (
 )
 from kanal.operator.publisher import Publisher, serve_publisher, shared_token_authenticator
 
-from tests.conftest import Backend, async_wait_until, free_port
+from tests.conftest import Backend, DataplaneProcess, async_wait_until, free_port
 
 TOKEN = "s3cret-token"
 
@@ -86,54 +83,7 @@ async def control_plane() -> AsyncIterator[ControlPlane]:
     await plane.stop()
 
 
-@dataclass
-class Dataplane:
-    port: int
-    admin_port: int
-    argv: list[str]
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    async def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, 15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
-
-    async def admin(self, path: str) -> tuple[int, Any]:
-        async with aiohttp.ClientSession() as session, session.get(
-            f"http://127.0.0.1:{self.admin_port}{path}", timeout=aiohttp.ClientTimeout(total=5)
-        ) as answer:
-            if answer.content_type == "application/json":
-                return answer.status, await answer.json()
-            return answer.status, await answer.text()
-
-    async def ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"kanal dataplane exited early:\n{self.log()}")
-        try:
-            status, _ = await self.admin("/ready")
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            return False
-        return status == 200
-
+class Dataplane(DataplaneProcess):
     async def version(self) -> str | None:
         try:
             _, config = await self.admin("/config")

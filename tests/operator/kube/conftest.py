@@ -31,8 +31,6 @@ import copy
 import datetime
 import itertools
 import secrets
-import signal
-import subprocess
 import sys
 import threading
 import uuid
@@ -51,7 +49,7 @@ from kanal.operator.kube.handlers import MEMO_CONTROL_PLANE
 from kanal.operator.kube.main import run_operator
 from kmock._internal import enums
 
-from tests.conftest import async_wait_until, free_port
+from tests.conftest import DataplaneProcess, async_wait_until, free_port
 
 TOKEN = "kube-test-token"
 
@@ -359,50 +357,8 @@ async def operator(cluster: Cluster, tmp_path: Path
 # --------------------------------------------------------------------------- a dataplane
 
 
-@dataclass
-class Dataplane:
-    """`kanal dataplane` as a subprocess, started as a user would."""
-
-    port: int
-    admin_port: int
-    argv: list[str]
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    async def stop(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.to_thread(process.wait, 15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
-
-    async def ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"kanal dataplane exited early:\n{self.log()}")
-        try:
-            async with aiohttp.ClientSession() as session, session.get(
-                f"http://127.0.0.1:{self.admin_port}/ready",
-                timeout=aiohttp.ClientTimeout(total=5),
-            ) as answer:
-                return answer.status == 200
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            return False
+class Dataplane(DataplaneProcess):
+    """`kanal dataplane` as a subprocess, reached with the Host of the tests' Routes."""
 
     async def get(self, path: str = "/", host: str = "shop.example.com"
                   ) -> tuple[int, str | None]:
