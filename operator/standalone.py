@@ -103,7 +103,7 @@ async def _watch(
     import watchfiles
 
     async for changes in watchfiles.awatch(
-        *source.watch_roots(), debounce=50, step=25, stop_event=stop, recursive=True,
+        *source.watch_roots(), debounce=100, step=100, stop_event=stop, recursive=True,
         watch_filter=lambda _, path: source.is_relevant(path),
     ):
         log.debug("files changed: %s", sorted(path for _, path in changes))
