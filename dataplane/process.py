@@ -97,6 +97,7 @@ async def start_listeners(runtime: Runtime, options: DataplaneOptions) -> list[a
         host, port = options.forward_listen
         # Follows the configuration through runtime.on_apply.
         forward = ForwardProxy(runtime, namespace=options.namespace)
+        runtime.forward_proxies.append(forward)
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
         servers.append(await forward.start(sock))
         log.info("forward proxy on %s:%d (EgressPolicies of namespace %s)",
@@ -196,6 +197,15 @@ async def drain(runtime: Runtime, timeout: float) -> None:
                     client.transport.close()
                 else:
                     busy = True
+        for forward in runtime.forward_proxies:
+            # Requests and tunnels of the forward listener get the same grace.
+            for conn in list(forward.connections):
+                if conn.current is None and conn.mode != "tunnel" and conn.transport is not None:
+                    conn.transport.close()
+                else:
+                    busy = True
         if not busy or loop.time() >= deadline:
-            return
+            break
         await asyncio.sleep(0.05)
+    for forward in runtime.forward_proxies:
+        await forward.close()

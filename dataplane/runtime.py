@@ -272,6 +272,8 @@ class Runtime:
         # Runtimes serving other listeners of this process (a sidecar's inbound one):
         # swept, drained and closed with this one.
         self.companions: list[Runtime] = []
+        # Forward proxies serving with this runtime (kanal.dataplane.forward), for drains.
+        self.forward_proxies: list[Any] = []
         self.rng = rng or random.Random()
         self.contexts: list[ProxyContext] = []
         self.config: Config | None = None
