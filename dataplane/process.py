@@ -64,7 +64,9 @@ def apply_snapshot(runtime: Runtime, snapshot: Snapshot) -> str | None:
     return None
 
 
-async def start_listeners(runtime: Runtime, options: DataplaneOptions) -> list[asyncio.AbstractServer]:
+async def start_listeners(
+    runtime: Runtime, options: DataplaneOptions
+) -> list[asyncio.AbstractServer]:
     """The proxy listeners the options ask for."""
     from kanal.dataplane.server import bind_socket, start_listener
 
@@ -142,7 +144,9 @@ def inbound_runtime(runtime: Runtime, app_port: int) -> Runtime:
     return inbound
 
 
-async def run_dataplane(options: DataplaneOptions, feed: Feed, runtime: Runtime | None = None) -> int:
+async def run_dataplane(
+    options: DataplaneOptions, feed: Feed, runtime: Runtime | None = None
+) -> int:
     """Serve until SIGINT or SIGTERM, then stop gracefully."""
     from aiohttp import web
 

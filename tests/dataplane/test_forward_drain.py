@@ -36,7 +36,8 @@ async def test_sigterm_drains_an_open_tunnel(kanal):
     k = kanal({"policy.yaml": policy}, "--forward-listen", f"127.0.0.1:{forward_port}")
     reader, writer = await asyncio.open_connection("127.0.0.1", forward_port)
     try:
-        writer.write(f"CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+        target = f"localhost:{port}"
+        writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200"), head
         writer.write(b"before")
