@@ -155,11 +155,3 @@ def filter_headers(headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[by
     if named:
         kept = [(name, value) for name, value in kept if name.lower() not in named]
     return kept
-
-
-def encode_head(first_line: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    parts = [first_line]
-    for name, value in headers:
-        parts.append(name + b": " + value)
-    parts.append(b"\r\n")
-    return b"\r\n".join(parts)

@@ -241,17 +241,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.transport.write(data)
 
-    @property
-    def reusable(self) -> bool:
-        return (
-            not self.closed
-            and self.sink is None
-            and self.tunnel is None
-            and self.transport is not None
-            and not self.transport.is_closing()
-            and self.keep_alive
-        )
-
     def release(self) -> None:
         """The exchange is over: back to the pool if the connection can carry another."""
         self.sink = None

@@ -621,10 +621,7 @@ class ClientConnection(asyncio.Protocol):
         has_body = request.chunked or request.content_length not in (None, b"0")
         if has_body and self.kept_body is None:
             return False
-        if self.is_retry and not upstream.retry_allowed():
-            upstream.metrics.count_event("retry_budget_exhausted", upstream.key)
-            return False
-        if not self.is_retry and not upstream.retry_allowed():
+        if not upstream.retry_allowed():
             upstream.metrics.count_event("retry_budget_exhausted", upstream.key)
             return False
         self.attempts_left -= 1
@@ -1030,9 +1027,6 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             reset_connection(self.transport)
 
-    def idle_for(self, now: float) -> float:
-        return now - self.last_activity if self.current is None else 0.0
-
     set_cookie: bytes | None = None
     refused: tuple[int, str] | None = None
     strict_head: bool = False
@@ -1075,13 +1069,6 @@ def _retry_matches(retry_on: tuple[str, ...], condition: str) -> bool:
     if condition.isdigit():
         return condition.startswith("5") and "5xx" in retry_on
     return "5xx" in retry_on and condition in ("reset", "connect-failure")
-
-
-def _header(headers: list[tuple[bytes, bytes]], lower_name: bytes) -> bytes | None:
-    for name, value in headers:
-        if name.lower() == lower_name:
-            return value
-    return None
 
 
 def _cookie(header: bytes, name: str) -> str | None:
