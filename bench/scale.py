@@ -146,7 +146,7 @@ async def propagation(objects: list[Any], routes: int, changes: int, workdir: Pa
 
 
 def start_dataplane(url: str, token_file: Path, workdir: Path) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "kanal.operator.cli", "dataplane",
+    argv = [sys.executable, "-m", "kanal", "dataplane",
             "--control-plane", url, "--token-file", str(token_file),
             "--state-dir", str(workdir / "state"), "--listen", f"127.0.0.1:{free_port()}",
             "--admin", f"127.0.0.1:{free_port()}", "--dataplane-id", "bench", "--log-level", "warning"]
@@ -157,7 +157,7 @@ def start_dataplane(url: str, token_file: Path, workdir: Path) -> subprocess.Pop
 def stages(objects: list[Any], routes: int, rounds: int = 10) -> dict[str, float]:
     """Medians of the parts of one change, in this process: where propagation time goes."""
     from kanal.dataplane.runtime import Runtime
-    from kanal.dataplane.subscriber import SnapshotDecoder
+    from kanal.contract.codec import SnapshotDecoder
     from kanal.operator.publisher import snapshot_body
 
     decoder, runtime, fragments = SnapshotDecoder(), Runtime(), {}  # as Publisher and Subscriber

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-from kanal.dataplane.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
+from kanal.contract.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
 from kanal.operator.publisher import Publisher, serve_publisher, shared_token_authenticator
 
 
@@ -71,7 +71,7 @@ async def main(count: int) -> dict[str, float]:
         empty = Snapshot().with_version()
         publisher.publish(empty)
         process = subprocess.Popen([
-            sys.executable, "-m", "kanal.operator.cli", "dataplane", "--mode", "sidecar",
+            sys.executable, "-m", "kanal", "dataplane", "--mode", "sidecar",
             "--control-plane", f"http://127.0.0.1:{port}", "--token-file", str(token),
             "--namespace", "shop", "--log-level", "warning",
             "--listen", f"127.0.0.1:{free_port()}", "--forward-listen", f"127.0.0.1:{free_port()}",

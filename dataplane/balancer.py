@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from functools import lru_cache, reduce
 from itertools import accumulate
 
-from kanal.dataplane.snapshot import Endpoint, HashOn, LoadBalancerPolicy
+from kanal.contract.snapshot import Endpoint, HashOn, LoadBalancerPolicy
 from kanal.dataplane.split import smooth_weighted_order
 
 __all__ = [

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from kanal.dataplane.snapshot import CircuitBreaker
+from kanal.contract.snapshot import CircuitBreaker
 
 State = Literal["closed", "open", "half-open"]
 Event = Literal["trip", "timer", "probe-ok", "probe-failed"]

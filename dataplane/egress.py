@@ -33,10 +33,9 @@ allow the destination allows private networks; `anonymize` holds when any policy
 so (privacy errs on the side of saying less).
 
 Wildcards across a public suffix (`*.com`, `*.co.uk`, `*.github.io`) are refused in
-allow rules when manifests are loaded (`wildcard_public_suffix`). The list of
-suffixes is a small built-in one (`PUBLIC_SUFFIXES`), not Mozilla's Public Suffix
-List; as in the PSL's default rule, every single-label suffix (a top-level domain) is
-public.
+allow rules when manifests are loaded (`kanal.contract.names.wildcard_public_suffix`,
+Mozilla's Public Suffix List; every single-label suffix is public, as in its default
+rule).
 """
 
 from __future__ import annotations
@@ -49,47 +48,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from kanal.dataplane.snapshot import EgressPolicy, EgressRule, Snapshot
+from kanal.contract.names import wildcard_public_suffix
+from kanal.contract.snapshot import EgressPolicy, EgressRule, Snapshot
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-PUBLIC_SUFFIXES = frozenset({
-    # Second-level registries of common country domains.
-    "co.uk", "org.uk", "me.uk", "ltd.uk", "plc.uk", "net.uk", "ac.uk", "gov.uk", "sch.uk",
-    "nhs.uk", "police.uk",
-    "com.au", "net.au", "org.au", "edu.au", "gov.au", "asn.au", "id.au",
-    "co.nz", "net.nz", "org.nz", "govt.nz", "ac.nz",
-    "co.jp", "ne.jp", "or.jp", "ac.jp", "go.jp", "gr.jp", "ad.jp", "ed.jp", "lg.jp",
-    "co.kr", "or.kr", "go.kr", "ac.kr", "ne.kr",
-    "com.cn", "net.cn", "org.cn", "gov.cn", "edu.cn", "ac.cn",
-    "com.br", "net.br", "org.br", "gov.br", "edu.br",
-    "co.in", "net.in", "org.in", "gov.in", "ac.in", "firm.in", "gen.in", "ind.in",
-    "com.mx", "org.mx", "gob.mx", "edu.mx", "net.mx",
-    "co.za", "org.za", "gov.za", "ac.za", "net.za",
-    "com.tr", "org.tr", "gov.tr", "edu.tr", "net.tr",
-    "com.sg", "org.sg", "gov.sg", "edu.sg", "net.sg",
-    "com.hk", "org.hk", "gov.hk", "edu.hk", "net.hk",
-    "com.tw", "org.tw", "gov.tw", "edu.tw", "net.tw",
-    "com.ar", "org.ar", "gob.ar", "net.ar",
-    "co.il", "org.il", "gov.il", "ac.il",
-    "com.ua", "org.ua", "gov.ua", "in.ua",
-    "co.id", "or.id", "go.id", "ac.id", "web.id",
-    "com.my", "org.my", "gov.my", "edu.my",
-    "com.ph", "org.ph", "gov.ph",
-    "com.pl", "org.pl", "net.pl", "gov.pl",
-    "com.ru", "org.ru", "net.ru",
-    "com.es", "org.es", "gob.es",
-    "co.th", "or.th", "go.th", "ac.th", "in.th",
-    "com.vn", "org.vn", "gov.vn",
-    "com.eg", "com.sa", "com.pk", "com.ng", "co.ke",
-    # Shared hosting platforms where each subdomain belongs to someone else.
-    "github.io", "gitlab.io", "herokuapp.com", "appspot.com", "blogspot.com",
-    "cloudfront.net", "amazonaws.com", "s3.amazonaws.com", "elasticbeanstalk.com",
-    "azurewebsites.net", "cloudapp.net", "azurestaticapps.net", "web.core.windows.net",
-    "blob.core.windows.net", "firebaseapp.com", "web.app", "pages.dev", "workers.dev",
-    "vercel.app", "netlify.app", "fly.dev", "onrender.com", "ngrok.io", "ngrok-free.app",
-    "glitch.me", "repl.co", "readthedocs.io", "translate.goog",
-})
 """Multi-label public suffixes refused under an allow wildcard (every TLD is one too)."""
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
@@ -173,16 +136,6 @@ def host_matches(pattern: str, host: str) -> bool:
         suffix = pattern[1:]  # ".example.com"
         return host.endswith(suffix) and len(host) > len(suffix)
     return host == pattern
-
-
-def wildcard_public_suffix(pattern: str) -> str | None:
-    """The public suffix an allow wildcard spans (`*.co.uk` -> `co.uk`), or None."""
-    if not pattern.startswith("*."):
-        return None
-    suffix = pattern[2:].lower().rstrip(".")
-    if "." not in suffix or suffix in PUBLIC_SUFFIXES:
-        return suffix
-    return None
 
 
 # --------------------------------------------------------------------------- addresses

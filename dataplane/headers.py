@@ -155,3 +155,13 @@ def filter_headers(headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[by
     if named:
         kept = [(name, value) for name, value in kept if name.lower() not in named]
     return kept
+
+
+def cookie_value(header: bytes, name: str) -> str | None:
+    """The value of cookie `name` in a `Cookie` header, unquoted; None when absent."""
+    wanted = name.encode("latin-1")
+    for part in header.split(b";"):
+        key, sep, value = part.strip().partition(b"=")
+        if sep and key == wanted:
+            return value.strip(b'"').decode("latin-1")
+    return None

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from kanal.dataplane.balancer import EndpointState
-from kanal.dataplane.snapshot import HealthCheck
+from kanal.contract.snapshot import HealthCheck
 
 log = logging.getLogger("kanal.health")
 

@@ -24,44 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from kanal.dataplane.snapshot import Snapshot
-
-CLUSTER_DOMAIN = "cluster.local"
-
-
-def service_of(hostname: str, namespace: str) -> tuple[str, str] | None:
-    """(service, namespace) a Kubernetes DNS name stands for; None for any other name."""
-    name = hostname.lower().rstrip(".")
-    if not name or "*" in name or ":" in name:
-        return None
-    labels = name.split(".")
-    if labels[-1].isdigit():
-        return None  # an IPv4 address
-    if name.endswith(".svc." + CLUSTER_DOMAIN):
-        labels = labels[: -1 - CLUSTER_DOMAIN.count(".") - 1]
-    elif labels[-1] == "svc":
-        labels = labels[:-1]
-    elif len(labels) > 2:
-        return None
-    if len(labels) == 1:
-        return labels[0], namespace
-    if len(labels) == 2 and all(labels):
-        return labels[0], labels[1]
-    return None
-
-
-def spellings(hostname: str, route_namespace: str, local_namespace: str) -> tuple[str, ...]:
-    """The host names a mesh Route's `hostname` answers to, seen from `local_namespace`."""
-    found = service_of(hostname, route_namespace)
-    names = [hostname]
-    if found is not None:
-        service, namespace = found
-        if namespace == local_namespace:
-            names.append(service)
-        names += [f"{service}.{namespace}", f"{service}.{namespace}.svc",
-                  f"{service}.{namespace}.svc.{CLUSTER_DOMAIN}"]
-    return tuple(dict.fromkeys(names))
-
+from kanal.contract.names import spellings
+from kanal.contract.snapshot import Snapshot
 
 def with_mesh_aliases(snapshot: Snapshot, local_namespace: str) -> Snapshot:
     """The Snapshot whose mesh Routes carry every spelling of their service host names.

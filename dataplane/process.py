@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kanal.dataplane.runtime import Runtime
-from kanal.dataplane.snapshot import Snapshot
+from kanal.contract.snapshot import Snapshot
 
 log = logging.getLogger("kanal.dataplane")
 
@@ -122,7 +122,7 @@ INBOUND_UPSTREAM = "kanal-sidecar/app"
 def inbound_snapshot(app_port: int) -> Snapshot:
     """A sidecar's inbound configuration: any request, to the app on 127.0.0.1:app_port,
     with the default circuit breaker, limits and timeouts of an Upstream."""
-    from kanal.dataplane.snapshot import Backend, Endpoint, Route, Rule, Upstream
+    from kanal.contract.snapshot import Backend, Endpoint, Route, Rule, Upstream
 
     return Snapshot(
         routes=(Route(key=INBOUND_ROUTE, rules=(Rule(index=0, backends=(

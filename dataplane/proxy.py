@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING
 import httptools
 
 from kanal.dataplane import headers as hdrs
+from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.pool import EndpointPool, UpstreamConnection, UpstreamConnectError
 
 if TYPE_CHECKING:
     from kanal.dataplane.balancer import EndpointState
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
-    from kanal.dataplane.snapshot import Retries, Route
+    from kanal.contract.snapshot import Retries, Route
 
 log = logging.getLogger("kanal.proxy")
 
@@ -430,10 +431,10 @@ class ClientConnection(asyncio.Protocol):
         if route_tls is not None or context.scheme == "https":
             if self._tls_policy(request, selection.route, host_text, path):
                 return
-        cookie_value = None
+        affinity_token = None
         if selection.rule.session_affinity is not None and request.cookie is not None:
-            cookie_value = _cookie(request.cookie, selection.rule.session_affinity.cookie_name)
-        backend, set_token = selection.split.choose(cookie_value)
+            affinity_token = cookie_value(request.cookie, selection.rule.session_affinity.cookie_name)
+        backend, set_token = selection.split.choose(affinity_token)
         if backend is None:
             self._fail_request(503, f"route {selection.route_key} has no backend with weight above 0")
             return
@@ -1069,12 +1070,3 @@ def _retry_matches(retry_on: tuple[str, ...], condition: str) -> bool:
     if condition.isdigit():
         return condition.startswith("5") and "5xx" in retry_on
     return "5xx" in retry_on and condition in ("reset", "connect-failure")
-
-
-def _cookie(header: bytes, name: str) -> str | None:
-    wanted = name.encode("latin-1")
-    for part in header.split(b";"):
-        key, sep, value = part.strip().partition(b"=")
-        if sep and key == wanted:
-            return value.strip(b'"').decode("latin-1")
-    return None

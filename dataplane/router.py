@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-from kanal.dataplane.snapshot import Gateway, Match, Route, Rule, Snapshot, ValueMatch
+from kanal.contract.snapshot import Gateway, Match, Route, Rule, Snapshot, ValueMatch
 from kanal.dataplane.split import Split
 
 __all__ = ["RouteTable", "Selection", "normalize_host", "normalize_path", "path_views"]

@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from kanal.dataplane.balancer import Balancer, EndpointState, make_balancer
 from kanal.dataplane.breaker import Breaker
+from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.health import EndpointChecker
 from kanal.dataplane.metrics import RequestMetrics
 from kanal.dataplane.pool import EndpointPool
 from kanal.dataplane.router import RouteTable
-from kanal.dataplane.snapshot import Snapshot, Upstream, UpstreamTLS
+from kanal.contract.snapshot import Snapshot, Upstream, UpstreamTLS
 
 if TYPE_CHECKING:
     from kanal.dataplane.proxy import ClientConnection, Request
@@ -176,9 +177,7 @@ class UpstreamRuntime:
         if self._cookie is not None:
             if request.cookie is None:
                 return None
-            from kanal.dataplane.proxy import _cookie
-
-            return _cookie(request.cookie, self._cookie)
+            return cookie_value(request.cookie, self._cookie)
         return peer
 
 

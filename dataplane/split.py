@@ -29,7 +29,7 @@ import random
 from collections.abc import Iterable
 from functools import lru_cache, reduce
 
-from kanal.dataplane.snapshot import Backend, Rule, SessionAffinity
+from kanal.contract.snapshot import Backend, Rule, SessionAffinity
 
 __all__ = ["Split", "affinity_token", "format_set_cookie", "smooth_weighted_order"]
 

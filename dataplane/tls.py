@@ -40,7 +40,7 @@ import ssl
 import tempfile
 from dataclasses import dataclass, field
 
-from kanal.dataplane.snapshot import Route, Snapshot, UpstreamTLS
+from kanal.contract.snapshot import Route, Snapshot, UpstreamTLS
 
 log = logging.getLogger("kanal.tls")
 

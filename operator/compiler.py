@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, TypeVar
 
-from kanal.dataplane import snapshot as snap
+from kanal.contract import snapshot as snap
 from kanal.operator.conditions import (
     ACCEPTED,
     REASON_ACCEPTED,

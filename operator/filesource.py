@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kanal.dataplane.snapshot import Snapshot
+from kanal.contract.snapshot import Snapshot
 from kanal.operator import manifests
 from kanal.operator.compiler import CompileResult, compile_snapshot
 

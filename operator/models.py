@@ -25,6 +25,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
+from kanal.contract.names import wildcard_public_suffix
 from kanal.operator.durations import Duration, PositiveDuration, parse_duration
 from pydantic import (
     AfterValidator,
@@ -737,9 +738,7 @@ class EgressPolicySpec(KanalModel):
 
     @model_validator(mode="after")
     def _no_wildcard_across_a_public_suffix(self) -> EgressPolicySpec:
-        # A built-in list of common public suffixes (every TLD is one), not the full PSL.
-        from kanal.dataplane.egress import wildcard_public_suffix
-
+        # Mozilla's Public Suffix List (every TLD is a public suffix too).
         for index, rule in enumerate(self.allow):
             suffix = wildcard_public_suffix(rule.host)
             if suffix is not None:

@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from kanal.dataplane.snapshot import Snapshot, _to_plain, content_version
-from kanal.dataplane.subscriber import ACK_PATH, SNAPSHOT_PATH, VERSION_HEADER
+from kanal.contract.plain import to_plain
+from kanal.contract.protocol import ACK_PATH, SNAPSHOT_PATH, VERSION_HEADER
+from kanal.contract.snapshot import Snapshot, content_version
 
 log = logging.getLogger("kanal.publisher")
 
@@ -143,7 +144,7 @@ def _assemble(snapshot: Snapshot, fragments: dict[Any, str]) -> bytes | None:
         for item in items:
             text = fragments.get(item)
             if text is None:
-                text = dump(_to_plain(item), sort_keys=True, separators=(",", ":"))
+                text = dump(to_plain(item), sort_keys=True, separators=(",", ":"))
             used[item] = text
             texts.append(text)
         parts.append(f'"{name}":[{",".join(texts)}]')

@@ -226,7 +226,7 @@ def kanal(tmp_path: Path) -> Iterator[Callable[..., Kanal]]:
             instance.write(name, text)
         instance.log_path = tmp_path / f"kanal-{len(started)}.log"
         command = [
-            sys.executable, "-m", "kanal.operator.cli", "run", str(folder),
+            sys.executable, "-m", "kanal", "run", str(folder),
             "--listen", f"127.0.0.1:{instance.port}",
             "--admin", f"127.0.0.1:{instance.admin_port}",
             *flags,
@@ -328,7 +328,7 @@ def launch_kanal(folder: Path, log_path: Path, files: dict[str, str] | None, fla
         instance.write(name, text)
     instance.log_path = log_path
     command = [
-        sys.executable, "-m", "kanal.operator.cli", "run", str(folder),
+        sys.executable, "-m", "kanal", "run", str(folder),
         "--listen", f"127.0.0.1:{instance.port}",
         "--admin", f"127.0.0.1:{instance.admin_port}",
         *flags,

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kanal.dataplane import snapshot as snap
+from kanal.contract import snapshot as snap
 from kanal.operator.compiler import CompileResult, ServiceKey, compile_snapshot
 from kanal.operator.conditions import RESOLVED_REFS, Condition, ObjectStatus, rejected_status
 from kanal.operator.manifests import describe_validation_error

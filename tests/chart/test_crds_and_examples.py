@@ -72,7 +72,7 @@ def test_example_manifests_validate(path: Path) -> None:
             assert not errors, f"{path}: {doc['metadata']['name']}: {errors}"
         else:
             validate_kubernetes(doc, str(path))
-    result = subprocess.run([sys.executable, "-m", "kanal.operator.cli", "validate", str(path)],
+    result = subprocess.run([sys.executable, "-m", "kanal", "validate", str(path)],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 

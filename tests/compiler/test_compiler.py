@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from kanal.dataplane.snapshot import Endpoint
+from kanal.contract.snapshot import Endpoint
 from kanal.operator.compiler import compile_snapshot
 from kanal.operator.models import Route, Secret, Upstream
 

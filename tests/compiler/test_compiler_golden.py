@@ -86,7 +86,7 @@ def test_output_does_not_depend_on_input_order(
 def test_snapshot_round_trips_and_is_versioned(
     case: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kanal.dataplane.snapshot import Snapshot, content_version
+    from kanal.contract.snapshot import Snapshot, content_version
 
     output, _ = _golden(case, monkeypatch)
     snapshot = Snapshot.from_dict(output["snapshot"])

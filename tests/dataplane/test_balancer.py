@@ -18,7 +18,7 @@ from kanal.dataplane.balancer import (
     make_balancer,
     stable_hash,
 )
-from kanal.dataplane.snapshot import Endpoint, HashOn, LoadBalancerPolicy
+from kanal.contract.snapshot import Endpoint, HashOn, LoadBalancerPolicy
 
 POLICIES: list[LoadBalancerPolicy] = ["RoundRobin", "LeastRequest", "Random", "RingHash"]
 

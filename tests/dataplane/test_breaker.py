@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from kanal.dataplane.breaker import MAX_OPEN_FACTOR, TRANSITIONS, Breaker
 from kanal.dataplane.health import HealthState
-from kanal.dataplane.snapshot import CircuitBreaker, HealthCheck
+from kanal.contract.snapshot import CircuitBreaker, HealthCheck
 
 
 def breaker(**settings: object) -> Breaker:

@@ -16,9 +16,9 @@ from kanal.dataplane.egress import (
     host_matches,
     ip_literal,
     normalize_host,
-    wildcard_public_suffix,
 )
-from kanal.dataplane.snapshot import EgressPolicy, EgressRule, Route, Snapshot
+from kanal.contract.names import wildcard_public_suffix
+from kanal.contract.snapshot import EgressPolicy, EgressRule, Route, Snapshot
 
 # --------------------------------------------------------------------------- hosts
 
@@ -65,6 +65,10 @@ def test_wildcards_across_public_suffixes_are_recognised() -> None:
     assert wildcard_public_suffix("*.example.com") is None
     assert wildcard_public_suffix("*.example.co.uk") is None
     assert wildcard_public_suffix("co.uk") is None  # exact names are never refused
+    # From the whole Public Suffix List, not a hand-picked part of it.
+    assert wildcard_public_suffix("*.s3.amazonaws.com") == "s3.amazonaws.com"
+    assert wildcard_public_suffix("*.pages.dev") == "pages.dev"
+    assert wildcard_public_suffix("*.kanal.pages.dev") is None
 
 
 def test_hosts_are_normalised_or_refused() -> None:

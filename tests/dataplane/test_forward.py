@@ -23,10 +23,10 @@ from aiohttp import web
 from kanal.dataplane.forward import ForwardProxy
 from kanal.dataplane.runtime import Runtime
 from kanal.dataplane.server import bind_socket
-from kanal.dataplane.snapshot import (
+from kanal.contract.snapshot import (
     Backend as RouteBackend,
 )
-from kanal.dataplane.snapshot import (
+from kanal.contract.snapshot import (
     EgressPolicy,
     EgressRule,
     Endpoint,

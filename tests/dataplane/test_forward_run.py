@@ -157,7 +157,7 @@ metadata: {name: wide}
 spec:
   allow: [{host: "*.co.uk"}]
 """)
-    done = subprocess.run([sys.executable, "-m", "kanal.operator.cli", "validate", str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "kanal", "validate", str(tmp_path)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert "*.co.uk is a wildcard across the public suffix co.uk" in done.stdout + done.stderr

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kanal.dataplane import router as router_module
 from kanal.dataplane.router import RouteTable, normalize_host, normalize_path, path_views
-from kanal.dataplane.snapshot import (
+from kanal.contract.snapshot import (
     Backend,
     Match,
     PathMatch,

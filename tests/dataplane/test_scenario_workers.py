@@ -38,7 +38,7 @@ async def test_two_workers_serve_one_port(kanal, backends):
     workers = [
         pid
         for pid in descendants(k.process.pid)
-        if "kanal.operator.cli" in Path(f"/proc/{pid}/cmdline").read_text()
+        if "\0--worker\0" in Path(f"/proc/{pid}/cmdline").read_text()
     ]
     assert len(workers) == 2, workers
 

@@ -26,8 +26,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from kanal.dataplane.snapshot import Backend as BackendRef
-from kanal.dataplane.snapshot import Endpoint, Route, Rule, Snapshot, Upstream
+from kanal.contract.snapshot import Backend as BackendRef
+from kanal.contract.snapshot import Endpoint, Route, Rule, Snapshot, Upstream
 from kanal.operator.publisher import Publisher, serve_publisher, shared_token_authenticator
 
 from tests.conftest import async_wait_until, free_port
@@ -87,7 +87,7 @@ class Sidecar:
         token = tmp / "token"
         token.write_text(TOKEN)
         self.argv = [
-            sys.executable, "-m", "kanal.operator.cli", "dataplane", "--mode", "sidecar",
+            sys.executable, "-m", "kanal", "dataplane", "--mode", "sidecar",
             "--control-plane", control_plane, "--token-file", str(token),
             "--dataplane-id", name, "--namespace", "shop", "--state-dir", str(tmp / name),
             "--listen", f"127.0.0.1:{self.listen}",

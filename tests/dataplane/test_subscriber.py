@@ -17,15 +17,9 @@ from pathlib import Path
 
 import pytest
 from kanal.dataplane.runtime import Runtime
-from kanal.dataplane.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
-from kanal.dataplane.subscriber import (
-    Backoff,
-    SnapshotDecoder,
-    SnapshotRejected,
-    Subscriber,
-    SubscriberOptions,
-    parse_snapshot,
-)
+from kanal.contract.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
+from kanal.contract.codec import SnapshotDecoder, SnapshotRejected, parse_snapshot
+from kanal.dataplane.subscriber import Backoff, Subscriber, SubscriberOptions
 from kanal.operator.publisher import Publisher, serve_publisher, shared_token_authenticator
 
 from tests.conftest import free_port
@@ -153,7 +147,7 @@ def test_a_damaged_state_file_is_ignored(tmp_path: Path, content: bytes) -> None
 
 
 def test_a_kept_snapshot_that_does_not_run_is_ignored(tmp_path: Path) -> None:
-    from kanal.dataplane.snapshot import Match, PathMatch
+    from kanal.contract.snapshot import Match, PathMatch
 
     good = snapshot()
     route = dataclasses.replace(good.routes[0], rules=(dataclasses.replace(

@@ -16,10 +16,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from kanal.dataplane.snapshot import (
+from kanal.contract.snapshot import (
     Backend as BackendRef,
 )
-from kanal.dataplane.snapshot import (
+from kanal.contract.snapshot import (
     Endpoint,
     Match,
     PathMatch,
@@ -120,7 +120,7 @@ async def dataplane(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Dat
         index = len(started)
         port, admin_port = free_port(), free_port()
         argv = [
-            sys.executable, "-m", "kanal.operator.cli", "dataplane", "--control-plane", url,
+            sys.executable, "-m", "kanal", "dataplane", "--control-plane", url,
             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin_port}",
             "--state-dir", str(state_dir or tmp_path / f"state-{index}"),
             "--dataplane-id", f"dp-{index}",

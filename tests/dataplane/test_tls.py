@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import trustme
 from cryptography import x509
-from kanal.dataplane.snapshot import Route, RouteTLS, Snapshot, UpstreamTLS
+from kanal.contract.snapshot import Route, RouteTLS, Snapshot, UpstreamTLS
 from kanal.dataplane.tls import SniMap, TlsTerminator, normalise, server_name_of, upstream_context
 
 

@@ -69,7 +69,7 @@ def test_one_file_per_kind_with_the_conventional_names() -> None:
 
 def test_kanal_crds_prints_the_same_documents() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "kanal.operator.cli", "crds"],
+        [sys.executable, "-m", "kanal", "crds"],
         capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr

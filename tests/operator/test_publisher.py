@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from kanal.dataplane.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
+from kanal.contract.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
 from kanal.operator.compiler import compile_snapshot
 from kanal.operator.models import Route as RouteModel
 from kanal.operator.models import Upstream as UpstreamModel

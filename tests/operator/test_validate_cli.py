@@ -41,7 +41,7 @@ stringData:
 
 def validate(*paths: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kanal.operator.cli", "validate", *paths],
+        [sys.executable, "-m", "kanal", "validate", *paths],
         cwd=cwd, capture_output=True, text=True, timeout=60, check=False,
     )
 

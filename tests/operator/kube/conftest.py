@@ -402,7 +402,7 @@ async def dataplane(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Dat
         index = len(started)
         port, admin_port = free_port(), free_port()
         argv = [
-            sys.executable, "-m", "kanal.operator.cli", "dataplane", "--control-plane", url,
+            sys.executable, "-m", "kanal", "dataplane", "--control-plane", url,
             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin_port}",
             "--state-dir", str(tmp_path / f"state-{index}"),
             "--dataplane-id", f"dp-{index}", "--token-file", str(token_file), *flags,

@@ -80,7 +80,7 @@ async def kanal_operator(cluster: Cluster, tmp_path: Path
 
     async def start(config_port: int, *flags: str) -> OperatorProcess:
         admin_port = free_port()
-        argv = [sys.executable, "-m", "kanal.operator.cli", "operator",
+        argv = [sys.executable, "-m", "kanal", "operator",
                 "--config-listen", f"127.0.0.1:{config_port}",
                 "--admin", f"127.0.0.1:{admin_port}", "--token-file", str(token_file), *flags]
         instance = OperatorProcess(argv, env, tmp_path / f"operator-{len(started)}.log",

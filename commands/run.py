@@ -16,7 +16,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 2
     _install_uvloop()
     if args.workers > 1 and not getattr(args, "worker", False):
-        from kanal.operator.supervisor import supervise
+        from kanal.commands.supervisor import supervise
 
         return asyncio.run(supervise(args))
     try:
@@ -108,17 +108,3 @@ async def _watch(
     ):
         log.debug("files changed: %s", sorted(path for _, path in changes))
         _reload(source, runtime, apply)
-
-
-def worker_argv(args: argparse.Namespace, admin_port: int) -> Sequence[str]:
-    """The command line of one worker process."""
-    argv = [sys.executable, "-m", "kanal.operator.cli", "run", *args.paths]
-    argv += ["--listen", f"{args.listen[0]}:{args.listen[1]}"]
-    if getattr(args, "default_certificate", None):
-        argv += ["--default-certificate", args.default_certificate]
-    for flag, address in (("--tls-listen", args.tls_listen), ("--forward-listen", args.forward_listen)):
-        if address is not None:
-            argv += [flag, f"{address[0]}:{address[1]}"]
-    argv += ["--trusted-hops", str(args.trusted_hops), "--log-level", args.log_level]
-    argv += ["--worker", "--worker-admin", str(admin_port)]
-    return argv

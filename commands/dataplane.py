@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from kanal.commands.options import add_listener_flags, host_port, port
+
 log = logging.getLogger("kanal.dataplane")
 
 GATEWAYS = {"ingress": "ingress", "sidecar": "mesh"}
@@ -107,14 +109,10 @@ def pod_namespace(flag: str | None) -> str:
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
-def _port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}")
-    return int(text)
 
-
-def add_dataplane_parser(commands: argparse._SubParsersAction,  # type: ignore[type-arg]
-                         add_listener_flags: object) -> argparse.ArgumentParser:
+def add_dataplane_parser(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+) -> argparse.ArgumentParser:
     """The `dataplane` sub-command's arguments (listener flags as for `kanal run`)."""
     parser: argparse.ArgumentParser = commands.add_parser(
         "dataplane", help="a dataplane fed by the control plane (kanal operator)")
@@ -137,12 +135,11 @@ def add_dataplane_parser(commands: argparse._SubParsersAction,  # type: ignore[t
                         help="the namespace this dataplane runs in (default $POD_NAMESPACE): "
                              "the forward listener applies its EgressPolicies, and a sidecar "
                              "resolves short service names (`orders`) in it")
-    add_listener_flags(parser)  # type: ignore[operator]
-    from kanal.operator.cli import _host_port as host_port
+    add_listener_flags(parser)
     parser.add_argument("--inbound-listen", type=host_port, default=None, metavar="HOST:PORT",
                         help="sidecar: the inbound listener, proxying every request to the "
                              "app on 127.0.0.1:--app-port with timeouts, limits and circuit "
                              "breaking (off by default; needs --app-port)")
-    parser.add_argument("--app-port", type=_port, default=None, metavar="N",
+    parser.add_argument("--app-port", type=port, default=None, metavar="N",
                         help="sidecar: the port the app listens on, on 127.0.0.1")
     return parser

@@ -18,7 +18,8 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Sequence
 
 import aiohttp
 from aiohttp import web
@@ -46,8 +47,6 @@ class Worker:
         return f"http://127.0.0.1:{self.admin_port}"
 
     async def start(self) -> None:
-        from kanal.operator.standalone import worker_argv
-
         argv = list(worker_argv(self.args, self.admin_port))
         self.process = await asyncio.create_subprocess_exec(*argv)
         log.info("worker %d started (pid %d)", self.index, self.process.pid)
@@ -208,3 +207,17 @@ async def supervise(args: argparse.Namespace) -> int:
         keeper.cancel()
     await runner.cleanup()
     return 0
+
+
+def worker_argv(args: argparse.Namespace, admin_port: int) -> Sequence[str]:
+    """The command line of one worker process."""
+    argv = [sys.executable, "-m", "kanal", "run", *args.paths]
+    argv += ["--listen", f"{args.listen[0]}:{args.listen[1]}"]
+    if getattr(args, "default_certificate", None):
+        argv += ["--default-certificate", args.default_certificate]
+    for flag, address in (("--tls-listen", args.tls_listen), ("--forward-listen", args.forward_listen)):
+        if address is not None:
+            argv += [flag, f"{address[0]}:{address[1]}"]
+    argv += ["--trusted-hops", str(args.trusted_hops), "--log-level", args.log_level]
+    argv += ["--worker", "--worker-admin", str(admin_port)]
+    return argv
