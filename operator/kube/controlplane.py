@@ -39,6 +39,11 @@ from prometheus_client import (
     generate_latest,
 )
 
+# Keys of kopf's memo shared by the handlers and the webhooks.
+MEMO_OPTIONS = "kanal_options"
+MEMO_CONNECTION = "kanal_connection"
+MEMO_CONTROL_PLANE = "kanal_control_plane"
+
 log = logging.getLogger("kanal.operator")
 
 Address = tuple[str, int]

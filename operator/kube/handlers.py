@@ -22,12 +22,15 @@ import kopf
 # The admission webhooks (sidecar injection, validation) register with kopf here too.
 from kanal.operator.kube import webhooks
 from kanal.operator.kube.client import KubeError, login
-from kanal.operator.kube.controlplane import ControlPlane, OperatorOptions
+from kanal.operator.kube.controlplane import (
+    MEMO_CONNECTION,
+    MEMO_CONTROL_PLANE,
+    MEMO_OPTIONS,
+    ControlPlane,
+    OperatorOptions,
+)
 from kanal.operator.models import GROUP, VERSION
 
-MEMO_OPTIONS = "kanal_options"
-MEMO_CONNECTION = "kanal_connection"
-MEMO_CONTROL_PLANE = "kanal_control_plane"
 
 log = logging.getLogger("kanal.operator")
 

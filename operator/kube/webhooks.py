@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+from kanal.operator.kube.controlplane import MEMO_CONTROL_PLANE, MEMO_OPTIONS
+from kanal.operator.kube.store import EndpointPolicy, validate_kanal
 from kanal.operator.models import GROUP, RESOURCES, VERSION
 
 log = logging.getLogger("kanal.operator.webhooks")
@@ -192,7 +194,6 @@ MEMO_TEMPLATE = "kanal_sidecar_template"
 
 
 def _template(memo: kopf.Memo) -> dict[str, Any] | None:
-    from kanal.operator.kube.handlers import MEMO_OPTIONS
 
     if MEMO_TEMPLATE not in memo:
         options = memo.get(MEMO_OPTIONS)
@@ -247,9 +248,6 @@ async def inject_namespace(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo,
 
 def _validator(kind: str) -> Any:
     async def validate(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        from kanal.operator.kube.handlers import MEMO_CONTROL_PLANE, MEMO_OPTIONS
-        from kanal.operator.kube.store import EndpointPolicy, validate_kanal
-
         control_plane = memo.get(MEMO_CONTROL_PLANE)
         if control_plane is not None:
             policy = control_plane.store.policy
