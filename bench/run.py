@@ -94,9 +94,9 @@ class Procs:
         self.procs.append((name, p))
         try:
             out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as expired:
             self.stop(p)
-            raise BenchError(f"{name} did not finish within {timeout:.0f} s: {shlex.join(cmd)}")
+            raise BenchError(f"{name} did not finish within {timeout:.0f} s: {shlex.join(cmd)}") from expired
         finally:
             if p.poll() is not None:
                 self.procs = [(n, q) for n, q in self.procs if q is not p]

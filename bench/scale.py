@@ -156,8 +156,8 @@ def start_dataplane(url: str, token_file: Path, workdir: Path) -> subprocess.Pop
 
 def stages(objects: list[Any], routes: int, rounds: int = 10) -> dict[str, float]:
     """Medians of the parts of one change, in this process: where propagation time goes."""
-    from kanal.dataplane.runtime import Runtime
     from kanal.contract.codec import SnapshotDecoder
+    from kanal.dataplane.runtime import Runtime
     from kanal.operator.publisher import snapshot_body
 
     decoder, runtime, fragments = SnapshotDecoder(), Runtime(), {}  # as Publisher and Subscriber

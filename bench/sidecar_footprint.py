@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+
 from kanal.contract.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
 from kanal.operator.publisher import Publisher, serve_publisher, shared_token_authenticator
 

@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
+
 from kanal.dataplane.metrics import MetricsCollector
 from kanal.dataplane.runtime import Config, Runtime
 

@@ -25,8 +25,6 @@ Policies:
 
 from __future__ import annotations
 
-from typing import Any
-
 import hashlib
 import math
 import random
@@ -35,6 +33,7 @@ from bisect import bisect_right
 from collections.abc import Sequence
 from functools import lru_cache, reduce
 from itertools import accumulate
+from typing import Any
 
 from kanal.contract.snapshot import Endpoint, HashOn, LoadBalancerPolicy
 from kanal.dataplane.split import smooth_weighted_order

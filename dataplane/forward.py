@@ -42,6 +42,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import httptools
+
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane.egress import (
     EgressRules,

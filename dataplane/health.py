@@ -20,8 +20,8 @@ import ssl
 import time
 from collections.abc import Callable
 
-from kanal.dataplane.balancer import EndpointState
 from kanal.contract.snapshot import HealthCheck
+from kanal.dataplane.balancer import EndpointState
 
 log = logging.getLogger("kanal.health")
 

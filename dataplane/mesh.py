@@ -27,6 +27,7 @@ import dataclasses
 from kanal.contract.names import spellings
 from kanal.contract.snapshot import Snapshot
 
+
 def with_mesh_aliases(snapshot: Snapshot, local_namespace: str) -> Snapshot:
     """The Snapshot whose mesh Routes carry every spelling of their service host names.
 

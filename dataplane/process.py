@@ -17,8 +17,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from kanal.dataplane.runtime import Runtime
 from kanal.contract.snapshot import Snapshot
+from kanal.dataplane.runtime import Runtime
 
 log = logging.getLogger("kanal.dataplane")
 

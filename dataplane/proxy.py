@@ -28,12 +28,12 @@ import httptools
 
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane.headers import cookie_value
-from kanal.dataplane.pool import EndpointPool, UpstreamConnection, UpstreamConnectError
+from kanal.dataplane.pool import EndpointPool, UpstreamConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
+    from kanal.contract.snapshot import Retries, Route
     from kanal.dataplane.balancer import EndpointState
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
-    from kanal.contract.snapshot import Retries, Route
 
 log = logging.getLogger("kanal.proxy")
 

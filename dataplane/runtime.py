@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from kanal.contract.snapshot import Snapshot, Upstream, UpstreamTLS
 from kanal.dataplane.balancer import Balancer, EndpointState, make_balancer
 from kanal.dataplane.breaker import Breaker
 from kanal.dataplane.headers import cookie_value
@@ -30,7 +31,6 @@ from kanal.dataplane.health import EndpointChecker
 from kanal.dataplane.metrics import RequestMetrics
 from kanal.dataplane.pool import EndpointPool
 from kanal.dataplane.router import RouteTable
-from kanal.contract.snapshot import Snapshot, Upstream, UpstreamTLS
 
 if TYPE_CHECKING:
     from kanal.dataplane.proxy import ClientConnection, Request

@@ -34,12 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from kanal.dataplane.process import apply_snapshot
-from kanal.dataplane.server import configuration_objects
-from kanal.dataplane.runtime import Runtime
+
 from kanal.contract.codec import SnapshotDecoder, SnapshotRejected
 from kanal.contract.protocol import ACK_PATH, SNAPSHOT_PATH, STATE_FILE, VERSION_HEADER
 from kanal.contract.snapshot import Snapshot
+from kanal.dataplane.process import apply_snapshot
+from kanal.dataplane.runtime import Runtime
+from kanal.dataplane.server import configuration_objects
 
 log = logging.getLogger("kanal.subscriber")
 

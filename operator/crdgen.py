@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from kanal.operator.models import GROUP, RESOURCES, VERSION, KanalResource
 
 __all__ = [

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from kanal.operator.models import API_VERSION, GROUP, RESOURCES, Resource, Secret
 from pydantic import ValidationError
+
+from kanal.operator.models import API_VERSION, GROUP, RESOURCES, Resource, Secret
 
 YAML_SUFFIXES = (".yaml", ".yml")
 

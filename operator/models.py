@@ -25,8 +25,6 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from kanal.contract.names import wildcard_public_suffix
-from kanal.operator.durations import Duration, PositiveDuration, parse_duration
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -37,6 +35,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+
+from kanal.contract.names import wildcard_public_suffix
+from kanal.operator.durations import Duration, PositiveDuration, parse_duration
 
 GROUP = "kanal.dev"
 VERSION = "v1alpha1"
@@ -159,7 +160,7 @@ def _retry_on(value: str) -> str:
 def _no_bare_status_code(value: Any) -> Any:
     """YAML reads `503` as a number, which the API server's schema refuses: say how to write it."""
     if isinstance(value, int) and not isinstance(value, bool):
-        raise ValueError(f'write status codes as strings: "{value}"')  # noqa: TRY004 (pydantic)
+        raise ValueError(f'write status codes as strings: "{value}"')
     return value
 
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
 from kanal.contract.plain import to_plain
 from kanal.contract.protocol import ACK_PATH, SNAPSHOT_PATH, VERSION_HEADER
 from kanal.contract.snapshot import Snapshot, content_version

@@ -22,14 +22,6 @@ from typing import Any
 
 import kopf
 from aiohttp import web
-from kanal.operator.compiler import CompileResult
-from kanal.operator.kube.auth import TokenReviewAuthenticator
-from kanal.operator.kube.builder import DEFAULT_CAP, DEFAULT_HOLDOFF, Debouncer
-from kanal.operator.kube.client import KubeClient, KubeError, login
-from kanal.operator.kube.status import Programmed, StatusWriter
-from kanal.operator.kube.store import EndpointPolicy, Store
-from kanal.operator.models import GROUP, RESOURCES, VERSION
-from kanal.operator.publisher import Publisher, shared_token_authenticator
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -38,6 +30,15 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from kanal.operator.compiler import CompileResult
+from kanal.operator.kube.auth import TokenReviewAuthenticator
+from kanal.operator.kube.builder import DEFAULT_CAP, DEFAULT_HOLDOFF, Debouncer
+from kanal.operator.kube.client import KubeClient, KubeError, login
+from kanal.operator.kube.status import Programmed, StatusWriter
+from kanal.operator.kube.store import EndpointPolicy, Store
+from kanal.operator.models import GROUP, RESOURCES, VERSION
+from kanal.operator.publisher import Publisher, shared_token_authenticator
 
 # Keys of kopf's memo shared by the handlers and the webhooks.
 MEMO_OPTIONS = "kanal_options"

@@ -31,7 +31,6 @@ from kanal.operator.kube.controlplane import (
 )
 from kanal.operator.models import GROUP, VERSION
 
-
 log = logging.getLogger("kanal.operator")
 
 

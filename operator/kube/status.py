@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
 from kanal.operator.compiler import CompileResult
 from kanal.operator.conditions import ACCEPTED, PROGRAMMED, REASON_NOT_ACCEPTED, ObjectStatus
 from kanal.operator.kube.client import KubeClient, KubeError

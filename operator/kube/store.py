@@ -36,6 +36,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from kanal.contract import snapshot as snap
 from kanal.operator.compiler import CompileResult, ServiceKey, compile_snapshot
 from kanal.operator.conditions import RESOLVED_REFS, Condition, ObjectStatus, rejected_status
@@ -50,7 +52,6 @@ from kanal.operator.models import (
     Secret,
     Upstream,
 )
-from pydantic import ValidationError
 
 KANAL_KINDS = tuple(RESOURCES)
 """Route, Upstream, EgressPolicy."""

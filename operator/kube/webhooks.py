@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+
 from kanal.operator.kube.controlplane import MEMO_CONTROL_PLANE, MEMO_OPTIONS
 from kanal.operator.kube.store import EndpointPolicy, validate_kanal
 from kanal.operator.models import GROUP, RESOURCES, VERSION
@@ -106,7 +107,7 @@ def load_template(path: Path) -> dict[str, Any]:
 
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a mapping")  # noqa: TRY004 - a bad file
+        raise ValueError(f"{path}: not a mapping")
     if not data.get("initContainers") and not data.get("containers"):
         raise ValueError(f"{path}: no initContainers nor containers")
     return data

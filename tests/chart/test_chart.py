@@ -116,7 +116,7 @@ def test_helm_lint_strict_with_every_value_set(helm: Helm) -> None:
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = dict(zip(SETS, pool.map(
             lambda name: helm.run("lint", "--strict", str(CHART), "--namespace", NAMESPACE,
-                                  *values_args(VALUE_SETS[name])), SETS)))
+                                  *values_args(VALUE_SETS[name])), SETS), strict=True))
     failed = {name: r.stdout + r.stderr for name, r in results.items() if r.returncode != 0}
     assert not failed, failed
 

@@ -18,8 +18,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from kanal.operator.crdgen import crd_files
 
+from kanal.operator.crdgen import crd_files
 from tests.chart.conftest import CHART, REPO
 from tests.chart.test_chart import validate_kubernetes
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from kanal.operator.compiler import compile_snapshot
 from kanal.operator.manifests import load_manifests
 

@@ -8,6 +8,8 @@ from collections import Counter
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from kanal.contract.snapshot import Endpoint, HashOn, LoadBalancerPolicy
 from kanal.dataplane.balancer import (
     Balancer,
     EndpointState,
@@ -18,7 +20,6 @@ from kanal.dataplane.balancer import (
     make_balancer,
     stable_hash,
 )
-from kanal.contract.snapshot import Endpoint, HashOn, LoadBalancerPolicy
 
 POLICIES: list[LoadBalancerPolicy] = ["RoundRobin", "LeastRequest", "Random", "RingHash"]
 

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kanal.contract.snapshot import CircuitBreaker, HealthCheck
 from kanal.dataplane.breaker import MAX_OPEN_FACTOR, TRANSITIONS, Breaker
 from kanal.dataplane.health import HealthState
-from kanal.contract.snapshot import CircuitBreaker, HealthCheck
 
 
 def breaker(**settings: object) -> Breaker:

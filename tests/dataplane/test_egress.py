@@ -8,6 +8,9 @@ import ipaddress
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+from kanal.contract.names import wildcard_public_suffix
+from kanal.contract.snapshot import EgressPolicy, EgressRule, Route, Snapshot
 from kanal.dataplane.egress import (
     EgressRules,
     InvalidHost,
@@ -17,8 +20,6 @@ from kanal.dataplane.egress import (
     ip_literal,
     normalize_host,
 )
-from kanal.contract.names import wildcard_public_suffix
-from kanal.contract.snapshot import EgressPolicy, EgressRule, Route, Snapshot
 
 # --------------------------------------------------------------------------- hosts
 
@@ -272,9 +273,10 @@ def test_anonymize_holds_when_any_policy_says_so() -> None:
 
 @pytest.mark.parametrize("host", ["*.com", "*.co.uk", "*.github.io"])
 def test_the_model_refuses_an_allow_wildcard_across_a_public_suffix(host: str) -> None:
+    from pydantic import ValidationError
+
     from kanal.operator.manifests import describe_validation_error
     from kanal.operator.models import EgressPolicy as EgressPolicyModel
-    from pydantic import ValidationError
 
     document = {"apiVersion": "kanal.dev/v1alpha1", "kind": "EgressPolicy",
                 "metadata": {"name": "p"}, "spec": {"allow": [{"host": "a.test"}, {"host": host}]}}

@@ -20,9 +20,7 @@ import aiohttp
 import pytest
 import trustme
 from aiohttp import web
-from kanal.dataplane.forward import ForwardProxy
-from kanal.dataplane.runtime import Runtime
-from kanal.dataplane.server import bind_socket
+
 from kanal.contract.snapshot import (
     Backend as RouteBackend,
 )
@@ -35,7 +33,9 @@ from kanal.contract.snapshot import (
     Snapshot,
     Upstream,
 )
-
+from kanal.dataplane.forward import ForwardProxy
+from kanal.dataplane.runtime import Runtime
+from kanal.dataplane.server import bind_socket
 from tests.conftest import async_wait_until, free_port, raw_request, read_response
 
 

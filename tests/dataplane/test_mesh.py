@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from kanal.dataplane.egress import EgressRules
+
 from kanal.contract.names import service_of, spellings
+from kanal.contract.snapshot import Backend, Route, Rule, Snapshot
+from kanal.dataplane.egress import EgressRules
 from kanal.dataplane.mesh import with_mesh_aliases
 from kanal.dataplane.router import RouteTable, normalize_host
-from kanal.contract.snapshot import Backend, Route, Rule, Snapshot
 
 
 @pytest.mark.parametrize(("name", "expected"), [

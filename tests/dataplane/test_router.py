@@ -8,8 +8,7 @@ from collections.abc import Iterator, Mapping
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kanal.dataplane import router as router_module
-from kanal.dataplane.router import RouteTable, normalize_host, normalize_path, path_views
+
 from kanal.contract.snapshot import (
     Backend,
     Match,
@@ -20,6 +19,8 @@ from kanal.contract.snapshot import (
     Snapshot,
     ValueMatch,
 )
+from kanal.dataplane import router as router_module
+from kanal.dataplane.router import RouteTable, normalize_host, normalize_path, path_views
 
 
 def prefix(value: str, **kwargs: object) -> Match:

@@ -26,10 +26,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+
 from kanal.contract.snapshot import Backend as BackendRef
 from kanal.contract.snapshot import Endpoint, Route, Rule, Snapshot, Upstream
 from kanal.operator.publisher import Publisher, serve_publisher, shared_token_authenticator
-
 from tests.conftest import async_wait_until, free_port
 
 TOKEN = "sidecar-token"

@@ -9,6 +9,7 @@ from itertools import pairwise
 
 from hypothesis import given
 from hypothesis import strategies as st
+
 from kanal.contract.snapshot import Backend, Rule, SessionAffinity
 from kanal.dataplane.split import (
     Split,

@@ -16,12 +16,12 @@ import random
 from pathlib import Path
 
 import pytest
-from kanal.dataplane.runtime import Runtime
-from kanal.contract.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
+
 from kanal.contract.codec import SnapshotDecoder, SnapshotRejected, parse_snapshot
+from kanal.contract.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
+from kanal.dataplane.runtime import Runtime
 from kanal.dataplane.subscriber import Backoff, Subscriber, SubscriberOptions
 from kanal.operator.publisher import Publisher, serve_publisher, shared_token_authenticator
-
 from tests.conftest import free_port
 
 

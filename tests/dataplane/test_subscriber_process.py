@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+
 from kanal.contract.snapshot import (
     Backend as BackendRef,
 )
@@ -29,7 +30,6 @@ from kanal.contract.snapshot import (
     Upstream,
 )
 from kanal.operator.publisher import Publisher, serve_publisher, shared_token_authenticator
-
 from tests.conftest import Backend, DataplaneProcess, async_wait_until, free_port
 
 TOKEN = "s3cret-token"

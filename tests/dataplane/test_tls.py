@@ -15,6 +15,7 @@ import subprocess
 import pytest
 import trustme
 from cryptography import x509
+
 from kanal.contract.snapshot import Route, RouteTLS, Snapshot, UpstreamTLS
 from kanal.dataplane.tls import SniMap, TlsTerminator, normalise, server_name_of, upstream_context
 
@@ -60,7 +61,7 @@ class Listener:
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
-    async def __aenter__(self) -> Listener:  # noqa: PYI034
+    async def __aenter__(self) -> Listener:
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             name = server_name_of(writer.get_extra_info("ssl_object"))
             writer.write((name or "-").encode())

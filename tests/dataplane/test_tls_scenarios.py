@@ -289,7 +289,7 @@ async def test_rotation_under_load_fails_no_request(kanal, backends, ca):
             try:
                 response, got = await https(tls_port, "rot.tls.test", ca)
                 results.append((time.monotonic(), response.status, got))
-            except Exception as exc:  # noqa: BLE001 - every failure is a test failure
+            except Exception as exc:
                 failures.append(exc)
 
     clients = [asyncio.create_task(loop()) for _ in range(4)]

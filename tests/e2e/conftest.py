@@ -113,7 +113,7 @@ def eventually(check: Callable[[], object], timeout: float = 120.0, interval: fl
     while time.monotonic() < deadline:
         try:
             result = check()
-        except Exception as exc:  # noqa: BLE001 - reported below if it never succeeds
+        except Exception as exc:
             last = exc
         else:
             if result:

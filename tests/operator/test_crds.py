@@ -28,11 +28,12 @@ from typing import Any, Literal
 import pydantic
 import pytest
 import yaml
+from pydantic import Field, ValidationError
+
 from kanal.operator import crdgen, models
 from kanal.operator.crdgen import CRDGenerationError, crd_files, crd_for, crds, crds_yaml
 from kanal.operator.durations import DURATION_PATTERN
 from kanal.operator.models import RESOURCES, KanalModel, KanalResource
-from pydantic import Field, ValidationError
 
 REPO = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO / "crds"

@@ -6,10 +6,11 @@ import base64
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
+
 from kanal.operator.durations import DURATION_PATTERN, format_duration, parse_duration
 from kanal.operator.manifests import describe_validation_error
 from kanal.operator.models import RESOURCES, SPECS, EgressPolicy, Route, Secret, Upstream
-from pydantic import ValidationError
 
 API = "kanal.dev/v1alpha1"
 GOOD_RULE = {"backends": [{"upstream": "orders"}]}

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+
 from kanal.contract.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
 from kanal.operator.compiler import compile_snapshot
 from kanal.operator.models import Route as RouteModel
@@ -23,7 +24,6 @@ from kanal.operator.publisher import (
     shared_token_authenticator,
     snapshot_body,
 )
-
 from tests.conftest import async_wait_until, free_port
 
 TOKEN = "t0ken"

@@ -44,11 +44,11 @@ import aiohttp.web
 import kmock
 import kopf
 import pytest
+from kmock._internal import enums
+
 from kanal.operator.kube.controlplane import ControlPlane, OperatorOptions
 from kanal.operator.kube.handlers import MEMO_CONTROL_PLANE
 from kanal.operator.kube.main import run_operator
-from kmock._internal import enums
-
 from tests.conftest import DataplaneProcess, async_wait_until, free_port
 
 TOKEN = "kube-test-token"
@@ -277,7 +277,7 @@ class RunningOperator:
                     memo=self.memo))
             except asyncio.CancelledError:
                 pass  # kopf ends as cancelled when stopped by its flag
-            except BaseException as exc:  # noqa: BLE001 - reported to the test
+            except BaseException as exc:
                 self.error = exc
             finally:
                 loop.close()

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+
 from kanal.operator.kube.builder import Debouncer
 
 pytestmark = pytest.mark.looptime

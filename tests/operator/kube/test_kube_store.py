@@ -9,9 +9,9 @@ import copy
 from typing import Any
 
 import pytest
+
 from kanal.contract.snapshot import Endpoint
 from kanal.operator.kube.store import EndpointPolicy, Store
-
 from tests.operator.kube.conftest import PLURALS, endpoint_slice, route, secret, service, upstream
 
 
