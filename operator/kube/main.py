@@ -76,6 +76,8 @@ async def run_operator(options: OperatorOptions, *, connection: Any = None,
     """Run kopf with Kanal's handlers until stopped (SIGINT/SIGTERM or `stop_flag`)."""
     import kopf
 
+    # imported for its effect: it registers Kanal's handlers with kopf
+    from kanal.operator.kube import handlers  # noqa: F401
     from kanal.operator.kube.controlplane import MEMO_CONNECTION, MEMO_OPTIONS
 
     chosen = list(namespaces if namespaces is not None else options.namespaces)
