@@ -119,7 +119,7 @@ class Backend:
 
 @dataclass(frozen=True, slots=True)
 class Retries:
-    attempts: int = 0
+    attempts: int = 1
     per_try_timeout: float | None = None
     retry_on: tuple[str, ...] = ("connect-failure", "reset", "502", "503", "504")
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kanal.contract.snapshot import Snapshot, Upstream, UpstreamTLS
+from kanal.contract.validate import validate
 from kanal.dataplane.balancer import Balancer, EndpointState, make_balancer
 from kanal.dataplane.breaker import Breaker
 from kanal.dataplane.headers import cookie_value
@@ -291,6 +292,9 @@ class Runtime:
 
     def build(self, snapshot: Snapshot) -> Config:
         """Make a runnable Config; raises ValueError when the Snapshot cannot run."""
+        problems = validate(snapshot)
+        if problems:
+            raise ValueError("; ".join(problems))
         routed = snapshot
         if self.gateway == "mesh" and self.namespace is not None:
             from kanal.dataplane.mesh import with_mesh_aliases

@@ -313,9 +313,11 @@ class HealthCheckSpec(KanalModel):
 
     path: str = Field(
         default="/healthz",
-        pattern=r"^/",
-        description="Path requested on each endpoint (default /healthz). A 2xx or 3xx answer "
-        "within `timeout` is a success.",
+        pattern=r"^/[!-~]*$",
+        max_length=2048,
+        description="Path requested on each endpoint (default /healthz): starts with / and "
+        "holds only visible ASCII (no spaces or control characters; percent-encode the "
+        "rest). A 2xx or 3xx answer within `timeout` is a success.",
     )
     interval: PositiveDuration = Field(
         default="5s", description="Time between two checks of one endpoint (default 5s)."

@@ -1,0 +1,94 @@
+"""What every Snapshot must satisfy before a dataplane runs it, whoever made it.
+
+The compiler makes Snapshots that satisfy these by construction; a dataplane still
+checks each one it is given (from the control plane, the state file, or a file written
+by hand), so a bug or a forged body is refused with a reason instead of half-applied.
+Values that reach the wire are checked here too: nothing configured may carry CR, LF
+or NUL into a request line or a header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from kanal.contract.snapshot import Snapshot, content_version
+
+_WIRE_UNSAFE = frozenset("\r\n\x00")
+
+
+def wire_safe(value: str) -> bool:
+    """Whether `value` can be written into a request line or header without injection."""
+    return _WIRE_UNSAFE.isdisjoint(value)
+
+
+def validate(snapshot: Snapshot, *, check_version: bool = False) -> list[str]:
+    """The problems that make `snapshot` unfit to run; empty when it is fit.
+
+    `check_version` also requires a non-empty version equal to the content's hash.
+    """
+    problems = list(_problems(snapshot))
+    if check_version and snapshot.version != content_version(snapshot):
+        problems.append(f"version {snapshot.version!r} is not the content's hash")
+    return problems
+
+
+def _duplicates(keys: Iterable[str]) -> list[str]:
+    seen: set[str] = set()
+    twice: set[str] = set()
+    for key in keys:
+        (twice if key in seen else seen).add(key)
+    return sorted(twice)
+
+
+def _problems(snapshot: Snapshot) -> Iterator[str]:
+    for part, items in (("route", snapshot.routes), ("upstream", snapshot.upstreams),
+                        ("egress policy", snapshot.egress_policies)):
+        for key in _duplicates(item.key for item in items):
+            yield f"{part} {key} appears twice"
+    for route in snapshot.routes:
+        for hostname in route.hostnames:
+            if not hostname or not wire_safe(hostname) or " " in hostname:
+                yield f"route {route.key}: hostname {hostname!r} is not a host name"
+        for rule in route.rules:
+            where = f"route {route.key} rule {rule.name or rule.index}"
+            # A backend naming no upstream is allowed: it is answered 500 naming the
+            # missing upstream, as Gateway API asks of an unresolved backendRef.
+            for backend in rule.backends:
+                if backend.weight < 0:
+                    yield f"{where}: backend {backend.upstream} has a negative weight"
+            for match in rule.matches:
+                for header in match.headers:
+                    if not header.name or not wire_safe(header.name):
+                        yield f"{where}: header name {header.name!r} cannot be matched"
+            if rule.session_affinity is not None and not _token(
+                    rule.session_affinity.cookie_name):
+                yield f"{where}: cookie name {rule.session_affinity.cookie_name!r} is not a token"
+    for upstream in snapshot.upstreams:
+        for endpoint in upstream.endpoints:
+            if not 0 < endpoint.port < 65536:
+                yield f"upstream {upstream.key}: port {endpoint.port} is out of range"
+            if endpoint.weight < 0:
+                yield f"upstream {upstream.key}: endpoint {endpoint.address} has a negative weight"
+            if not endpoint.address or not wire_safe(endpoint.address):
+                yield f"upstream {upstream.key}: endpoint address {endpoint.address!r} is invalid"
+        check = upstream.health_check
+        if check is not None and (not check.path.startswith("/") or not _visible(check.path)):
+            yield (f"upstream {upstream.key}: health check path {check.path!r} must start "
+                   "with / and hold only visible characters")
+        if upstream.tls is not None and upstream.tls.sni is not None and not _visible(
+                upstream.tls.sni):
+            yield f"upstream {upstream.key}: SNI {upstream.tls.sni!r} is not a host name"
+
+
+def _visible(value: str) -> bool:
+    """Visible ASCII only (RFC 9110 VCHAR): what a request-target or a name may hold."""
+    return bool(value) and all("!" <= ch <= "~" for ch in value)
+
+
+_TOKEN_EXTRA = frozenset("!#$%&'*+-.^_`|~")
+
+
+def _token(value: str) -> bool:
+    """An RFC 9110 token: what a header or cookie name may be."""
+    return bool(value) and all(ch.isascii() and (ch.isalnum() or ch in _TOKEN_EXTRA)
+                               for ch in value)
