@@ -12,11 +12,12 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
 from kanal.dataplane.headers import HOP_BY_HOP, RESPONSE_DROPPED, connection_tokens
+from kanal.dataplane.limits import UpstreamLimits
 
 _SPECIAL_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length"}
 
@@ -294,7 +295,7 @@ class EndpointPool:
         self.idle: list[UpstreamConnection] = []
         self.open: set[UpstreamConnection] = set()
         self.state = state
-        self.limits: Any = None  # the Upstream's UpstreamLimits (runtime.py), set on build
+        self.limits: UpstreamLimits | None = None  # the Upstream's, set by Runtime.build
 
     def take_idle(self) -> UpstreamConnection | None:
         """The most recently used idle connection; one that closed has left the list."""
@@ -309,7 +310,7 @@ class EndpointPool:
         """A new connection, counted against the Upstream's connection limit."""
         limits = self.limits
         if limits is not None:
-            limits.connections += 1
+            limits.connection_opened()
         try:
             conn = await self._dial()
         except BaseException:

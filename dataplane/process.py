@@ -197,9 +197,7 @@ async def drain(runtime: Runtime, timeout: float) -> None:
         busy = False
         for context in [c for r in (runtime, *runtime.companions) for c in r.contexts]:
             for client in list(context.clients):
-                if client.current is None and client.transport is not None:
-                    client.transport.close()
-                else:
+                if not client.close_if_idle():
                     busy = True
         for forward in runtime.forward_proxies:
             # Requests and tunnels of the forward listener get the same grace.

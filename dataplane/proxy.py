@@ -29,6 +29,8 @@ import httptools
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.pool import EndpointPool, UpstreamConnectError, UpstreamConnection
+from kanal.dataplane.retry import FailedTry, retry_kind
+from kanal.dataplane.tlspolicy import hsts_value, tls_answer
 
 if TYPE_CHECKING:
     from kanal.contract.snapshot import Retries, Route
@@ -43,11 +45,12 @@ MAX_TARGET = 8 * 1024
 MAX_HEAD = 64 * 1024
 """Most bytes of request headers accepted (431 beyond)."""
 MAX_HEADERS = 200
+KEEPALIVE_TIMEOUT = 75.0
+"""Close client connections idle for longer than this (nginx's default)."""
+HEADER_TIMEOUT = 30.0
+"""Close client connections that take longer than this to send a request head."""
 RETRY_BUFFER = 1024 * 1024
 """Body bytes kept for a retry; a request that streamed more than this is not retried."""
-IMPLICIT_CONNECT_RETRIES = 2
-"""Other endpoints tried after a connect failure, even without a retry policy."""
-IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 NO_BODY = b""
 _CHUNK_END = b"0\r\n\r\n"
 
@@ -227,6 +230,29 @@ class ClientConnection(asyncio.Protocol):
                 self._fail_request(refused[0], refused[1], close=True)
             else:
                 self._fail_request(400, f"malformed request: {exc}", close=True)
+
+    def sweep(self, now: float) -> None:
+        """Close the connection if it idled past the keep-alive time or stalled in a head.
+
+        A head's time counts from its first byte: trickling bytes (slowloris) does not
+        extend it.
+        """
+        if self.current is not None or self.tunnel or self.transport is None:
+            return
+        parsing = self.parsing
+        if parsing is not None:
+            if now - parsing.started > HEADER_TIMEOUT:
+                self.transport.close()
+        elif now - self.last_activity > KEEPALIVE_TIMEOUT:
+            self.transport.close()
+
+    def close_if_idle(self) -> bool:
+        """Close the connection unless an exchange is under way; True when it was idle."""
+        if self.current is None:
+            if self.transport is not None:
+                self.transport.close()
+            return True
+        return False
 
     def _refuse_head(self, status: int, reason: str) -> None:
         """Stop parsing a request head that is too large; data_received answers `status`."""
@@ -429,7 +455,7 @@ class ClientConnection(asyncio.Protocol):
         self.hsts = None
         route_tls = selection.route.tls
         if route_tls is not None or context.scheme == "https":
-            if self._tls_policy(request, selection.route, host_text, path):
+            if self._tls_policy(request, selection.route, host_text):
                 return
         affinity_token = None
         if selection.rule.session_affinity is not None and request.cookie is not None:
@@ -495,19 +521,18 @@ class ClientConnection(asyncio.Protocol):
         if conn is not None:
             self._send(conn, request)
             return
-        limits = upstream.limits
         settings = upstream.spec.circuit_breaker
-        if limits.connections >= settings.max_connections:
-            if limits.pending >= settings.max_pending_requests:
-                self._finish_endpoint(None)
-                upstream.metrics.count_event("overload", upstream.key)
-                self._fail_request(
-                    503, f"upstream {upstream.key} is overloaded: {settings.max_connections} "
-                         f"connections busy and {settings.max_pending_requests} requests waiting",
-                    overloaded=True)
-                return
-            limits.pending += 1
-            limits.waiters.append(lambda: self._resume(request, pool))
+        admission = upstream.limits.admit(settings.max_connections, settings.max_pending_requests)
+        if admission == "refuse":
+            self._finish_endpoint(None)
+            upstream.metrics.count_event("overload", upstream.key)
+            self._fail_request(
+                503, f"upstream {upstream.key} is overloaded: {settings.max_connections} "
+                     f"connections busy and {settings.max_pending_requests} requests waiting",
+                overloaded=True)
+            return
+        if admission == "wait":
+            upstream.limits.wait(lambda: self._resume(request, pool))
             return
         self.context.spawn(self._connect_and_send(pool, request))
 
@@ -523,10 +548,9 @@ class ClientConnection(asyncio.Protocol):
             return
         upstream = self.upstream_runtime
         assert upstream is not None
-        limits = upstream.limits
-        if limits.connections >= upstream.spec.circuit_breaker.max_connections:
-            limits.pending += 1
-            limits.waiters.appendleft(lambda: self._resume(request, pool))
+        # It waited already: it keeps its place at the head of the queue.
+        if upstream.limits.admit(upstream.spec.circuit_breaker.max_connections, 0) != "connect":
+            upstream.limits.wait(lambda: self._resume(request, pool), first=True)
             return
         self.context.spawn(self._connect_and_send(pool, request))
 
@@ -605,24 +629,19 @@ class ClientConnection(asyncio.Protocol):
         upstream = self.upstream_runtime
         if upstream is None or self.response_started or request.upgrade or self.closed:
             return False
-        implicit = min(len(upstream.states) - 1, IMPLICIT_CONNECT_RETRIES)
-        if not reached and condition == "connect-failure" and self.implicit_used < implicit:
-            # Never left the proxy: another endpoint is always safe, with or without a
-            # retry policy (what nginx's proxy_next_upstream does for errors).
-            if upstream.retry_allowed() or not self.is_retry:
-                self.implicit_used += 1
-                return True
-        retries = self.retries
-        if retries is None or self.attempts_left <= 0:
+        failure = FailedTry(condition, reached, request.method,
+                            request.chunked or request.content_length not in (None, b"0"),
+                            self.kept_body is not None)
+        budget_allows = upstream.retry_allowed()
+        kind = retry_kind(failure, self.retries, endpoints=len(upstream.states),
+                          implicit_used=self.implicit_used, attempts_left=self.attempts_left,
+                          already_retrying=self.is_retry, budget_allows=budget_allows)
+        if kind == "implicit":
+            self.implicit_used += 1
+            return True
+        if kind is None:
             return False
-        if not _retry_matches(retries.retry_on, condition):
-            return False
-        if reached and request.method not in IDEMPOTENT_METHODS:
-            return False
-        has_body = request.chunked or request.content_length not in (None, b"0")
-        if has_body and self.kept_body is None:
-            return False
-        if not upstream.retry_allowed():
+        if not budget_allows:
             upstream.metrics.count_event("retry_budget_exhausted", upstream.key)
             return False
         self.attempts_left -= 1
@@ -644,31 +663,20 @@ class ClientConnection(asyncio.Protocol):
             self.try_timer.cancel()
             self.try_timer = None
 
-    def _tls_policy(self, request: Request, route: Route, host_text: str, path: bytes) -> bool:
+    def _tls_policy(self, request: Request, route: Route, host_text: str) -> bool:
         """HTTPS redirects, HSTS and misdirected requests; True when already answered."""
         context = self.context
-        tls = route.tls
-        if context.scheme == "https":
-            misdirected = context.misdirected
-            if misdirected is not None and misdirected(self.server_name, host_text):
-                self._fail_request(
-                    421, f"host {host_text} is not served by the certificate of this connection "
-                         f"(TLS server name {self.server_name or '-'})")
-                return True
-            if tls is not None and tls.hsts is not None:
-                value = b"max-age=%d" % tls.hsts.max_age
-                if tls.hsts.include_sub_domains:
-                    value += b"; includeSubDomains"
-                self.hsts = value
-            return False
-        if tls is not None and tls.redirect_http and tls.cert_pem:
-            host = host_text.rpartition(":")[0] if host_text.rpartition(":")[2].isdigit() else host_text
-            if context.https_port not in (None, 443):
-                host = f"{host}:{context.https_port}"
-            location = f"https://{host}".encode("latin-1") + request.target
-            self._fail_request(308, f"{route.key} is served over HTTPS: {location.decode('latin-1')}",
-                               location=location)
+        misdirected = context.misdirected
+        answer = tls_answer(
+            scheme=context.scheme, route_key=route.key, tls=route.tls, host=host_text,
+            target=request.target, https_port=context.https_port,
+            misdirected=misdirected is not None and misdirected(self.server_name, host_text),
+            server_name=self.server_name)
+        if answer is not None:
+            self._fail_request(answer.status, answer.reason, location=answer.location)
             return True
+        if context.scheme == "https":
+            self.hsts = hsts_value(route.tls)
         return False
 
     def _request_head(self, request: Request, config: Config) -> bytes:
@@ -1055,18 +1063,3 @@ def reset_connection(transport: asyncio.BaseTransport) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()  # type: ignore[attr-defined]
-
-
-def _retry_matches(retry_on: tuple[str, ...], condition: str) -> bool:
-    """Does a failure condition (`connect-failure`, `reset`, `timeout`, or a status) qualify?
-
-    A per-try timeout is what would have been answered 504, so `504` covers it too;
-    `5xx` covers every 5xx status, resets and timeouts (Envoy's meaning).
-    """
-    if condition in retry_on:
-        return True
-    if condition == "timeout":
-        return "504" in retry_on or "5xx" in retry_on
-    if condition.isdigit():
-        return condition.startswith("5") and "5xx" in retry_on
-    return "5xx" in retry_on and condition in ("reset", "connect-failure")

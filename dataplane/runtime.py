@@ -18,10 +18,9 @@ import logging
 import random
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from kanal.contract.snapshot import Snapshot, Upstream, UpstreamTLS
 from kanal.contract.validate import validate
@@ -29,14 +28,28 @@ from kanal.dataplane.balancer import Balancer, EndpointState, make_balancer
 from kanal.dataplane.breaker import Breaker
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.health import EndpointChecker
+from kanal.dataplane.limits import UpstreamLimits
 from kanal.dataplane.metrics import RequestMetrics
 from kanal.dataplane.pool import EndpointPool
 from kanal.dataplane.router import RouteTable
 
-if TYPE_CHECKING:
-    from kanal.dataplane.proxy import ClientConnection, Request
-
 log = logging.getLogger("kanal.runtime")
+
+
+class RequestHead(Protocol):
+    """What a balancer's hash reads of a request (the proxy's `Request` is one)."""
+
+    host: bytes | None
+    headers: list[tuple[bytes, bytes]]
+    cookie: bytes | None
+
+
+class Client(Protocol):
+    """A client connection as the housekeeping and the drain see it."""
+
+    def sweep(self, now: float) -> None: ...
+
+    def close_if_idle(self) -> bool: ...
 
 
 class UpstreamRuntime:
@@ -165,7 +178,7 @@ class UpstreamRuntime:
         active = sum(state.active for state in self.states)
         return self.limits.active_retries < max(MIN_RETRY_CONCURRENCY, active * RETRY_BUDGET_PERCENT // 100)
 
-    def hash_key(self, request: Request, peer: str) -> str | None:
+    def hash_key(self, request: RequestHead, peer: str) -> str | None:
         """What RingHash hashes for this request; None when the request lacks it."""
         if self._header is not None:
             wanted = self._header
@@ -185,30 +198,6 @@ class UpstreamRuntime:
 MAX_EJECTION_PERCENT = 50
 RETRY_BUDGET_PERCENT = 20
 MIN_RETRY_CONCURRENCY = 3
-
-
-class UpstreamLimits:
-    """Counters of one Upstream that outlive reloads: connections, waiters, retries."""
-
-    __slots__ = ("connections", "pending", "waiters", "active_retries")
-
-    def __init__(self) -> None:
-        self.connections = 0
-        self.pending = 0
-        self.waiters: deque[Callable[[], None]] = deque()
-        self.active_retries = 0
-
-    def connection_closed(self) -> None:
-        self.connections = max(self.connections - 1, 0)
-        self.wake_one()
-
-    def wake_one(self) -> None:
-        """Let the longest-waiting request try again (a connection freed up)."""
-        if self.waiters:
-            waiter = self.waiters.popleft()
-            self.pending = max(self.pending - 1, 0)
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().call_soon(waiter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +228,7 @@ class ProxyContext:
         self.scheme = scheme
         self.trusted_hops = trusted_hops
         self.metrics = metrics or RequestMetrics()
-        self.clients: set[ClientConnection] = set()
+        self.clients: set[Client] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         # HTTPS listener: says whether a request for `host` arrived on a connection
         # whose TLS handshake (SNI `server_name`) chose another Route's certificate.

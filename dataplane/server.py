@@ -16,12 +16,6 @@ from kanal.dataplane.runtime import ProxyContext, Runtime
 
 log = logging.getLogger("kanal.server")
 
-KEEPALIVE_TIMEOUT = 75.0
-"""Close client connections idle for longer than this (nginx's default)."""
-
-HEADER_TIMEOUT = 30.0
-"""Close client connections that take longer than this to send a request head."""
-
 SWEEP_INTERVAL = 1.0
 
 
@@ -102,17 +96,7 @@ async def housekeeping(runtime: Runtime) -> AsyncIterator[None]:
             now = time.monotonic()
             for context in runtime.contexts:
                 for client in list(context.clients):
-                    if client.current is not None or client.tunnel:
-                        continue
-                    parsing = client.parsing
-                    if parsing is not None:
-                        # Counted from the first byte of the head: trickling bytes
-                        # (slowloris) does not extend it.
-                        stalled = now - parsing.started > HEADER_TIMEOUT
-                    else:
-                        stalled = now - client.last_activity > KEEPALIVE_TIMEOUT
-                    if stalled and client.transport is not None:
-                        client.transport.close()
+                    client.sweep(now)
 
     task = asyncio.get_running_loop().create_task(sweep_forever())
     try:

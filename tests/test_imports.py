@@ -82,3 +82,19 @@ def test_the_contract_imports_nothing_of_either_plane() -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_no_module_of_kanal_imports_itself_back() -> None:
+    """No import cycles: a module's imports never lead back to it, at any depth."""
+    import grimp
+
+    graph = grimp.build_graph("kanal")
+    modules = sorted(m for m in graph.modules if m.startswith("kanal."))
+    assert "kanal.dataplane.proxy" in modules and "kanal.operator.kube.handlers" in modules
+    cycles = sorted(
+        f"{module} -> {imported}"
+        for module in modules
+        for imported in graph.find_modules_directly_imported_by(module)
+        if imported.startswith("kanal.") and graph.chain_exists(importer=imported, imported=module)
+    )
+    assert not cycles, cycles
