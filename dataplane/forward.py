@@ -93,39 +93,26 @@ class ForwardProxy:
         self.connections: set[ForwardConnection] = set()
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        # The reverse proxy over the mesh gateway's routes, for mesh services. Its
-        # context is one of the runtime's, so graceful stops drain it too.
-        self.mesh_context: ProxyContext = runtime.context("http", 0)
-        self.mesh_context.config = None
+        # The reverse proxy over the mesh gateway's routes, for mesh services: the
+        # runtime builds them with each Config (Config.mesh). Its context is one of the
+        # runtime's, so graceful stops drain it too.
+        runtime.mesh_namespace = namespace
+        if runtime.config is not None:
+            # Built before this proxy asked for mesh routes: build them now.
+            runtime.apply(runtime.config.snapshot)
+        self.mesh_context: ProxyContext = runtime.context("http", 0, mesh=True)
         runtime.on_apply.append(self.apply)
         if runtime.config is not None:
             self.apply(runtime.config)
 
     def apply(self, config: Config) -> None:
-        """Follow a new configuration: its policies and its mesh routes."""
-        from kanal.dataplane.mesh import with_mesh_aliases
-        from kanal.dataplane.router import RouteTable
-        from kanal.dataplane.runtime import Config as ConfigType
-
-        # Mesh hosts in any spelling of a Service's name, relative to this namespace.
-        routed = with_mesh_aliases(config.snapshot, self.namespace)
-        rules = EgressRules.from_snapshot(routed, self.namespace)
+        """Follow a new configuration: its egress policies (mesh hosts in any spelling
+        of a Service's name, relative to this namespace)."""
+        mesh = config.mesh
+        rules = EgressRules.from_snapshot(mesh.snapshot if mesh is not None else config.snapshot,
+                                          self.namespace)
         for ignored in rules.ignored:
             log.warning("EgressPolicy %s: a wildcard across a public suffix is ignored", ignored)
-        runtime = self.runtime
-        if runtime.gateway == "mesh" and runtime.namespace == self.namespace:
-            # A sidecar: its own table already is the mesh's, built the same way.
-            self.mesh_context.config = config
-            self.rules = rules
-            return
-        try:
-            table = RouteTable.build(routed, gateway="mesh", rng=self.runtime.rng)
-        except (ValueError, TypeError) as exc:  # pragma: no cover - the ingress build passed
-            log.error("mesh routes of %s not usable: %s", config.version, exc)
-            self.mesh_context.config = None
-        else:
-            self.mesh_context.config = ConfigType(
-                snapshot=config.snapshot, table=table, upstreams=config.upstreams)
         self.rules = rules
 
     async def start(self, sock: socket.socket) -> asyncio.Server:

@@ -119,8 +119,8 @@ class EndpointChecker:
         self.rng = rng or random.Random()
         self.task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._run())
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.task = loop.create_task(self._run())
 
     def stop(self) -> None:
         if self.task is not None:

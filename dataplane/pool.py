@@ -364,6 +364,14 @@ class EndpointPool:
         except ValueError:
             pass
 
+    def retire(self) -> None:
+        """The endpoint left the configuration: idle connections close now, busy ones
+        finish their exchange and then close, as the pool no longer takes them back."""
+        self.max_idle = 0
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
     def sweep(self, now: float) -> None:
         """Close idle connections older than the idle timeout, and time out stalled ones.
 

@@ -159,6 +159,9 @@ async def run_dataplane(
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
+    # Active health checkers follow each applied configuration, on this loop.
+    runtime.on_apply.append(lambda _config: runtime.start_health_checks(loop))
+    runtime.start_health_checks(loop)
 
     servers = await start_listeners(runtime, options)
     runner: web.AppRunner | None = None

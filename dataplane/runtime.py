@@ -29,6 +29,7 @@ from kanal.dataplane.breaker import Breaker
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.health import EndpointChecker
 from kanal.dataplane.limits import UpstreamLimits
+from kanal.dataplane.mesh import with_mesh_aliases
 from kanal.dataplane.metrics import RequestMetrics
 from kanal.dataplane.pool import EndpointPool
 from kanal.dataplane.router import RouteTable
@@ -208,6 +209,10 @@ class Config:
     table: RouteTable
     upstreams: dict[str, UpstreamRuntime]
     applied_at: float = field(default_factory=time.time)
+    mesh: Config | None = None
+    """The same configuration routed as the mesh gateway for `Runtime.mesh_namespace`
+    (what a forward proxy hands mesh requests to); its snapshot carries the Service
+    name aliases. None when no listener of the process routes mesh requests."""
 
     @property
     def version(self) -> str:
@@ -223,8 +228,11 @@ class ProxyContext:
         scheme: str = "http",
         trusted_hops: int = 0,
         metrics: RequestMetrics | None = None,
+        mesh: bool = False,
     ) -> None:
         self.config: Config | None = None
+        # Whether this context routes as the mesh gateway (takes `Config.mesh`).
+        self.mesh = mesh
         self.scheme = scheme
         self.trusted_hops = trusted_hops
         self.metrics = metrics or RequestMetrics()
@@ -263,6 +271,10 @@ class Runtime:
         self.companions: list[Runtime] = []
         # Forward proxies serving with this runtime (kanal.dataplane.forward), for drains.
         self.forward_proxies: list[Any] = []
+        # Set by a forward proxy: each Config is also built as the mesh gateway's, with
+        # Service names relative to this namespace (Config.mesh), inside the same
+        # atomic build, so a Snapshot whose mesh routes cannot run is refused whole.
+        self.mesh_namespace: str | None = None
         self.rng = rng or random.Random()
         self.contexts: list[ProxyContext] = []
         self.config: Config | None = None
@@ -273,11 +285,20 @@ class Runtime:
         # health checkers, egress policies: whatever else follows the configuration).
         self.on_apply: list[Callable[[Config], None]] = []
 
-    def context(self, scheme: str = "http", trusted_hops: int = 0) -> ProxyContext:
-        context = ProxyContext(scheme=scheme, trusted_hops=trusted_hops, metrics=self.metrics)
-        context.config = self.config
+    def context(self, scheme: str = "http", trusted_hops: int = 0, *,
+                mesh: bool = False) -> ProxyContext:
+        """A context for one listener; `mesh` routes it as the mesh gateway (see
+        `mesh_namespace`)."""
+        context = ProxyContext(scheme=scheme, trusted_hops=trusted_hops, metrics=self.metrics,
+                               mesh=mesh)
+        context.config = self._config_for(context)
         self.contexts.append(context)
         return context
+
+    def _config_for(self, context: ProxyContext) -> Config | None:
+        if context.mesh and self.config is not None:
+            return self.config.mesh
+        return self.config
 
     def build(self, snapshot: Snapshot) -> Config:
         """Make a runnable Config; raises ValueError when the Snapshot cannot run."""
@@ -286,10 +307,16 @@ class Runtime:
             raise ValueError("; ".join(problems))
         routed = snapshot
         if self.gateway == "mesh" and self.namespace is not None:
-            from kanal.dataplane.mesh import with_mesh_aliases
-
             routed = with_mesh_aliases(snapshot, self.namespace)
         table = RouteTable.build(routed, gateway=self.gateway, rng=self.rng)
+        mesh_routed: Snapshot | None = None
+        mesh_table: RouteTable | None = None
+        if self.mesh_namespace is not None:
+            if self.gateway == "mesh" and self.namespace == self.mesh_namespace:
+                mesh_routed, mesh_table = routed, table  # a sidecar: the same table
+            else:
+                mesh_routed = with_mesh_aliases(snapshot, self.mesh_namespace)
+                mesh_table = RouteTable.build(mesh_routed, gateway="mesh", rng=self.rng)
         upstreams: dict[str, UpstreamRuntime] = {}
         previous = self.config.upstreams if self.config is not None else {}
         for spec in snapshot.upstreams:
@@ -338,7 +365,10 @@ class Runtime:
                 pools[state.key] = pool
             balancer = make_balancer(spec.policy, states, self.rng, spec.hash_on)
             upstreams[spec.key] = UpstreamRuntime(spec, states, balancer, pools, limits, self.metrics)
-        return Config(snapshot=snapshot, table=table, upstreams=upstreams)
+        mesh = None
+        if mesh_routed is not None and mesh_table is not None:
+            mesh = Config(snapshot=mesh_routed, table=mesh_table, upstreams=upstreams)
+        return Config(snapshot=snapshot, table=table, upstreams=upstreams, mesh=mesh)
 
     def apply(self, snapshot: Snapshot) -> Config:
         """Build and publish a Snapshot atomically; the old one keeps its in-flight requests."""
@@ -346,11 +376,10 @@ class Runtime:
         previous = self.config.upstreams if self.config is not None else {}
         self.config = config
         for context in self.contexts:
-            context.config = config
+            context.config = self._config_for(context)
         self.metrics.config_version = snapshot.version
         self.metrics.config_applied += 1
         self._limits = {key: limits for key, limits in self._limits.items() if key in config.upstreams}
-        self._sync_checkers(config)
         for listener in self.on_apply:
             listener(config)
         for key, old in previous.items():
@@ -360,12 +389,7 @@ class Runtime:
             kept = {id(pool) for pool in new.pools.values()} if new is not None else set()
             for pool in old.pools.values():
                 if id(pool) not in kept:
-                    # Idle connections of endpoints that left go now; busy ones finish
-                    # their exchange, then close: their pool no longer takes them back.
-                    pool.max_idle = 0
-                    for conn in pool.idle:
-                        conn.close()
-                    pool.idle.clear()
+                    pool.retire()
         return config
 
     def _all_pools(self) -> list[EndpointPool]:
@@ -373,12 +397,12 @@ class Runtime:
             return []
         return [pool for upstream in self.config.upstreams.values() for pool in upstream.pools.values()]
 
-    def _sync_checkers(self, config: Config) -> None:
-        """One active health checker per endpoint of each Upstream with `healthCheck`."""
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return  # built outside a running loop (a pure test): no checks to run
+    def start_health_checks(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start (on `loop`) or stop checkers so that each endpoint of an Upstream with
+        `healthCheck` in the applied configuration has exactly one."""
+        config = self.config
+        if config is None:
+            return
         wanted: dict[tuple[str, str], tuple[UpstreamRuntime, EndpointState]] = {}
         for upstream in config.upstreams.values():
             if upstream.spec.health_check is None:
@@ -407,7 +431,7 @@ class Runtime:
                 ssl_context=pool.ssl_context, server_hostname=pool.server_hostname, rng=self.rng,
             )
             self._checkers[key] = checker
-            checker.start()
+            checker.start(loop)
 
     def _health_changed(self, upstream: UpstreamRuntime) -> Callable[[EndpointState, bool, str], None]:
         def changed(state: EndpointState, healthy: bool, detail: str) -> None:
