@@ -8,6 +8,8 @@ COPY pyproject.toml README.md ./
 COPY kanal/ kanal/
 COPY operator/ operator/
 COPY dataplane/ dataplane/
+COPY contract/ contract/
+COPY commands/ commands/
 RUN pip wheel --wheel-dir /wheels '.[operator]'
 
 FROM python:3.11-slim

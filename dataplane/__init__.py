@@ -1,1 +1,1 @@
-"""The Kanal dataplane: the proxy and the Snapshot types it consumes (its contract)."""
+"""The Kanal dataplane: the proxy that runs Snapshots (types in `kanal.contract`)."""

@@ -1,4 +1,4 @@
-"""The Kanal control plane: API models, compiler, sources, and the `kanal` command line.
+"""The Kanal control plane: API models, compiler, sources, publisher and the kopf glue.
 
 This folder is the package `kanal.operator` (through the link `kanal/operator`). When the
 repository root comes first on `sys.path` (`python -m pytest` run from there), Python
