@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http
 import logging
 import socket
 import struct
@@ -27,7 +26,16 @@ from typing import TYPE_CHECKING
 import httptools
 
 from kanal.dataplane import headers as hdrs
+from kanal.dataplane import http1
 from kanal.dataplane.headers import cookie_value
+from kanal.dataplane.http1 import (
+    HEAD_TIMEOUT,
+    KEEPALIVE_TIMEOUT,
+    MAX_HEAD,
+    MAX_HEADERS,
+    MAX_TARGET,
+    status_line,
+)
 from kanal.dataplane.pool import EndpointPool, UpstreamConnectError, UpstreamConnection
 from kanal.dataplane.retry import FailedTry, retry_kind
 from kanal.dataplane.tlspolicy import hsts_value, tls_answer
@@ -40,15 +48,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kanal.proxy")
 
 MAX_BUFFERED_BODY = 256 * 1024
-MAX_TARGET = 8 * 1024
-"""Longest request target accepted (414 beyond), as nginx's large header buffers."""
-MAX_HEAD = 64 * 1024
-"""Most bytes of request headers accepted (431 beyond)."""
-MAX_HEADERS = 200
-KEEPALIVE_TIMEOUT = 75.0
-"""Close client connections idle for longer than this (nginx's default)."""
-HEADER_TIMEOUT = 30.0
-"""Close client connections that take longer than this to send a request head."""
 RETRY_BUFFER = 1024 * 1024
 """Body bytes kept for a retry; a request that streamed more than this is not retried."""
 NO_BODY = b""
@@ -60,20 +59,6 @@ _SPECIAL_REQUEST_HEADERS = (
 )
 _METHOD_TEXT = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
-_STATUS_LINES = {
-    status.value: b"HTTP/1.1 %d %b" % (status.value, status.phrase.encode("latin-1"))
-    for status in http.HTTPStatus
-}
-"""Status lines as the proxy writes them: the standard reason phrase for each code."""
-
-REASONS = {
-    308: b"Permanent Redirect", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-    408: b"Request Timeout", 413: b"Content Too Large", 421: b"Misdirected Request",
-    500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
-
-
 class Request:
     """What the parser learned of one request, and how far its exchange has come."""
 
@@ -81,7 +66,7 @@ class Request:
         "method", "target", "headers", "host", "http11", "keep_alive", "chunked",
         "content_length", "upgrade", "expect_continue", "complete", "body", "body_size",
         "started", "cookie", "forwarded", "connection_named", "upgrade_value", "decoded",
-        "head_size",
+        "head_size", "singletons", "websocket_key",
     )
 
     def __init__(self) -> None:
@@ -105,16 +90,21 @@ class Request:
         self.upgrade_value: bytes | None = None
         self.decoded: dict[str, str] | None = None
         self.head_size = 0
+        self.singletons: set[bytes] | None = None
+        self.websocket_key: bytes | None = None
 
-    # A read-only mapping of lower-case header names to first values, for the router;
-    # decoded only if a route asks for a header.
+    # A read-only mapping of lower-case header names to values (repeated fields joined
+    # with ", "), for the router; decoded only if a route asks for a header.
 
     def _table(self) -> dict[str, str]:
         table = self.decoded
         if table is None:
             table = {}
             for name, value in self.headers:
-                table.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+                # Repeated fields are matched as the backend reads them: one list value.
+                key = name.decode("latin-1").lower()
+                text = value.decode("latin-1")
+                table[key] = table[key] + ", " + text if key in table else text
             if self.host is not None:
                 table.setdefault("host", self.host.decode("latin-1"))
             if self.forwarded:
@@ -205,31 +195,64 @@ class ClientConnection(asyncio.Protocol):
                 upstream.write(data)
             return
         self.last_activity = time.monotonic()
+        if self.deferred_error is not None:
+            return  # the parser stopped at a malformed request; answers before it go out
         parsing = self.parsing
-        if parsing is not None and not parsing.method:
-            # A head still incomplete: bound it (431), whatever pieces it comes in, and
-            # from now on count header sizes one by one on this connection.
+        head_open = parsing is not None and not parsing.method
+        if head_open or len(data) > MAX_HEAD // 4:
+            # A head spread over reads, or a big read that may hold a big head: count
+            # each header's size exactly from now on, on this connection.
             self.strict_head = True
-            parsing.head_size += len(data)
-            if parsing.head_size > MAX_HEAD + MAX_TARGET:
-                self._fail_request(431, f"request head larger than {MAX_HEAD} bytes", close=True)
-                return
-        elif len(data) > MAX_HEAD // 4:
-            self.strict_head = True  # a big read may hold a big head: count it exactly
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0] if upgrade.args else len(data)
             self._client_upgrade(data[offset:])
+            return
         except httptools.HttpParserError as exc:
             refused = self.refused
-            if self.current is not None and self.response_started:
+            self.refused = None
+            status, reason = refused if refused is not None else (400, f"malformed request: {exc}")
+            self._parse_failed(status, reason)
+            return
+        if head_open and parsing is self.parsing and parsing is not None and not parsing.method:
+            # Still the same unfinished head: bound the bytes it has taken (431), whatever
+            # pieces it comes in (llhttp holds a header's pieces until its line ends).
+            parsing.head_size += len(data)
+            if parsing.head_size > MAX_HEAD + MAX_TARGET:
+                self._parse_failed(431, f"request head larger than {MAX_HEAD} bytes")
+
+    def _parse_failed(self, status: int, reason: str) -> None:
+        """The parser met a request it cannot take: answer every request before it, then
+        this error, then close (nothing after it is read)."""
+        self.parsing = None
+        current = self.current
+        if current is not None and not current.complete:
+            # The current request's own body is malformed: it cannot be finished.
+            if self.response_started:
                 self._abort()
-            elif refused is not None:
-                self.refused = None
-                self._fail_request(refused[0], refused[1], close=True)
             else:
-                self._fail_request(400, f"malformed request: {exc}", close=True)
+                self._fail_request(status, reason, close=True)
+            return
+        if current is None:
+            request = Request()
+            request.complete = True
+            self.parsing = request
+            self._fail_request(status, reason, close=True)
+            return
+        self.deferred_error = (status, reason)
+        if self.transport is not None and not self.paused_for_body:
+            self.transport.pause_reading()
+            self.paused_for_body = True
+
+    def _answer_deferred_error(self) -> None:
+        """Every request before a malformed one is answered: now answer it, and close."""
+        assert self.deferred_error is not None
+        status, reason = self.deferred_error
+        request = Request()
+        request.complete = True
+        self.parsing = request
+        self._fail_request(status, reason, close=True)
 
     def sweep(self, now: float) -> None:
         """Close the connection if it idled past the keep-alive time or stalled in a head.
@@ -241,8 +264,9 @@ class ClientConnection(asyncio.Protocol):
             return
         parsing = self.parsing
         if parsing is not None:
-            if now - parsing.started > HEADER_TIMEOUT:
-                self.transport.close()
+            if now - parsing.started > HEAD_TIMEOUT:
+                self._fail_request(
+                    408, f"request head not received within {HEAD_TIMEOUT:g}s", close=True)
         elif now - self.last_activity > KEEPALIVE_TIMEOUT:
             self.transport.close()
 
@@ -319,11 +343,24 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse_head(431, f"request headers larger than {MAX_HEAD} bytes")
         lower = name.lower()
         if lower not in _SPECIAL_REQUEST_HEADERS:
+            if b"_" in name:
+                # CGI-style backends read X_Forwarded_For as X-Forwarded-For: drop it,
+                # as Envoy's headers_with_underscores_action DROP_HEADER does.
+                self.context.metrics.count_event("header_with_underscore_dropped", "")
+                return
+            if lower in http1.SINGLETON_HEADERS:
+                seen = request.singletons
+                if seen is None:
+                    request.singletons = {lower}
+                elif lower in seen:
+                    self._refuse_head(400, f"more than one {name.decode('latin-1')} header")
+                else:
+                    seen.add(lower)
             request.headers.append((name, value))
             return
         if lower == b"host":
             if request.host is not None:
-                raise httptools.HttpParserError("more than one Host header")
+                self._refuse_head(400, "more than one Host header")
             request.host = value
         elif lower == b"cookie":
             request.cookie = value if request.cookie is None else request.cookie + b"; " + value
@@ -331,6 +368,9 @@ class ClientConnection(asyncio.Protocol):
             request.content_length = value
             return
         elif lower == b"transfer-encoding":
+            problem = http1.transfer_coding_problem(value)
+            if problem is not None:
+                self._refuse_head(400, problem)
             request.chunked = True
             return
         elif lower == b"expect":
@@ -344,7 +384,7 @@ class ClientConnection(asyncio.Protocol):
             return
         else:  # hop-by-hop: stops here, but `Connection` also names others that do
             if lower == b"connection":
-                tokens = hdrs.connection_tokens(value) - hdrs.REQUEST_DROPPED
+                tokens = http1.nominated(value)
                 if tokens:
                     request.connection_named = (request.connection_named or set()) | tokens
             elif lower == b"upgrade":
@@ -359,10 +399,23 @@ class ClientConnection(asyncio.Protocol):
         if len(request.headers) > MAX_HEADERS:
             self._refuse_head(431, f"more than {MAX_HEADERS} request headers")
         parser = self.parser
-        request.method = parser.get_method()
-        request.http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        if version != "1.1":
+            refused = http1.version_problem(version)
+            if refused is not None:
+                self._refuse_head(*refused)
+        method = parser.get_method()
+        problem = http1.target_problem(method, request.target, self.context.scheme)
+        if problem is None and request.host is not None:
+            problem = http1.host_problem(request.host)
+        if problem is not None:
+            self._refuse_head(400, problem)
+        request.method = method
+        request.http11 = version == "1.1"
         request.keep_alive = parser.should_keep_alive()
         request.upgrade = parser.should_upgrade()
+        if request.upgrade and method != b"CONNECT":  # llhttp counts CONNECT as one
+            self._check_upgrade(request)
         if self.current is not None:
             # Pipelined behind an exchange in progress: wait for it.
             self.waiting.append(request)
@@ -371,6 +424,21 @@ class ClientConnection(asyncio.Protocol):
                 self.paused_for_body = True
             return
         self._begin(request)
+
+    def _check_upgrade(self, request: Request) -> None:
+        """Only a valid WebSocket opening handshake may become a tunnel."""
+        key = version = None
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower == b"sec-websocket-key":
+                key = value
+            elif lower == b"sec-websocket-version":
+                version = value
+        problem = http1.websocket_problem(request.method, request.http11, request.upgrade_value,
+                                          key, version)
+        if problem is not None:
+            self._refuse_head(400, problem)
+        request.websocket_key = key
 
     def on_body(self, body: bytes) -> None:
         request = self.parsing
@@ -763,7 +831,7 @@ class ClientConnection(asyncio.Protocol):
         # After an answer that refuses an upgrade, the client may already be speaking
         # the new protocol: nothing more on this connection can be read as HTTP.
         close = not request.keep_alive or self.close_after or request.upgrade
-        lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown" % status]
+        lines = [status_line(status)]
         for name, value in headers:
             lines.append(name + b": " + value)
         if conn.content_length is not None and not conn.chunked:
@@ -850,6 +918,14 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or request is None:
             conn.abort()
             return
+        problem = _switch_problem(request, conn)
+        if problem is not None:
+            # No tunnel: nothing the client sends next may reach the backend unparsed.
+            conn.abort()
+            self.upstream = None
+            self._finish_endpoint(False)
+            self._fail_request(502, f"upstream {self.upstream_key}: {problem}", close=True)
+            return
         status = conn.status
         lines = [b"HTTP/1.1 %d Switching Protocols" % status]
         for name, value in conn.headers:
@@ -934,10 +1010,13 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.waiting:
             following = self.waiting.popleft()
-            if not self.waiting and self.paused_for_body and following.body_size <= MAX_BUFFERED_BODY:
+            if (not self.waiting and self.paused_for_body and self.deferred_error is None
+                    and following.body_size <= MAX_BUFFERED_BODY):
                 self.paused_for_body = False
                 transport.resume_reading()
             self._begin(following)
+        elif self.deferred_error is not None:
+            self._answer_deferred_error()
 
     def _record(self, request: Request, status: int) -> None:
         self.context.metrics.observe(
@@ -967,8 +1046,8 @@ class ClientConnection(asyncio.Protocol):
         body = f"kanal: {status} {reason}\n".encode()
         keep = not close and request.keep_alive and request.complete and not self.close_after
         head = (
-            b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-            % (status, REASONS.get(status, b"Error"), len(body))
+            status_line(status)
+            + b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body)
         )
         if status == 503:
             head += b"Retry-After: 1\r\n"
@@ -986,6 +1065,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.waiting:
             self._begin(self.waiting.popleft())
+        elif self.deferred_error is not None:
+            self._answer_deferred_error()
         elif self.paused_for_body:
             self.paused_for_body = False
             transport.resume_reading()
@@ -1038,6 +1119,7 @@ class ClientConnection(asyncio.Protocol):
 
     set_cookie: bytes | None = None
     refused: tuple[int, str] | None = None
+    deferred_error: tuple[int, str] | None = None
     strict_head: bool = False
     hsts: bytes | None = None
     head: bytes = b""
@@ -1053,6 +1135,20 @@ class ClientConnection(asyncio.Protocol):
     resent_stale: bool = False
     last_failure: tuple[int, str] | None = None
     try_timer: asyncio.TimerHandle | None = None
+
+
+def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:
+    """Why an upstream's 101 does not open a WebSocket tunnel, or None when it may."""
+    if not request.upgrade or request.websocket_key is None:
+        return "switched protocols without an upgrade request"
+    if (conn.upgrade_value or b"").strip().lower() != b"websocket":
+        return "switched to a protocol other than websocket"
+    wanted = http1.websocket_accept(request.websocket_key)
+    accepts = [value.strip() for name, value in conn.headers
+               if name.lower() == b"sec-websocket-accept"]
+    if accepts != [wanted]:
+        return "101 without the matching Sec-WebSocket-Accept"
+    return None
 
 
 def reset_connection(transport: asyncio.BaseTransport) -> None:

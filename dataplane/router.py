@@ -75,6 +75,7 @@ _NO_HEADERS: Mapping[str, str] = {}
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_PARAMETERS = re.compile(r";[^/]*")
 _SLASHES = re.compile(r"/{2,}")
 
 
@@ -287,10 +288,13 @@ def normalize_path(path: str) -> str:
 
     `%2F`, `%5C` and `\\` become `/`, `%2E` and other escaped unreserved characters are
     decoded (once: `%252F` stays `%252F`), runs of `/` merge and dot segments resolve.
-    Other escapes keep their bytes (hex in upper case).
+    Other escapes keep their bytes (hex in upper case). Path parameters (`;jsessionid=1`
+    at the end of a segment, which servlet containers strip) are dropped.
     """
     if "%" in path:
         path = _ESCAPE.sub(_decode_safe, path)
+    if ";" in path:
+        path = _PARAMETERS.sub("", path)
     path = path.replace("\\", "/")
     if "//" in path:
         path = _SLASHES.sub("/", path)
@@ -299,14 +303,20 @@ def normalize_path(path: str) -> str:
 
 def _is_plain_path(path: str) -> bool:
     """True when both readings of the path are the path itself (the common case)."""
-    return not ("%" in path or "\\" in path or "/." in path or "//" in path)
+    return not ("%" in path or "\\" in path or "/." in path or "//" in path or ";" in path)
 
 
 def path_views(path: str) -> tuple[str, str]:
     """(as sent with dot segments resolved, decoded): the two readings rules must match."""
     if _is_plain_path(path):
         return path, path
-    as_sent = _remove_dot_segments(path) if "/." in path else path
+    as_sent = path
+    if ";" in as_sent:
+        # Path parameters are no part of the hierarchy in either reading: servlet
+        # containers drop them, so /admin;x=1/a is under /admin for every backend.
+        as_sent = _PARAMETERS.sub("", as_sent)
+    if "/." in as_sent:
+        as_sent = _remove_dot_segments(as_sent)
     return as_sent, normalize_path(path)
 
 
@@ -446,7 +456,8 @@ class RouteTable:
         levels = self._cache.get(host)
         if levels is None:
             levels = self._levels(host)
-        if "%" in path or "/." in path or "//" in path or "\\" in path:  # _is_plain_path
+        if "%" in path or "/." in path or "//" in path or "\\" in path or ";" in path:
+            # not _is_plain_path
             return self._match_views(levels, method, path, query, headers)
         params: dict[str, str] | None = None
         for level in levels:

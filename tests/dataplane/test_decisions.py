@@ -81,3 +81,12 @@ def test_admission_connects_then_queues_then_refuses() -> None:
     limits.pending = 0
     limits.connection_closed()
     assert limits.admit(1, 1) == "connect"
+
+
+def test_a_repeated_header_is_matched_as_the_backend_reads_it() -> None:
+    from kanal.dataplane.proxy import Request
+
+    request = Request()
+    request.headers = [(b"X-Role", b"admin"), (b"x-role", b"user"), (b"Accept", b"*/*")]
+    assert request.get("x-role") == "admin, user"
+    assert request.get("accept") == "*/*"

@@ -1,0 +1,173 @@
+"""HTTP/1 policy shared by every listener and the upstream side: what is refused, what
+is dropped, what the limits are, and how heads and error answers are spelled.
+
+llhttp (through httptools) does the framing; this module decides what a framed head may
+hold, as HAProxy's strict parser and Envoy's edge defaults do. Pure: bytes in, decisions
+out. The reverse listener (`proxy.py`), the forward listener (`forward.py`) and the
+upstream connections (`pool.py`) all take their rules from here, so a fix made once
+reaches every side.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http
+import re
+
+from kanal.dataplane import headers as hdrs
+
+MAX_TARGET = 8 * 1024
+"""Longest request target accepted (414 beyond), as nginx's large header buffers."""
+MAX_HEAD = 64 * 1024
+"""Most bytes of request headers accepted (431 beyond)."""
+MAX_HEADERS = 200
+"""Most request header lines accepted (431 beyond)."""
+MAX_RESPONSE_HEAD = 64 * 1024
+"""Most bytes of an upstream's response head relayed (502 beyond)."""
+HEAD_TIMEOUT = 30.0
+"""Time a client has to send a whole request head, from its first byte (408 after)."""
+BODY_IDLE_TIMEOUT = 60.0
+"""Time a request body may go without a byte (408 after)."""
+KEEPALIVE_TIMEOUT = 75.0
+"""Client connections idle for longer than this are closed (nginx's default)."""
+
+SINGLETON_HEADERS = frozenset({
+    b"host", b"authorization", b"proxy-authorization", b"content-type", b"content-length",
+    b"if-modified-since", b"if-unmodified-since", b"if-range", b"max-forwards", b"range",
+    b"referer", b"from", b"origin", b"sec-websocket-key", b"sec-websocket-version",
+})
+"""Request fields defined to appear once (RFC 9110): a second copy is refused (400), as
+a backend might read the other copy than the one the proxy routed or checked on."""
+
+CONNECTION_PROTECTED = frozenset({
+    b"host", b"content-length", b"transfer-encoding", b"cookie", b"authorization",
+    b"proxy-authorization", b"content-type", b"upgrade",
+})
+"""End-to-end fields that `Connection` may not nominate for removal: naming them there
+is ignored (RFC 9110 §7.6.1 allows only hop-by-hop fields)."""
+
+
+def status_line(status: int) -> bytes:
+    """`HTTP/1.1 <status> <standard reason phrase>`."""
+    return _STATUS_LINES.get(status) or b"HTTP/1.1 %d Unknown" % status
+
+
+REASONS = {
+    **{status.value: status.phrase.encode("latin-1") for status in http.HTTPStatus},
+    # RFC 9110's names, where older Pythons still carry RFC 7231's
+    413: b"Content Too Large", 414: b"URI Too Long", 416: b"Range Not Satisfiable",
+    422: b"Unprocessable Content",
+}
+"""Standard reason phrases by status code."""
+_STATUS_LINES = {code: b"HTTP/1.1 %d %b" % (code, phrase) for code, phrase in REASONS.items()}
+
+
+def error_head(status: int, body_length: int, *, keep_alive: bool,
+               extra: bytes = b"") -> bytes:
+    """The head of an answer of the proxy's own (text body of `body_length` bytes)."""
+    return (status_line(status)
+            + b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
+            % body_length + extra
+            + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n"))
+
+
+def wire_safe(value: bytes) -> bool:
+    """Whether `value` may be written into a head: no CR, LF or NUL."""
+    return b"\r" not in value and b"\n" not in value and b"\x00" not in value
+
+
+def nominated(connection_value: bytes) -> set[bytes]:
+    """The fields a request's `Connection` header asks the proxy to remove.
+
+    Hop-by-hop fields are removed anyway; end-to-end framing and routing fields are never
+    removed, whatever `Connection` says.
+    """
+    return hdrs.connection_tokens(connection_value) - hdrs.REQUEST_DROPPED - CONNECTION_PROTECTED
+
+
+def version_problem(version: str) -> tuple[int, str] | None:
+    """Why a request's HTTP version is refused: 400 for none (HTTP/0.9), 505 for others."""
+    if version in ("1.1", "1.0"):
+        return None
+    if version == "0.9":
+        return 400, "request line without an HTTP version"
+    return 505, f"HTTP/{version} is not served on an HTTP/1 connection"
+
+
+def target_problem(method: bytes, target: bytes, scheme: str) -> str | None:
+    """Why a request target is refused (400), or None when it is acceptable.
+
+    Origin form (`/path`) is the rule; `*` only for OPTIONS; absolute form only with the
+    listener's own scheme; no fragment (RFC 9112 §3.2 has none to send).
+    """
+    if target[:1] == b"/":
+        return "request target with a fragment (#)" if b"#" in target else None
+    if b"#" in target:
+        return "request target with a fragment (#)"
+    if method == b"CONNECT":
+        return None  # authority form: each listener says whether it serves CONNECT
+    if target == b"*":
+        return None if method == b"OPTIONS" else "request target * is only for OPTIONS"
+    lowered = target[:8].lower()
+    if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
+        wanted = scheme.encode() + b"://"
+        if not lowered.startswith(wanted):
+            return f"absolute-form target of another scheme on this {scheme} listener"
+        return None
+    return "request target is not a path"
+
+
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%]+)(?::([0-9]{1,5}))?")
+
+
+def host_problem(host: bytes) -> str | None:
+    """Why a Host value is refused (400): a name or an IP literal, and a port 0-65535."""
+    found = _HOST.fullmatch(host)
+    if found is None:
+        return f"invalid Host {host[:100].decode('latin-1')!r}"
+    port = found.group(1)
+    if port is not None and int(port) > 65535:
+        return f"invalid port in Host {host[:100].decode('latin-1')!r}"
+    return None
+
+
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def websocket_accept(key: bytes) -> bytes:
+    """The `Sec-WebSocket-Accept` that answers `key` (RFC 6455 §4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key.strip() + WEBSOCKET_GUID).digest())
+
+
+def websocket_problem(method: bytes, http11: bool, upgrade: bytes | None,
+                      key: bytes | None, version: bytes | None) -> str | None:
+    """Why an upgrade request is refused (400), or None for a valid WebSocket opening
+    handshake (RFC 6455 §4.2.1). Kanal tunnels WebSocket upgrades only."""
+    tokens = [t.strip().lower() for t in (upgrade or b"").split(b",") if t.strip()]
+    if tokens != [b"websocket"]:
+        return "only a WebSocket upgrade (Upgrade: websocket) is served"
+    if method != b"GET" or not http11:
+        return "a WebSocket upgrade must be an HTTP/1.1 GET"
+    if version is None or version.strip() != b"13":
+        return "a WebSocket upgrade needs Sec-WebSocket-Version: 13"
+    if key is None:
+        return "a WebSocket upgrade needs Sec-WebSocket-Key"
+    try:
+        decoded = base64.b64decode(key.strip(), validate=True)
+    except ValueError:
+        decoded = b""
+    if len(decoded) != 16:
+        return "Sec-WebSocket-Key is not 16 bytes in base64"
+    return None
+
+
+def transfer_coding_problem(value: bytes) -> str | None:
+    """Why a Transfer-Encoding is refused: only `chunked`, last, is understood (RFC 9112
+    §6.1); anything else cannot be framed and is not guessed at."""
+    codings = [c.strip().lower() for c in value.split(b",") if c.strip()]
+    if not codings or codings[-1] != b"chunked" or any(c != b"chunked" for c in codings):
+        return f"unsupported Transfer-Encoding {value[:60].decode('latin-1')!r}"
+    if len(codings) > 1:
+        return "chunked applied more than once"
+    return None

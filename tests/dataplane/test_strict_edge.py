@@ -1,0 +1,308 @@
+"""The reverse listener as an attacker meets it: raw bytes in, what comes back and what
+the backend received. The backend here is a raw recorder, so nothing between the proxy
+and the assertions normalises what went over the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.conftest import free_port, raw_request, read_response
+
+
+@dataclass
+class Recorder:
+    """An HTTP/1.1 origin that records each raw request head and answers 200 (keep-alive)."""
+
+    port: int
+    heads: list[bytes] = field(default_factory=list)
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value.strip())
+                if length:
+                    await reader.readexactly(length)
+                if head.startswith(b"GET /ws"):
+                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+                                 + self.accept + b"\r\n\r\n")
+                    await writer.drain()
+                    while data := await reader.read(65536):
+                        self.heads.append(b"TUNNEL:" + data)
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    accept: bytes = b"bogus"
+
+    server: asyncio.Server | None = None
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        async def go() -> None:
+            self.server = await asyncio.start_server(self.serve, "127.0.0.1", self.port)
+
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
+
+    def stop(self) -> None:
+        async def close() -> None:
+            assert self.server is not None
+            self.server.close()
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        assert self.thread is not None
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def edge(module_kanal) -> Iterator[tuple[int, Recorder]]:
+    recorder = Recorder(free_port())
+    recorder.start()
+    files = {
+        "up.yaml": f"""\
+apiVersion: kanal.dev/v1alpha1
+kind: Upstream
+metadata: {{name: rec}}
+spec:
+  endpoints: [{{address: 127.0.0.1, port: {recorder.port}}}]
+---
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {{name: rec}}
+spec:
+  rules:
+    - matches: [{{path: {{type: PathPrefix, value: /private}}}}]
+      backends: [{{upstream: not-here}}]
+    - backends: [{{upstream: rec}}]
+""",
+    }
+    k = module_kanal(files)
+    yield k.port, recorder
+    recorder.stop()
+
+
+async def status_of(port: int, data: bytes) -> tuple[int, str]:
+    [answer] = await raw_request(port, data)
+    return answer.status, answer.reason
+
+
+def received(recorder: Recorder, marker: bytes) -> list[bytes]:
+    return [head for head in recorder.heads if marker in head]
+
+
+async def test_connection_cannot_strip_end_to_end_headers(edge) -> None:
+    port, recorder = edge
+    status, _ = await status_of(
+        port, b"GET /conn-host HTTP/1.1\r\nHost: a.test\r\nConnection: Host, Content-Length, "
+              b"Transfer-Encoding, X-Drop\r\nX-Drop: 1\r\n\r\n")
+    assert status == 200
+    [head] = received(recorder, b"/conn-host")
+    lower = head.lower()
+    assert b"\r\nhost: a.test" in lower
+    assert b"x-drop" not in lower
+
+
+async def test_header_names_with_underscores_are_dropped(edge) -> None:
+    port, recorder = edge
+    status, _ = await status_of(
+        port, b"GET /underscore HTTP/1.1\r\nHost: a.test\r\nX_Forwarded_For: 6.6.6.6\r\n"
+              b"Content_Length: 5\r\nX-Fine: yes\r\n\r\n")
+    assert status == 200
+    [head] = received(recorder, b"/underscore")
+    assert b"_" not in head.split(b"\r\n", 1)[1].replace(b"/underscore", b"")
+    assert b"X-Fine: yes" in head
+
+
+@pytest.mark.parametrize("name", [b"Authorization", b"Host", b"Content-Type",
+                                  b"Content-Length", b"Origin"])
+async def test_duplicate_singletons_are_400(edge, name: bytes) -> None:
+    port, recorder = edge
+    marker = b"/dup-" + name
+    data = b"GET " + marker + b" HTTP/1.1\r\nHost: a.test\r\n"
+    value = b"0" if name == b"Content-Length" else b"x"
+    if name != b"Host":
+        data += name + b": " + value + b"\r\n"
+    data += name + b": " + value + b"2\r\n" if name != b"Content-Length" else name + b": 1\r\n"
+    data += b"\r\n"
+    status, _ = await status_of(port, data)
+    assert status == 400
+    assert not received(recorder, marker)
+
+
+@pytest.mark.parametrize("line", [
+    b"GET /frag#f HTTP/1.1",
+    b"GET * HTTP/1.1",
+    b"GET https://a.test/abs HTTP/1.1",
+    b"GET /nover",
+])
+async def test_bad_request_targets_are_400_and_never_forwarded(edge, line: bytes) -> None:
+    port, recorder = edge
+    before = len(recorder.heads)
+    status, _ = await status_of(port, line + b"\r\nHost: a.test\r\n\r\n")
+    assert status == 400
+    assert len(recorder.heads) == before
+
+
+async def test_unsupported_version_is_505(edge) -> None:
+    port, recorder = edge
+    status, _ = await status_of(port, b"GET /v2 HTTP/2.0\r\nHost: a.test\r\n\r\n")
+    assert status in (400, 505)
+    assert not received(recorder, b"/v2 ")
+
+
+@pytest.mark.parametrize("host", [b"a b", b"a/b", b"a@b", b"[::1", b"a,b", b"a.test:65536",
+                                  b"a.test:x"])
+async def test_invalid_host_values_are_400(edge, host: bytes) -> None:
+    port, recorder = edge
+    marker = b"/badhost-" + host.replace(b" ", b"_").replace(b"/", b"_")
+    status, _ = await status_of(port, b"GET " + marker + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert status == 400
+    assert not received(recorder, marker)
+
+
+async def test_path_parameters_do_not_dodge_a_path_match(edge) -> None:
+    port, recorder = edge
+    # /private goes nowhere (5xx); a servlet container reads /private;x=1/a as /private/a,
+    # so the router must too, instead of letting the catch-all forward it
+    guarded, _ = await status_of(port, b"GET /private/a HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert guarded >= 500
+    status, _ = await status_of(port, b"GET /private;x=1/a HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert status == guarded
+    assert not received(recorder, b"/private")
+
+
+async def test_a_valid_request_before_a_malformed_one_is_answered_first(edge) -> None:
+    port, recorder = edge
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /first-ok HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                     b"GET /second bad HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        async with asyncio.timeout(10):
+            first = await read_response(reader)
+            second = await read_response(reader)
+            rest = await reader.read()
+    finally:
+        writer.close()
+    assert first.status == 200 and first.body == b"ok"
+    assert second.status == 400
+    assert rest == b""
+    assert received(recorder, b"/first-ok")
+
+
+async def test_a_head_in_two_pieces_with_a_body_is_not_431(edge) -> None:
+    port, _ = edge
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        body = b"x" * 200_000
+        writer.write(b"POST /two-pieces HTTP/1.1\r\nHost: a.test\r\n")
+        await writer.drain()
+        writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await read_response(reader)
+    finally:
+        writer.close()
+    assert answer.status == 200
+
+
+async def test_many_pipelined_requests_are_each_answered(edge) -> None:
+    port, _ = edge
+    count = 2000
+    answers = await raw_request(port, b"GET /pipe HTTP/1.1\r\nHost: a.test\r\n\r\n" * count,
+                                responses=count, timeout=60)
+    assert [a.status for a in answers] == [200] * count
+
+
+@pytest.mark.parametrize(("data", "status", "reason"), [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: a.test\r\n\r\n", 414, "URI Too Long"),
+    (b"GET /big HTTP/1.1\r\nHost: a.test\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431,
+     "Request Header Fields Too Large"),
+])
+async def test_limits_use_standard_reason_phrases(edge, data: bytes, status: int,
+                                                  reason: str) -> None:
+    port, _ = edge
+    assert await status_of(port, data) == (status, reason)
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Key: short\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n",
+    b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket, h2c\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+])
+async def test_invalid_websocket_upgrades_are_400(edge, head: bytes) -> None:
+    port, recorder = edge
+    before = len(recorder.heads)
+    status, _ = await status_of(port, head)
+    assert status == 400
+    assert len(recorder.heads) == before
+
+
+async def test_a_101_without_the_right_accept_opens_no_tunnel(edge) -> None:
+    port, recorder = edge
+    recorder.accept = b"bogus"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n\r\n")
+        async with asyncio.timeout(10):
+            answer = await read_response(reader)
+        assert answer.status == 502
+        writer.write(b"GET /smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""
+    finally:
+        writer.close()
+    assert not any(b"/smuggled" in head for head in recorder.heads)
+
+
+async def test_a_101_with_the_right_accept_opens_the_tunnel(edge) -> None:
+    port, recorder = edge
+    recorder.accept = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455's example
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n\r\n")
+        async with asyncio.timeout(10):
+            answer = await read_response(reader, head_request=True)
+        assert answer.status == 101
+        writer.write(b"frame-bytes")
+        await writer.drain()
+        async def tunneled() -> bool:
+            return any(h == b"TUNNEL:frame-bytes" for h in recorder.heads)
+        async with asyncio.timeout(10):
+            while not await tunneled():
+                await asyncio.sleep(0.01)
+    finally:
+        writer.close()
