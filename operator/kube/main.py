@@ -75,13 +75,14 @@ async def run_operator(options: OperatorOptions, *, connection: Any = None,
                        namespaces: Sequence[str] | None = None, memo: Any = None) -> None:
     """Run kopf with Kanal's handlers until stopped (SIGINT/SIGTERM or `stop_flag`)."""
     import kopf
-    from kanal.operator.kube import handlers
+    from kanal.operator.kube import handlers  # noqa: F401 (registers the handlers)
+    from kanal.operator.kube.controlplane import MEMO_CONNECTION, MEMO_OPTIONS
 
     chosen = list(namespaces if namespaces is not None else options.namespaces)
     memo = memo if memo is not None else kopf.Memo()
-    memo[handlers.MEMO_OPTIONS] = options
+    memo[MEMO_OPTIONS] = options
     if connection is not None:
-        memo[handlers.MEMO_CONNECTION] = connection
+        memo[MEMO_CONNECTION] = connection
     await kopf.operator(
         clusterwide=not chosen,
         namespaces=chosen,

@@ -88,6 +88,9 @@ class Cluster:
     binaries: Binaries
     folder: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    """etcd, then kube-apiserver."""
+    apiserver_argv: list[str] = field(default_factory=list)
+    etcd_url: str = ""
 
     # ----------------------------------------------------------------- HTTP
 
@@ -210,6 +213,41 @@ class Cluster:
             return True
         wait_for(f"CRDs {', '.join(crd_names)} Established", established, timeout)
 
+    def compact_etcd(self) -> int:
+        """Compact etcd's history up to now (what the API server does every 5 minutes):
+        a watch from an older resourceVersion can then only be answered 410 Gone."""
+        def call(path: str, body: Mapping[str, Any]) -> Any:
+            request = urllib.request.Request(self.etcd_url + path, method="POST",
+                                             data=json.dumps(body).encode())
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return json.load(answer)
+        key = base64.b64encode(b"/").decode()
+        revision = int(call("/v3/kv/range", {"key": key, "limit": 1})["header"]["revision"])
+        call("/v3/kv/compaction", {"revision": revision, "physical": True})
+        return revision
+
+    def restart_apiserver(self, timeout: float = START_DEADLINE) -> None:
+        """Stop kube-apiserver (by its PID) and start it again on the same port.
+
+        Its watch cache starts afresh: a watch resumed from a resourceVersion of before
+        the restart is answered `410 Gone`, as one that expired would be.
+        """
+        stop_process(self.processes[1])
+        log = self.folder / "kube-apiserver.log"
+        with open(log, "ab") as out:
+            self.processes[1] = subprocess.Popen(self.apiserver_argv, stdout=out,
+                                                 stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL)
+
+        def ready() -> bool:
+            if self.processes[1].poll() is not None:
+                raise RuntimeError(f"kube-apiserver exited:\n{_log_tail(log)}")
+            try:
+                return bool(self.request("GET", "/readyz", timeout=2) == "ok")
+            except (ApiError, OSError):
+                return False
+        wait_for("kube-apiserver /readyz after a restart", ready, timeout, interval=0.2)
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             stop_process(process)
@@ -276,31 +314,36 @@ def control_plane(binaries: Binaries, folder: Path) -> Iterator[Cluster]:
             ], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         port = free_port()
         apiserver_log = folder / "kube-apiserver.log"
+        apiserver_argv = [
+            str(binaries.kube_apiserver),
+            f"--etcd-servers=http://127.0.0.1:{etcd_client}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={port}",
+            f"--cert-dir={folder / 'certs'}",
+            f"--tls-cert-file={folder / 'apiserver.crt'}",
+            f"--tls-private-key-file={folder / 'apiserver.key'}",
+            f"--client-ca-file={folder / 'ca.crt'}",
+            f"--token-auth-file={folder / 'tokens.csv'}",
+            "--authorization-mode=RBAC",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={sa_pub}",
+            f"--service-account-signing-key-file={sa_key}",
+            "--api-audiences=https://kubernetes.default.svc.cluster.local",
+            "--endpoint-reconciler-type=none",
+            "--enable-aggregator-routing=true",
+            "--allow-privileged=true",
+            "--v=1",
+        ]
         with open(apiserver_log, "wb") as log:
-            processes.append(subprocess.Popen([
-                str(binaries.kube_apiserver),
-                f"--etcd-servers=http://127.0.0.1:{etcd_client}",
-                "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
-                f"--secure-port={port}",
-                f"--cert-dir={folder / 'certs'}",
-                f"--tls-cert-file={folder / 'apiserver.crt'}",
-                f"--tls-private-key-file={folder / 'apiserver.key'}",
-                f"--client-ca-file={folder / 'ca.crt'}",
-                f"--token-auth-file={folder / 'tokens.csv'}",
-                "--authorization-mode=RBAC",
-                f"--service-cluster-ip-range={SERVICE_CIDR}",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                f"--service-account-key-file={sa_pub}",
-                f"--service-account-signing-key-file={sa_key}",
-                "--api-audiences=https://kubernetes.default.svc.cluster.local",
-                "--endpoint-reconciler-type=none",
-                "--enable-aggregator-routing=true",
-                "--allow-privileged=true",
-                "--v=1",
-            ], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            processes.append(subprocess.Popen(apiserver_argv, stdout=log,
+                                              stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL))
         cluster = Cluster(url=f"https://127.0.0.1:{port}", ca_pem=ca.cert_pem.bytes(), ca=ca,
                           admin_token=admin_token, kubeconfig=folder / "kubeconfig",
-                          binaries=binaries, folder=folder, processes=processes)
+                          binaries=binaries, folder=folder, processes=processes,
+                          apiserver_argv=apiserver_argv,
+                          etcd_url=f"http://127.0.0.1:{etcd_client}")
         cluster.write_kubeconfig(cluster.kubeconfig, admin_token, ADMIN_USER)
 
         def ready() -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.k8s.build import Binaries, BuildUnavailable, ensure_binaries
-from tests.k8s.cluster import Cluster, control_plane
+from tests.k8s.cluster import ApiError, Cluster, control_plane, wait_for
 from tests.k8s.kanal import OperatorProcess, Rendered, install_operator_identity, render_chart
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +54,15 @@ def crds(cluster: Cluster) -> Cluster:
     """The CRDs of crds/, applied as the README says, and Established."""
     cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
     cluster.wait_established(CRD_NAMES)
+
+    def served() -> bool:  # Established, yet 429 "storage is (re)initializing" a moment more
+        try:
+            for name in CRD_NAMES:
+                cluster.get(f"/apis/kanal.dev/v1alpha1/{name.split('.')[0]}?limit=1")
+        except ApiError:
+            return False
+        return True
+    wait_for("the kanal.dev resources served", served)
     return cluster
 
 

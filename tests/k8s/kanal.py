@@ -21,7 +21,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,8 @@ class OperatorProcess:
     webhook_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
+    """Run by stop(), first: what was started against this operator (dataplanes)."""
 
     def argv(self) -> list[str]:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -186,6 +188,8 @@ class OperatorProcess:
             return False
 
     def stop(self) -> None:
+        while self.cleanups:
+            self.cleanups.pop()()
         if self.process is not None:
             stop_process(self.process)
 
