@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
+from kanal.contract.patterns import PatternError, UserPattern, compile_pattern
 from kanal.contract.snapshot import Gateway, Match, Route, Rule, Snapshot, ValueMatch
 from kanal.dataplane.split import Split
 
@@ -98,7 +99,7 @@ class _ValuePredicate:
 
     __slots__ = ("name", "regex", "spec", "value")
 
-    def __init__(self, spec: ValueMatch, regex: re.Pattern[str] | None) -> None:
+    def __init__(self, spec: ValueMatch, regex: UserPattern | None) -> None:
         self.spec = spec
         self.name = spec.name
         self.value = spec.value
@@ -147,7 +148,7 @@ class _Candidate:
         match_index: int,
         match: Match,
         selection: Selection,
-        regexes: dict[str, re.Pattern[str]],
+        regexes: dict[str, UserPattern],
     ) -> None:
         self.route_pos = route_pos
         self.route = route
@@ -155,7 +156,7 @@ class _Candidate:
         self.match_index = match_index
         self.selection = selection
         path = match.path
-        self.regex = _NEVER
+        self.regex: UserPattern = _NEVER
         if path.type == "PathPrefix":
             value = path.value.rstrip("/")
             self.kind = _PREFIX if value else _ANY_PATH
@@ -214,14 +215,14 @@ class _Candidate:
 
 
 def _compile(
-    pattern: str, cache: dict[str, re.Pattern[str]], route: Route, rule: Rule, what: str
-) -> re.Pattern[str]:
-    """Compile a regex once per build; a bad one names its route and rule."""
+    pattern: str, cache: dict[str, UserPattern], route: Route, rule: Rule, what: str
+) -> UserPattern:
+    """Compile a regex (RE2) once per build; a bad one names its route and rule."""
     compiled = cache.get(pattern)
     if compiled is None:
         try:
-            compiled = re.compile(pattern)
-        except re.error as error:
+            compiled = compile_pattern(pattern)
+        except PatternError as error:
             raise ValueError(
                 f"{route.key} rule {rule.index}: invalid {what} regular expression "
                 f"{pattern!r}: {error}"
@@ -231,7 +232,7 @@ def _compile(
 
 
 def _predicate(
-    spec: ValueMatch, cache: dict[str, re.Pattern[str]], route: Route, rule: Rule, what: str
+    spec: ValueMatch, cache: dict[str, UserPattern], route: Route, rule: Rule, what: str
 ) -> _ValuePredicate:
     regex = (
         _compile(spec.value, cache, route, rule, what) if spec.type == "RegularExpression" else None
@@ -395,7 +396,7 @@ class RouteTable:
         `rng`, if given, starts each Split at a random point of its cycle so frequent
         reloads do not keep restarting every split on its first backend.
         """
-        regexes: dict[str, re.Pattern[str]] = {}
+        regexes: dict[str, UserPattern] = {}
         compiled: list[tuple[Route, tuple[_Candidate, ...]]] = []
         exact_groups: dict[str, list[_Candidate]] = {}
         wild_groups: dict[str, list[_Candidate]] = {}
@@ -589,7 +590,7 @@ def _hostnames(route: Route) -> list[str]:
 
 
 def _compile_route(
-    route_pos: int, route: Route, regexes: dict[str, re.Pattern[str]], rng: random.Random | None
+    route_pos: int, route: Route, regexes: dict[str, UserPattern], rng: random.Random | None
 ) -> Iterable[_Candidate]:
     for rule_pos, rule in enumerate(route.rules):
         selection = Selection(route.key, rule, Split.from_rule(rule, rng), route)

@@ -138,7 +138,7 @@ _KIND_DESCRIPTION = (
 # and go on that property's node. The models' validators stay the reference (`kanal
 # validate`, the operator, the webhook); these say the same in CEL
 # (https://kubernetes.io/docs/reference/using-api/cel/) or in the list's own semantics.
-# Rules a schema cannot say (regular expressions in Python syntax, public suffixes,
+# Rules a schema cannot say (regular expressions in RE2 syntax, public suffixes,
 # endpoint address policy) stay with the models. Generation fails if a key here no
 # longer names a model or a property.
 _SERVER_RULES: dict[str, dict[str, Any]] = {

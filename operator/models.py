@@ -37,6 +37,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from kanal.contract.names import wildcard_public_suffix
+from kanal.contract.patterns import PatternError, compile_pattern
 from kanal.operator.durations import Duration, PositiveDuration, parse_duration
 
 GROUP = "kanal.dev"
@@ -142,8 +143,8 @@ def _method(value: str) -> str:
 
 def _regex(value: str) -> str:
     try:
-        re.compile(value)
-    except re.error as exc:
+        compile_pattern(value)
+    except PatternError as exc:
         raise ValueError(f"not a valid regular expression: {exc}") from None
     return value
 
@@ -464,7 +465,7 @@ class PathMatchSpec(KanalModel):
     type: Literal["Exact", "PathPrefix", "RegularExpression"] = Field(
         default="PathPrefix",
         description="Exact (the whole path), PathPrefix (default; whole segments: /api "
-        "matches /api and /api/x, not /apix) or RegularExpression (Python syntax, must "
+        "matches /api and /api/x, not /apix) or RegularExpression (RE2 syntax, must "
         "match the whole path).",
     )
     value: str = Field(
@@ -491,7 +492,7 @@ class HeaderMatchSpec(KanalModel):
     value: str = Field(max_length=4096, description="The value, or a regular expression.")
     type: Literal["Exact", "RegularExpression"] = Field(
         default="Exact",
-        description="Exact (default) or RegularExpression (Python syntax, whole value).",
+        description="Exact (default) or RegularExpression (RE2 syntax, whole value).",
     )
 
     @model_validator(mode="after")
@@ -510,7 +511,7 @@ class QueryParamMatchSpec(KanalModel):
     value: str = Field(max_length=4096, description="The value, or a regular expression.")
     type: Literal["Exact", "RegularExpression"] = Field(
         default="Exact",
-        description="Exact (default) or RegularExpression (Python syntax, whole value).",
+        description="Exact (default) or RegularExpression (RE2 syntax, whole value).",
     )
 
     @model_validator(mode="after")

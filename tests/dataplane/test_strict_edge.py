@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.conftest import free_port, raw_request, read_response
+from tests.conftest import free_port, raw_request, read_response, upstream_yaml
 
 
 @dataclass
@@ -306,3 +306,45 @@ async def test_a_101_with_the_right_accept_opens_the_tunnel(edge) -> None:
                 await asyncio.sleep(0.01)
     finally:
         writer.close()
+
+
+async def test_a_backtracking_pattern_cannot_stall_the_proxy(kanal, backends) -> None:
+    web = await backends("web")
+    k = kanal({
+        "web.yaml": upstream_yaml("web", web),
+        "route.yaml": """\
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: evil}
+spec:
+  rules:
+    - matches: [{path: {type: RegularExpression, value: "/r/(a+)+$"}}]
+      backends: [{upstream: web}]
+""",
+    })
+    # Python's backtracking engine needs about 2**30 steps (minutes) for this path; RE2
+    # answers at once. The bounded deadline of raw_request is the check.
+    [answer] = await raw_request(k.port, b"GET /r/" + b"a" * 30 + b"b HTTP/1.1\r\n"
+                                 b"Host: a.test\r\n\r\n", timeout=10)
+    assert answer.status == 404
+    [answer] = await raw_request(k.port, b"GET /r/aaa HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert answer.status == 200
+
+
+def test_a_pattern_re2_cannot_run_is_refused_at_load(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "route.yaml").write_text("""\
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: backref}
+spec:
+  rules:
+    - matches: [{path: {type: RegularExpression, value: "/(a)\\\\1"}}]
+      backends: [{upstream: web}]
+""")
+    result = subprocess.run([sys.executable, "-m", "kanal", "validate", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode != 0
+    assert "RE2" in result.stdout + result.stderr

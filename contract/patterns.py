@@ -1,0 +1,41 @@
+"""Regular expressions users write (RegularExpression path, header and query matches).
+
+They run on every request, so they run on RE2 (google-re2), a linear-time engine, as
+Envoy does: a pattern such as `/r/(a+)+$` cannot stall the event loop however the path
+is crafted. RE2's syntax is Python's without backreferences and lookaround; a pattern
+that needs them is refused when the configuration is loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import re2  # type: ignore[import-untyped]
+
+_OPTIONS = re2.Options()
+_OPTIONS.log_errors = False  # the error goes to the user, not to stderr
+
+
+class UserPattern(Protocol):
+    """What the router uses of a compiled pattern."""
+
+    @property
+    def pattern(self) -> str: ...
+
+    def fullmatch(self, text: str) -> object | None: ...
+
+
+class PatternError(ValueError):
+    """A pattern RE2 cannot compile; the message says why."""
+
+
+def compile_pattern(pattern: str) -> UserPattern:
+    """Compile a user's pattern with RE2, or raise PatternError saying why not."""
+    try:
+        compiled: UserPattern = re2.compile(pattern, options=_OPTIONS)
+    except re2.error as exc:
+        reason = exc.args[0] if exc.args else exc
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        raise PatternError(f"{reason} (RE2 syntax: no backreferences or lookaround)") from None
+    return compiled
