@@ -44,12 +44,21 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from kanal.dataplane import headers as hdrs
+from kanal.dataplane import http1
 from kanal.dataplane.egress import (
     EgressRules,
     InvalidHost,
     IPAddress,
     check_addresses,
     normalize_host,
+)
+from kanal.dataplane.http1 import (
+    HEAD_TIMEOUT,
+    MAX_HEAD,
+    MAX_HEADERS,
+    MAX_RESPONSE_HEAD,
+    MAX_TARGET,
+    status_line,
 )
 
 if TYPE_CHECKING:
@@ -63,10 +72,6 @@ _CHUNK_END = b"0\r\n\r\n"
 _REQUEST_DROPPED = hdrs.HOP_BY_HOP | {b"content-length", b"host"}
 _FORWARDING = hdrs.FORWARDING | {b"via"}
 _RESPONSE_SPECIAL = hdrs.HOP_BY_HOP | {b"content-length"}
-REASONS = {
-    400: b"Bad Request", 403: b"Forbidden", 407: b"Proxy Authentication Required",
-    501: b"Not Implemented", 502: b"Bad Gateway", 504: b"Gateway Timeout",
-}
 
 class ForwardProxy:
     """What every connection of one forward listener shares: policy, mesh routes, timeouts."""
@@ -158,6 +163,9 @@ class ForwardRequest:
         "content_length",
         "decision",
         "down",
+        "header_bytes",
+        "head_lines",
+        "head_size",
         "headers",
         "host",
         "http11",
@@ -168,6 +176,7 @@ class ForwardRequest:
         "port",
         "reason",
         "sent",
+        "singletons",
         "started",
         "status",
         "target",
@@ -200,6 +209,10 @@ class ForwardRequest:
         self.sent = False
         self.logged = False
         self.no_body = False
+        self.head_size = 0
+        self.header_bytes = 0
+        self.head_lines = 0
+        self.singletons: set[bytes] = set()
 
 
 class _Refused(Exception):
@@ -236,6 +249,8 @@ class ForwardConnection(asyncio.Protocol):
         self.response_chunked = False
         self.response_close = False
         self.response_started = False
+        self.refused: tuple[int, str] | None = None
+        self.heads_seen = 0
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -261,18 +276,41 @@ class ForwardConnection(asyncio.Protocol):
             request.body.append(data)  # early tunnel bytes: sent once the tunnel is up
             request.body_size += len(data)
             return
+        parsing = self.parsing
+        heads_before = self.heads_seen
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0] if upgrade.args else len(data)
             self._client_upgrade(data[offset:])
+            return
         except httptools.HttpParserError as exc:
-            if self.response_started:
-                self.abort(f"malformed request: {exc}")
-            else:
-                request = self.current or self.parsing or ForwardRequest()
-                self.current = request
-                self._refuse(request, 400, f"malformed request: {exc}", close=True)
+            refused = self.refused
+            self.refused = None
+            status, reason = refused if refused is not None else (400, f"malformed request: {exc}")
+            self._parse_failed(status, reason)
+            return
+        after = self.parsing
+        if (after is not None and not after.method and self.heads_seen == heads_before
+                and (after is parsing or parsing is None)):
+            # The read held nothing but an unfinished head: bound what it has taken (431).
+            after.head_size += len(data)
+            if after.head_size > MAX_HEAD + MAX_TARGET:
+                self._parse_failed(431, f"request head larger than {MAX_HEAD} bytes")
+
+    def _parse_failed(self, status: int, reason: str) -> None:
+        self.parsing = None
+        if self.response_started:
+            self.abort(reason)
+            return
+        request = self.current or ForwardRequest()
+        self.current = request
+        self._refuse(request, status, reason, close=True)
+
+    def _refuse_head(self, status: int, reason: str) -> None:
+        """Stop parsing a head the proxy will not take; data_received answers `status`."""
+        self.refused = (status, reason)
+        raise httptools.HttpParserError(reason)
 
     def eof_received(self) -> bool | None:
         if self.mode == "tunnel":
@@ -347,19 +385,36 @@ class ForwardConnection(asyncio.Protocol):
         self.parsing = ForwardRequest()
 
     def on_url(self, url: bytes) -> None:
-        if self.parsing is not None:
-            self.parsing.target += url
+        request = self.parsing
+        if request is not None:
+            request.target += url
+            if len(request.target) > MAX_TARGET:
+                self._refuse_head(414, f"request target longer than {MAX_TARGET} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         request = self.parsing
         if request is None:
             return
+        request.head_lines += 1
+        request.header_bytes += len(name) + len(value) + 4
+        if request.header_bytes > MAX_HEAD or request.head_lines > MAX_HEADERS:
+            self._refuse_head(431, f"request headers larger than {MAX_HEAD} bytes or more "
+                                   f"than {MAX_HEADERS} lines")
+        if b"_" in name:
+            return  # CGI-style backends read X_A as X-A: dropped, as on the reverse listener
         lower = name.lower()
+        if lower in http1.SINGLETON_HEADERS:
+            if lower in request.singletons:
+                self._refuse_head(400, f"more than one {name.decode('latin-1')} header")
+            request.singletons.add(lower)
         if lower == b"proxy-authorization":
             request.authorization = value
         elif lower == b"content-length":
             request.content_length = value
         elif lower == b"transfer-encoding":
+            problem = http1.transfer_coding_problem(value)
+            if problem is not None:
+                self._refuse_head(400, problem)
             request.chunked = True
         request.headers.append((name, value))
 
@@ -367,9 +422,16 @@ class ForwardConnection(asyncio.Protocol):
         request = self.parsing
         if request is None:
             return
+        self.heads_seen += 1
         parser = self.parser
+        version = parser.get_http_version()
+        refused = http1.version_problem(version)
+        if refused is not None:
+            self._refuse_head(*refused)
+        if b"#" in request.target:
+            self._refuse_head(400, "request target with a fragment (#)")
         request.method = parser.get_method()
-        request.http11 = parser.get_http_version() == "1.1"
+        request.http11 = version == "1.1"
         request.keep_alive = parser.should_keep_alive()
         request.upgrade = parser.should_upgrade()
         request.no_body = request.method == b"HEAD"
@@ -783,8 +845,8 @@ class ForwardConnection(asyncio.Protocol):
             return
         body = f"kanal: {status} {reason}\n".encode()
         keep = not close and request.keep_alive and request.complete and not self.response_close
-        head = (b"HTTP/1.1 %d %b\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                b"Content-Length: %d\r\n" % (status, REASONS.get(status, b"Error"), len(body)))
+        head = (status_line(status) + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                b"Content-Length: %d\r\n" % len(body))
         if status == 407:
             head += b'Proxy-Authenticate: Basic realm="kanal"\r\n'
         head += b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n"
@@ -842,6 +904,11 @@ class ForwardConnection(asyncio.Protocol):
         if self.mode == "mesh":
             return  # the reverse proxy's housekeeping looks after it
         request = self.current
+        parsing = self.parsing
+        if parsing is not None and not parsing.method and now - parsing.started > HEAD_TIMEOUT:
+            # Counted from the head's first byte: trickling (slowloris) does not extend it.
+            self._parse_failed(408, f"request head not received within {HEAD_TIMEOUT:g}s")
+            return
         if request is None:
             if idle > proxy.keepalive_timeout:
                 self._close()
@@ -903,6 +970,8 @@ class OriginConnection(asyncio.Protocol):
         self.tunnel = False
         self.busy = False
         self.status = 0
+        self.head_bytes = 0
+        self.head_read_bytes = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.content_length: bytes | None = None
@@ -930,6 +999,7 @@ class OriginConnection(asyncio.Protocol):
     def start(self, request: ForwardRequest) -> None:
         self.busy = True
         self.head_done = False
+        self.head_read_bytes = 0
         self.no_body = request.no_body
         self.last_activity = time.monotonic()
 
@@ -950,11 +1020,20 @@ class OriginConnection(asyncio.Protocol):
         if not self.busy:
             self.close()  # bytes from an idle origin: confused or closing
             return
+        head_open = not self.head_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self.abort()
             client.origin_failed(self, f"invalid response: {exc}")
+            return
+        if head_open and not self.head_done and not self.closed:
+            # Still in the answer's head: bound it, whatever pieces it comes in.
+            self.head_read_bytes += len(data)
+            if self.head_read_bytes > MAX_RESPONSE_HEAD:
+                self.abort()
+                client.origin_failed(
+                    self, f"invalid response: head larger than {MAX_RESPONSE_HEAD} bytes")
 
     def eof_received(self) -> bool | None:
         if self.tunnel and self.client is not None:
@@ -1004,6 +1083,7 @@ class OriginConnection(asyncio.Protocol):
     # --- httptools callbacks (response) -----------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.head_bytes = 0
         self.headers = []
         self.reason = b""
         self.content_length = None
@@ -1014,13 +1094,16 @@ class OriginConnection(asyncio.Protocol):
         self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_RESPONSE_HEAD:
+            raise httptools.HttpParserError(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
         lower = name.lower()
         if lower not in _RESPONSE_SPECIAL:
             self.headers.append((name, value))
         elif lower == b"content-length":
             self.content_length = value
         elif lower == b"transfer-encoding":
-            self.chunked = b"chunked" in value.lower()
+            self.chunked = http1.final_coding_is_chunked(value)
         elif lower == b"connection":
             tokens = hdrs.connection_tokens(value) - hdrs.RESPONSE_DROPPED
             if tokens:

@@ -139,15 +139,24 @@ def forwarded_for(
     )
 
 
+CONNECTION_PROTECTED = frozenset({
+    b"host", b"content-length", b"transfer-encoding", b"cookie", b"authorization",
+    b"proxy-authorization", b"content-type", b"upgrade",
+})
+"""End-to-end fields that `Connection` may not nominate for removal: naming them there
+is ignored (RFC 9110 §7.6.1 allows only hop-by-hop fields)."""
+
+
 def filter_headers(headers: Iterable[tuple[bytes, bytes]], dropped: frozenset[bytes]) -> HeaderList:
-    """Drop `dropped` names and every name listed in `Connection`."""
+    """Drop `dropped` names and every name listed in `Connection` (but never an
+    end-to-end framing or routing field, see CONNECTION_PROTECTED)."""
     named: set[bytes] | None = None
     kept: HeaderList = []
     for name, value in headers:
         lower = name.lower()
         if lower in dropped:
             if lower == b"connection":
-                tokens = connection_tokens(value) - dropped
+                tokens = connection_tokens(value) - dropped - CONNECTION_PROTECTED
                 if tokens:
                     named = tokens if named is None else named | tokens
             continue

@@ -40,12 +40,7 @@ SINGLETON_HEADERS = frozenset({
 """Request fields defined to appear once (RFC 9110): a second copy is refused (400), as
 a backend might read the other copy than the one the proxy routed or checked on."""
 
-CONNECTION_PROTECTED = frozenset({
-    b"host", b"content-length", b"transfer-encoding", b"cookie", b"authorization",
-    b"proxy-authorization", b"content-type", b"upgrade",
-})
-"""End-to-end fields that `Connection` may not nominate for removal: naming them there
-is ignored (RFC 9110 §7.6.1 allows only hop-by-hop fields)."""
+CONNECTION_PROTECTED = hdrs.CONNECTION_PROTECTED
 
 
 def status_line(status: int) -> bytes:
@@ -171,3 +166,11 @@ def transfer_coding_problem(value: bytes) -> str | None:
     if len(codings) > 1:
         return "chunked applied more than once"
     return None
+
+
+def final_coding_is_chunked(value: bytes) -> bool:
+    """Whether a response's Transfer-Encoding ends with `chunked`. When it does not (an
+    unknown coding such as `xchunked`), the body runs to the connection's end (RFC 9112
+    §6.3): it is never guessed to be chunked."""
+    codings = [c.strip().lower() for c in value.split(b",")]
+    return bool(codings) and codings[-1] == b"chunked"

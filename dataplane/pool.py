@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 
 from kanal.dataplane.headers import HOP_BY_HOP, RESPONSE_DROPPED, connection_tokens
+from kanal.dataplane.http1 import MAX_RESPONSE_HEAD, final_coding_is_chunked
 from kanal.dataplane.limits import UpstreamLimits
 
 _SPECIAL_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length"}
@@ -58,7 +59,7 @@ class UpstreamConnection(asyncio.Protocol):
         "pool", "transport", "parser", "sink", "status", "headers", "content_length",
         "chunked", "no_body", "got_bytes", "idle_since", "last_activity", "closed",
         "requests", "tunnel", "head_done", "keep_alive", "connection_named",
-        "upgrade_value",
+        "upgrade_value", "head_bytes", "head_read_bytes",
     )
 
     def __init__(self, pool: EndpointPool) -> None:
@@ -76,6 +77,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = True
         self.connection_named: set[bytes] | None = None
         self.upgrade_value: bytes | None = None
+        self.head_bytes = 0
+        self.head_read_bytes = 0
         self.idle_since = 0.0
         self.last_activity = 0.0
         self.closed = False
@@ -115,6 +118,18 @@ class UpstreamConnection(asyncio.Protocol):
             sink.batch = None
             if batch:
                 sink.flush(batch)
+            if not self.head_done and self.sink is sink:
+                # Still in the answer's head: bound it, whatever pieces it comes in.
+                self.head_read_bytes += len(data)
+                if self.head_read_bytes > MAX_RESPONSE_HEAD:
+                    self._head_too_large(sink)
+
+    def _head_too_large(self, sink: ResponseSink) -> None:
+        self.sink = None
+        self.close()
+        sink.upstream_failed(
+            self, f"invalid response from upstream: head larger than {MAX_RESPONSE_HEAD} bytes",
+            None)
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -156,6 +171,7 @@ class UpstreamConnection(asyncio.Protocol):
     # HTTP/1.1 clients ignore, is the standard one for the status.
 
     def _reset_answer(self) -> None:
+        self.head_bytes = 0
         self.headers = []
         self.connection_named = None
         self.upgrade_value = None
@@ -165,13 +181,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """Keep end-to-end headers; note framing and hop-by-hop ones, which stop here."""
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_RESPONSE_HEAD:
+            raise httptools.HttpParserError(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
         lower = name.lower()
         if lower not in _SPECIAL_RESPONSE_HEADERS:
             self.headers.append((name, value))
         elif lower == b"content-length":
             self.content_length = value
         elif lower == b"transfer-encoding":
-            self.chunked = b"chunked" in value.lower()
+            self.chunked = final_coding_is_chunked(value)
         elif lower == b"connection":
             tokens = connection_tokens(value) - RESPONSE_DROPPED
             if tokens:
@@ -226,6 +245,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         self.no_body = no_body
         self.got_bytes = False
+        self.head_bytes = 0
+        self.head_read_bytes = 0
         self.headers = []
         self.connection_named = None
         self.upgrade_value = None

@@ -199,6 +199,7 @@ class ClientConnection(asyncio.Protocol):
             return  # the parser stopped at a malformed request; answers before it go out
         parsing = self.parsing
         head_open = parsing is not None and not parsing.method
+        heads_before = self.heads_seen
         if head_open or len(data) > MAX_HEAD // 4:
             # A head spread over reads, or a big read that may hold a big head: count
             # each header's size exactly from now on, on this connection.
@@ -215,11 +216,14 @@ class ClientConnection(asyncio.Protocol):
             status, reason = refused if refused is not None else (400, f"malformed request: {exc}")
             self._parse_failed(status, reason)
             return
-        if head_open and parsing is self.parsing and parsing is not None and not parsing.method:
-            # Still the same unfinished head: bound the bytes it has taken (431), whatever
-            # pieces it comes in (llhttp holds a header's pieces until its line ends).
-            parsing.head_size += len(data)
-            if parsing.head_size > MAX_HEAD + MAX_TARGET:
+        after = self.parsing
+        if (after is not None and not after.method and self.heads_seen == heads_before
+                and (after is parsing or parsing is None)):
+            # The read held nothing but an unfinished head: bound the bytes it has taken
+            # (431), whatever pieces it comes in (llhttp holds a header's pieces until
+            # its line ends).
+            after.head_size += len(data)
+            if after.head_size > MAX_HEAD + MAX_TARGET:
                 self._parse_failed(431, f"request head larger than {MAX_HEAD} bytes")
 
     def _parse_failed(self, status: int, reason: str) -> None:
@@ -396,6 +400,7 @@ class ClientConnection(asyncio.Protocol):
         request = self.parsing
         if request is None:
             return
+        self.heads_seen += 1
         if len(request.headers) > MAX_HEADERS:
             self._refuse_head(431, f"more than {MAX_HEADERS} request headers")
         parser = self.parser
@@ -1120,6 +1125,7 @@ class ClientConnection(asyncio.Protocol):
     set_cookie: bytes | None = None
     refused: tuple[int, str] | None = None
     deferred_error: tuple[int, str] | None = None
+    heads_seen: int = 0
     strict_head: bool = False
     hsts: bytes | None = None
     head: bytes = b""

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.conftest import free_port, raw_request, upstream_yaml, wait_until
+from tests.conftest import free_port, raw_request, read_response, upstream_yaml, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +161,30 @@ spec:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert "*.co.uk is a wildcard across the public suffix co.uk" in done.stdout + done.stderr
+
+
+async def test_the_forward_listener_bounds_heads_and_refuses_what_the_reverse_one_does(
+        k, app, forward_port):
+    target = f"http://localhost:{app.port}"
+    host = f"Host: localhost:{app.port}\r\n".encode()
+    before = len(app.received)
+    # a header past the limit is refused before its line ends, not held in memory
+    reader, writer = await asyncio.open_connection("127.0.0.1", forward_port)
+    try:
+        writer.write(f"GET {target}/big HTTP/1.1\r\n".encode() + host + b"X-Big: "
+                     + b"a" * 80_000)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await read_response(reader)
+        assert answer.status == 431
+        assert answer.reason == "Request Header Fields Too Large"
+    finally:
+        writer.close()
+    for data in (
+        f"GET {target}/dup HTTP/1.1\r\n".encode() + host + b"Authorization: a\r\nAuthorization: b\r\n\r\n",
+        f"GET {target}/te HTTP/1.1\r\n".encode() + host + b"Transfer-Encoding: xchunked\r\n\r\n",
+        f"GET {target}/v HTTP/2.0\r\n".encode() + host + b"\r\n",
+    ):
+        [answer] = await raw_request(forward_port, data)
+        assert answer.status in (400, 505), data
+    assert len(app.received) == before

@@ -5,6 +5,7 @@ and the assertions normalises what went over the wire."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -348,3 +349,57 @@ spec:
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0
     assert "RE2" in result.stdout + result.stderr
+
+
+async def serve_once(answer: bytes) -> tuple[asyncio.Server, int]:
+    """An origin that reads one request head and sends `answer`, then closes."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_upstream_answers_are_bounded_and_framed_as_rfc_9112_says(kanal) -> None:
+    huge, huge_port = await serve_once(
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 2_000_000 + b"\r\nContent-Length: 2\r\n\r\nok")
+    odd, odd_port = await serve_once(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    try:
+        k = kanal({"routes.yaml": f"""\
+apiVersion: kanal.dev/v1alpha1
+kind: Upstream
+metadata: {{name: huge}}
+spec:
+  endpoints: [{{address: 127.0.0.1, port: {huge_port}}}]
+---
+apiVersion: kanal.dev/v1alpha1
+kind: Upstream
+metadata: {{name: odd}}
+spec:
+  endpoints: [{{address: 127.0.0.1, port: {odd_port}}}]
+---
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {{name: r}}
+spec:
+  rules:
+    - matches: [{{path: {{value: /huge}}}}]
+      backends: [{{upstream: huge}}]
+    - matches: [{{path: {{value: /odd}}}}]
+      backends: [{{upstream: odd}}]
+"""})
+        [answer] = await raw_request(k.port, b"GET /huge HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        assert answer.status == 502
+        assert b"larger than" in answer.body
+        [answer] = await raw_request(k.port, b"GET /odd HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        # not chunked: the body runs to the connection's end, bytes as they came
+        assert answer.status == 200
+        assert answer.body == b"5\r\nhello\r\n0\r\n\r\n"
+    finally:
+        huge.close()
+        odd.close()
