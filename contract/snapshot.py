@@ -139,6 +139,8 @@ class Rule:
     session_affinity: SessionAffinity | None = None
     timeout: float | None = None
     retries: Retries | None = None
+    max_request_body_size: int | None = None
+    allow_websocket: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -450,16 +450,34 @@ class ClientConnection(asyncio.Protocol):
         if request is None:
             return
         if request is self.current and self.request_sent and self.upstream is not None:
+            if self.body_limit is not None:
+                request.body_size += len(body)
+                if request.body_size > self.body_limit:
+                    self._body_too_large()
+                    return
             self.upstream.write(b"%x\r\n%b\r\n" % (len(body), body) if request.chunked else body)
             if self.kept_body is not None:
                 self._keep([body])
             return
         request.body.append(body)
         request.body_size += len(body)
+        if (self.body_limit is not None and request is self.current
+                and request.body_size > self.body_limit):
+            self._body_too_large()
+            return
         if request.body_size > MAX_BUFFERED_BODY and not self.paused_for_body:
             if self.transport is not None:
                 self.transport.pause_reading()
                 self.paused_for_body = True
+
+    def _body_too_large(self) -> None:
+        """A streamed body went past its rule's maxRequestBodySize: 413 if nothing was
+        answered yet, else a visible cut."""
+        if self.response_started:
+            self._abort()
+            return
+        self._fail_request(413, f"request body larger than {self.body_limit} bytes "
+                                f"(maxRequestBodySize of {self.route_key})", close=True)
 
     def on_message_complete(self) -> None:
         request = self.parsing
@@ -475,6 +493,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _begin(self, request: Request) -> None:
         self.current = request
+        self.body_limit = None
         self.route_key = ""
         self.upstream_key = ""
         self.response_started = False
@@ -529,6 +548,19 @@ class ClientConnection(asyncio.Protocol):
         route_tls = selection.route.tls
         if route_tls is not None or context.scheme == "https":
             if self._tls_policy(request, selection.route, host_text):
+                return
+        rule = selection.rule
+        if request.upgrade and not rule.allow_websocket:
+            self._fail_request(403, f"{selection.route_key}: WebSocket upgrades are not allowed "
+                                    "on this rule", close=True)
+            return
+        limit = rule.max_request_body_size
+        if limit is not None:
+            self.body_limit = limit
+            declared = request.content_length
+            if (declared is not None and int(declared) > limit) or request.body_size > limit:
+                self._fail_request(413, f"request body larger than {limit} bytes "
+                                        f"(maxRequestBodySize of {selection.route_key})", close=True)
                 return
         affinity_token = None
         if selection.rule.session_affinity is not None and request.cookie is not None:
@@ -1126,6 +1158,7 @@ class ClientConnection(asyncio.Protocol):
     refused: tuple[int, str] | None = None
     deferred_error: tuple[int, str] | None = None
     heads_seen: int = 0
+    body_limit: int | None = None
     strict_head: bool = False
     hsts: bytes | None = None
     head: bytes = b""

@@ -61,6 +61,7 @@ from kanal.operator.models import (
     Secret,
     Upstream,
     UpstreamSpec,
+    parse_byte_size,
 )
 
 SERVICE_DISCOVERY_UNAVAILABLE = REASON_SERVICE_DISCOVERY_UNAVAILABLE
@@ -498,6 +499,9 @@ def _compile_rule(position: int, rule: RuleSpec, namespace: str) -> snap.Rule:
             per_try_timeout=_optional_seconds(retries.per_try_timeout, zero_is_none=True),
             retry_on=tuple(retries.retry_on),
         ),
+        max_request_body_size=(None if rule.max_request_body_size is None
+                               else parse_byte_size(rule.max_request_body_size)),
+        allow_websocket=rule.allow_websocket,
     )
 
 

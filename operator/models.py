@@ -172,6 +172,28 @@ def _string(pattern: str, max_length: int | None = None) -> WithJsonSchema:
     return WithJsonSchema(schema)
 
 
+_BYTE_UNITS = {"": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "Ki": 1024, "Mi": 1024**2,
+               "Gi": 1024**3}
+BYTE_SIZE_PATTERN = r"^[0-9]{1,15}(k|Ki|M|Mi|G|Gi)?$"
+
+
+def parse_byte_size(text: str) -> int:
+    """Bytes in a size as users write it: `1048576`, `500k`, `1Mi`, `2G`."""
+    match = re.fullmatch(BYTE_SIZE_PATTERN, text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size: digits with k, Ki, M, Mi, G or Gi")
+    unit = match.group(1) or ""
+    return int(text[: len(text) - len(unit)]) * _BYTE_UNITS[unit]
+
+
+def _byte_size(value: str) -> str:
+    parse_byte_size(value)
+    return value
+
+
+ByteSize = Annotated[str, AfterValidator(_byte_size), WithJsonSchema(
+    {"type": "string", "pattern": BYTE_SIZE_PATTERN})]
+
 ObjectName = Annotated[str, AfterValidator(_object_name), _string(DNS_SUBDOMAIN_PATTERN, 253)]
 NamespaceName = Annotated[str, AfterValidator(_namespace), _string(DNS_LABEL_PATTERN, 63)]
 ServiceName = Annotated[str, AfterValidator(_service_name), _string(SERVICE_NAME_PATTERN, 63)]
@@ -625,6 +647,18 @@ class RuleSpec(KanalModel):
         description="Time limit of the whole request, retries included. Default or 0s: none.",
     )
     retries: RetriesSpec | None = Field(default=None, description="Retries. Default: none.")
+    max_request_body_size: ByteSize | None = Field(
+        default=None,
+        description="Largest request body accepted, in bytes or with a binary or decimal "
+        "suffix (1Mi, 500k, 2G); a larger one is answered 413 (a Content-Length before "
+        "anything is forwarded). Default: no limit.",
+    )
+    allow_websocket: bool = Field(
+        default=True,
+        alias="allowWebSocket",
+        description="Whether valid WebSocket upgrades open a tunnel to the backend (default "
+        "true); false answers them 403. Other upgrades are never tunnelled.",
+    )
 
 
 class HstsSpec(KanalModel):

@@ -97,6 +97,16 @@ spec:
     - matches: [{{path: {{type: PathPrefix, value: /private}}}}]
       backends: [{{upstream: not-here}}]
     - backends: [{{upstream: rec}}]
+---
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {{name: limits}}
+spec:
+  hostnames: [limits.test]
+  rules:
+    - backends: [{{upstream: rec}}]
+      maxRequestBodySize: 1Ki
+      allowWebSocket: false
 """,
     }
     k = module_kanal(files)
@@ -403,3 +413,40 @@ spec:
     finally:
         huge.close()
         odd.close()
+
+
+async def test_a_body_over_the_rules_limit_is_413(edge) -> None:
+    port, recorder = edge
+    # declared: refused before anything is forwarded
+    status, reason = await status_of(port, b"POST /declared HTTP/1.1\r\nHost: limits.test\r\n"
+                                           b"Content-Length: 1025\r\n\r\n" + b"x" * 1025)
+    assert (status, reason) == (413, "Content Too Large")
+    assert not received(recorder, b"/declared")
+    # at the limit: forwarded
+    status, _ = await status_of(port, b"POST /at-limit HTTP/1.1\r\nHost: limits.test\r\n"
+                                      b"Content-Length: 1024\r\n\r\n" + b"x" * 1024)
+    assert status == 200
+    # chunked: cut when it goes past the limit, answered 413 if nothing was answered yet
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"POST /streamed HTTP/1.1\r\nHost: limits.test\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(3):
+            writer.write(b"200\r\n" + b"x" * 512 + b"\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await read_response(reader)
+    finally:
+        writer.close()
+    assert answer.status == 413
+
+
+async def test_a_rule_can_refuse_websocket_upgrades(edge) -> None:
+    port, recorder = edge
+    before = len(recorder.heads)
+    status, _ = await status_of(
+        port, b"GET /ws HTTP/1.1\r\nHost: limits.test\r\nConnection: Upgrade\r\n"
+              b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+              b"Sec-WebSocket-Version: 13\r\n\r\n")
+    assert status == 403
+    assert len(recorder.heads) == before
