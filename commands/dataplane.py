@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from kanal.commands.options import add_listener_flags, host_port, port
+from kanal.commands.options import add_listener_flags, host_port, limit_flags, port
 
 log = logging.getLogger("kanal.dataplane")
 
@@ -70,6 +70,7 @@ async def serve(args: argparse.Namespace) -> int:
         tls_listen=args.tls_listen,
         forward_listen=args.forward_listen,
         admin=args.admin,
+        **limit_flags(args),
         trusted_hops=args.trusted_hops,
         gateway=gateway,
         namespace=namespace,

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -33,8 +36,53 @@ def add_listener_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trusted-hops", type=int, default=0, metavar="N",
                         help="how many proxies in front of Kanal are trusted to set "
                              "X-Forwarded-* and Forwarded (default 0: client values are replaced)")
+    parser.add_argument("--request-head-timeout", type=positive_seconds, default=HEAD_TIMEOUT,
+                        metavar="SECONDS",
+                        help="time a client has to send a whole request head, counted from "
+                             f"its first byte; 408 after (default {HEAD_TIMEOUT:g})")
+    parser.add_argument("--request-body-timeout", type=positive_seconds,
+                        default=BODY_IDLE_TIMEOUT, metavar="SECONDS",
+                        help="time a request body may go without a byte; 408 after "
+                             f"(default {BODY_IDLE_TIMEOUT:g})")
+    parser.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
+                        help="client connections each listener holds at most; one more is "
+                             "answered 503 and closed (default: no cap)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
+
+
+def limit_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The DataplaneOptions fields the limit flags set."""
+    return {"head_timeout": args.request_head_timeout,
+            "body_idle_timeout": args.request_body_timeout,
+            "max_connections": args.max_connections}
+
+
+def limit_argv(args: argparse.Namespace) -> list[str]:
+    """The limit flags again, for a worker's command line."""
+    argv = ["--request-head-timeout", repr(args.request_head_timeout),
+            "--request-body-timeout", repr(args.request_body_timeout)]
+    if args.max_connections is not None:
+        argv += ["--max-connections", str(args.max_connections)]
+    return argv
+
+
+def positive_seconds(text: str) -> float:
+    """Seconds, above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A whole number, 1 or more."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number above 0, got {text!r}")
+    return int(text)
 
 
 def port(text: str) -> int:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kanal.commands.options import limit_flags
 from kanal.operator.filesource import FileSource
 
 log = logging.getLogger("kanal.run")
@@ -74,6 +75,7 @@ async def serve(args: argparse.Namespace) -> int:
         default_certificate=getattr(args, "default_certificate", None),
         forward_listen=args.forward_listen,
         admin=admin,
+        **limit_flags(args),
         trusted_hops=args.trusted_hops,
         reuse_port=worker,
         quiet_admin=worker,

@@ -25,6 +25,8 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from kanal.commands.options import limit_argv
+
 log = logging.getLogger("kanal.supervisor")
 
 
@@ -219,5 +221,6 @@ def worker_argv(args: argparse.Namespace, admin_port: int) -> Sequence[str]:
         if address is not None:
             argv += [flag, f"{address[0]}:{address[1]}"]
     argv += ["--trusted-hops", str(args.trusted_hops), "--log-level", args.log_level]
+    argv += limit_argv(args)
     argv += ["--worker", "--worker-admin", str(admin_port)]
     return argv

@@ -86,8 +86,12 @@ class ForwardProxy:
         idle_timeout: float = 60.0,
         tunnel_idle_timeout: float = 300.0,
         keepalive_timeout: float = 75.0,
+        head_timeout: float = HEAD_TIMEOUT,
+        max_connections: int | None = None,
     ) -> None:
         self.runtime = runtime
+        self.head_timeout = head_timeout
+        self.max_connections = max_connections
         self.namespace = namespace
         self.connect_timeout = connect_timeout
         self.resolve_timeout = resolve_timeout
@@ -260,7 +264,16 @@ class ForwardConnection(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.peer_ip = str(peer[0])
             self.peer = f"{peer[0]}:{peer[1]}"
-        self.proxy.connections.add(self)
+        proxy = self.proxy
+        if proxy.max_connections is not None and len(proxy.connections) >= proxy.max_connections:
+            body = b"kanal: 503 too many connections\n"
+            transport.write(status_line(503) + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"  # type: ignore[attr-defined]
+                            b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+                            % len(body) + body)
+            self.closed = True
+            transport.close()
+            return
+        proxy.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -905,9 +918,10 @@ class ForwardConnection(asyncio.Protocol):
             return  # the reverse proxy's housekeeping looks after it
         request = self.current
         parsing = self.parsing
-        if parsing is not None and not parsing.method and now - parsing.started > HEAD_TIMEOUT:
+        if (parsing is not None and not parsing.method
+                and now - parsing.started > proxy.head_timeout):
             # Counted from the head's first byte: trickling (slowloris) does not extend it.
-            self._parse_failed(408, f"request head not received within {HEAD_TIMEOUT:g}s")
+            self._parse_failed(408, f"request head not received within {proxy.head_timeout:g}s")
             return
         if request is None:
             if idle > proxy.keepalive_timeout:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from kanal.contract.snapshot import Snapshot
-from kanal.dataplane.runtime import Runtime
+from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
+from kanal.dataplane.runtime import ProxyContext, Runtime
 
 log = logging.getLogger("kanal.dataplane")
 
@@ -42,6 +43,16 @@ class DataplaneOptions:
     # A sidecar's inbound listener, proxying to the app on 127.0.0.1:app_port.
     inbound_listen: Address | None = None
     app_port: int | None = None
+    head_timeout: float = HEAD_TIMEOUT  # a client's whole request head, from its first byte
+    body_idle_timeout: float = BODY_IDLE_TIMEOUT  # between two bytes of a request body
+    max_connections: int | None = None  # client connections per listener (None: no cap)
+
+    def configure(self, context: ProxyContext) -> ProxyContext:
+        """Give a listener's context the limits these options set."""
+        context.head_timeout = self.head_timeout
+        context.body_idle_timeout = self.body_idle_timeout
+        context.max_connections = self.max_connections
+        return context
 
 
 def apply_snapshot(runtime: Runtime, snapshot: Snapshot) -> str | None:
@@ -73,7 +84,7 @@ async def start_listeners(
     servers: list[asyncio.AbstractServer] = []
     if options.listen is not None:
         host, port = options.listen
-        context = runtime.context("http", options.trusted_hops)
+        context = options.configure(runtime.context("http", options.trusted_hops))
         if options.tls_listen is not None:
             context.https_port = options.tls_listen[1]
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
@@ -88,7 +99,7 @@ async def start_listeners(
         if runtime.config is not None:
             terminator.update(runtime.config)
         runtime.on_apply.append(terminator.update)
-        context = runtime.context("https", options.trusted_hops)
+        context = options.configure(runtime.context("https", options.trusted_hops))
         context.misdirected = terminator.misdirected
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
         servers.append(await start_listener(context, sock, ssl_context=terminator.server_context))
@@ -98,7 +109,9 @@ async def start_listeners(
 
         host, port = options.forward_listen
         # Follows the configuration through runtime.on_apply.
-        forward = ForwardProxy(runtime, namespace=options.namespace)
+        forward = ForwardProxy(runtime, namespace=options.namespace,
+                               head_timeout=options.head_timeout,
+                               max_connections=options.max_connections)
         runtime.forward_proxies.append(forward)
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
         servers.append(await forward.start(sock))
@@ -107,7 +120,7 @@ async def start_listeners(
     if options.inbound_listen is not None and options.app_port is not None:
         host, port = options.inbound_listen
         inbound = inbound_runtime(runtime, options.app_port)
-        context = inbound.context("http", options.trusted_hops)
+        context = options.configure(inbound.context("http", options.trusted_hops))
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
         servers.append(await start_listener(context, sock))
         log.info("inbound on http://%s:%d to the app on 127.0.0.1:%d",

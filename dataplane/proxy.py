@@ -29,7 +29,6 @@ from kanal.dataplane import headers as hdrs
 from kanal.dataplane import http1
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.http1 import (
-    HEAD_TIMEOUT,
     KEEPALIVE_TIMEOUT,
     MAX_HEAD,
     MAX_HEADERS,
@@ -186,7 +185,20 @@ class ClientConnection(asyncio.Protocol):
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         ssl_object = transport.get_extra_info("ssl_object")
         self.server_name: str | None = getattr(ssl_object, "kanal_server_name", None)  # set by tls.py
-        self.context.clients.add(self)
+        context = self.context
+        cap = context.max_connections
+        if cap is not None and len(context.clients) >= cap:
+            # Over the listener's connection cap: an overload answer, as Envoy's overload
+            # manager gives, instead of holding one more socket and its buffers.
+            context.metrics.count_event("connection_overload", "")
+            body = b"kanal: 503 too many connections\n"
+            self._write(status_line(503) + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                        b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+                        % len(body) + body)
+            self.closed = True
+            transport.close()
+            return
+        context.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel:
@@ -259,18 +271,28 @@ class ClientConnection(asyncio.Protocol):
         self._fail_request(status, reason, close=True)
 
     def sweep(self, now: float) -> None:
-        """Close the connection if it idled past the keep-alive time or stalled in a head.
+        """Close the connection if it idled past the keep-alive time, or answer 408 if it
+        stalled in a head or a body.
 
         A head's time counts from its first byte: trickling bytes (slowloris) does not
-        extend it.
+        extend it. A body's counts from its last byte.
         """
-        if self.current is not None or self.tunnel or self.transport is None:
+        current = self.current
+        if self.tunnel or self.transport is None:
+            return
+        if current is not None:
+            timeout = self.context.body_idle_timeout
+            if (not current.complete and not self.paused_for_body and not self.response_started
+                    and now - self.last_activity > timeout):
+                # The client stopped sending its body (not paused by us): answer, close.
+                self._fail_request(408, f"request body stalled for {timeout:g}s", close=True)
             return
         parsing = self.parsing
         if parsing is not None:
-            if now - parsing.started > HEAD_TIMEOUT:
+            timeout = self.context.head_timeout
+            if now - parsing.started > timeout:
                 self._fail_request(
-                    408, f"request head not received within {HEAD_TIMEOUT:g}s", close=True)
+                    408, f"request head not received within {timeout:g}s", close=True)
         elif now - self.last_activity > KEEPALIVE_TIMEOUT:
             self.transport.close()
 

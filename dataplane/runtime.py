@@ -28,6 +28,7 @@ from kanal.dataplane.balancer import Balancer, EndpointState, make_balancer
 from kanal.dataplane.breaker import Breaker
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.health import EndpointChecker
+from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
 from kanal.dataplane.limits import UpstreamLimits
 from kanal.dataplane.mesh import with_mesh_aliases
 from kanal.dataplane.metrics import RequestMetrics
@@ -243,6 +244,12 @@ class ProxyContext:
         self.misdirected: Callable[[str | None, str], bool] | None = None
         # Plain listener: the port of the HTTPS listener, for redirects (None: none).
         self.https_port: int | None = None
+        # Deadlines of a client's head (from its first byte) and body (between bytes).
+        self.head_timeout = HEAD_TIMEOUT
+        self.body_idle_timeout = BODY_IDLE_TIMEOUT
+        # Client connections this listener holds at most (None: no cap); one more is
+        # answered 503 and closed.
+        self.max_connections: int | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a slow-path coroutine (a connect) and keep a reference until it ends."""
