@@ -7,6 +7,11 @@ server (`--admin`: /live, /ready, /metrics). kopf's watch handlers then call `ev
 changes that matter poke the builder, which compiles once per burst, publishes a new
 version if the Snapshot changed, and writes statuses. ACKs from dataplanes refresh the
 Routes' `Programmed` condition (debounced too).
+
+With leader election on (`OperatorOptions.leader_election`, see
+`kanal.operator.kube.election`), every replica still compiles, publishes and serves its
+dataplanes, but only the Lease holder writes statuses and Events, and `Programmed`
+counts the dataplanes of every replica from the records they share.
 """
 
 from __future__ import annotations
@@ -35,10 +40,18 @@ from kanal.operator.compiler import CompileResult
 from kanal.operator.kube.auth import TokenReviewAuthenticator
 from kanal.operator.kube.builder import DEFAULT_CAP, DEFAULT_HOLDOFF, Debouncer
 from kanal.operator.kube.client import KubeClient, KubeError, login
+from kanal.operator.kube.election import (
+    ERROR_CHARS,
+    DataplaneRecord,
+    DataplaneRecords,
+    ElectionSettings,
+    LeaderElector,
+    count,
+)
 from kanal.operator.kube.status import Programmed, StatusWriter
 from kanal.operator.kube.store import EndpointPolicy, Store
 from kanal.operator.models import GROUP, RESOURCES, VERSION
-from kanal.operator.publisher import Publisher, shared_token_authenticator
+from kanal.operator.publisher import DataplaneStatus, Publisher, shared_token_authenticator
 
 # Keys of kopf's memo shared by the handlers and the webhooks.
 MEMO_OPTIONS = "kanal_options"
@@ -97,6 +110,8 @@ class OperatorOptions:
     """tls.crt and tls.key of the webhook server (ca.crt is the chart's business)."""
     sidecar_template: Path | None = None
     """What the injection webhook adds to pods (the chart's sidecar.yaml)."""
+    leader_election: ElectionSettings | None = None
+    """None: this replica writes statuses from its own dataplanes (one replica, or kmock)."""
 
     @classmethod
     def from_env(cls) -> OperatorOptions:
@@ -113,6 +128,7 @@ class OperatorOptions:
                             if os.environ.get("KANAL_WEBHOOK_LISTEN") else None),
             webhook_cert_dir=_env_path("KANAL_WEBHOOK_CERT_DIR"),
             sidecar_template=_env_path("KANAL_SIDECAR_TEMPLATE"),
+            leader_election=ElectionSettings.from_env(),
         )
 
     def node_ips(self) -> frozenset[str]:
@@ -145,6 +161,9 @@ class Metrics:
         self.connected = Gauge("kanal_operator_connected_dataplanes",
                                "Dataplanes subscribed to this replica", registry=self.registry)
         self.connected.set_function(lambda: len(publisher.dataplanes()))
+        self.leader = Gauge("kanal_operator_leader",
+                            "1 while this replica writes statuses (holds the Lease)",
+                            registry=self.registry)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
@@ -177,6 +196,13 @@ class ControlPlane:
         self._changed_since: float | None = None
         self._propagating: dict[str, float] = {}
         self._refused: dict[str, dict[str, str]] = {}
+        self.election: LeaderElector | None = None
+        self.records: DataplaneRecords | None = None
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica writes statuses: always, without leader election."""
+        return self.election is None or self.election.is_leader
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -193,6 +219,18 @@ class ControlPlane:
         self.publisher.on_forget.append(lambda _: self.status_refresher.poke())
         self.metrics = Metrics(self.publisher)
         self.status = StatusWriter(self.client, self.store)
+        election = self.options.leader_election
+        if election is not None:
+            self.election = LeaderElector(self.client, election,
+                                          on_change=self._on_leadership)
+            self.records = DataplaneRecords(
+                self.client, election, self._local_records,
+                should_prune=lambda: self.leading, on_change=self.status_refresher.poke)
+            self.publisher.on_forget.append(lambda _: self._records_changed())
+            await self.election.try_once()  # one replica alone leads from its first build
+            await self.records.read()
+        else:
+            self.metrics.leader.set(1)
         if self.options.admin is not None:
             self.admin_address = await self._serve(self._admin_app(), self.options.admin)
         await self.initial_sync()
@@ -203,6 +241,10 @@ class ControlPlane:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self.builder.run(), name="kanal rebuild"),
                        loop.create_task(self.status_refresher.run(), name="kanal status")]
+        if self.election is not None and self.records is not None:
+            self._tasks += [
+                loop.create_task(self.election.run(), name="kanal leader election"),
+                loop.create_task(self.records.run(), name="kanal dataplane records")]
         self.ready = True
         log.info("control plane ready: configuration on %s, admin on %s",
                  self.config_address, self.admin_address)
@@ -216,6 +258,10 @@ class ControlPlane:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.election is not None:
+            await self.election.release()
+        if self.records is not None:
+            await self.records.withdraw()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -316,6 +362,8 @@ class ControlPlane:
     async def _write_status(self) -> None:
         assert self.status is not None and self.metrics is not None
         assert self.result is not None
+        if not self.leading:
+            return
         patched = await self.status.write(self.result, self.programmed())
         self.metrics.status_patches.inc(patched)
 
@@ -323,9 +371,30 @@ class ControlPlane:
         if self.publisher is None or self.publisher.current is None:
             return None
         version = self.publisher.current.version
+        if self.records is not None:
+            return Programmed(version, *count(self.records.merged(), version))
         acked, total = self.publisher.programmed(version)
         refused = tuple(sorted(self._refused.get(version, {}).items()))
         return Programmed(version, acked, total, refused)
+
+    # ------------------------------------------------------------------ replicas
+
+    def _local_records(self) -> dict[str, DataplaneRecord]:
+        assert self.publisher is not None
+        return {plane.id: _record(plane) for plane in self.publisher.dataplanes()}
+
+    def _records_changed(self) -> None:
+        if self.records is not None:
+            self.records.poke()
+
+    def _on_leadership(self, leading: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.leader.set(1 if leading else 0)
+        if leading and self.status is not None:
+            # What this replica wrote in an earlier term may have been overwritten since:
+            # compare with what the watch shows instead.
+            self.status.forget_written()
+            self.status_refresher.poke()
 
     def _on_ack(self, dataplane: str, version: str, ok: bool, error: str | None,
                 seconds: float | None) -> None:
@@ -341,6 +410,7 @@ class ControlPlane:
             if acked >= total:
                 self.metrics.propagation.observe(asyncio.get_running_loop().time() - started)
                 del self._propagating[version]
+        self._records_changed()
         self.status_refresher.poke()
 
     # ------------------------------------------------------------------ admin
@@ -364,3 +434,10 @@ class ControlPlane:
         app.router.add_get("/ready", ready)
         app.router.add_get("/metrics", metrics)
         return app
+
+
+def _record(plane: DataplaneStatus) -> DataplaneRecord:
+    refused = None
+    if plane.nack is not None:
+        refused = (plane.nack[0], plane.nack[1][:ERROR_CHARS])
+    return DataplaneRecord(acked=plane.acked_version, refused=refused, seen=plane.last_seen)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kanal.operator.kube.controlplane import OperatorOptions
+from kanal.operator.kube.election import ElectionSettings
 
 
 def options_from_args(args: argparse.Namespace) -> OperatorOptions:
@@ -31,6 +32,8 @@ def options_from_args(args: argparse.Namespace) -> OperatorOptions:
         else None,
         sidecar_template=Path(args.sidecar_template) if getattr(args, "sidecar_template", None)
         else None,
+        # No flag (the command line is another package's): KANAL_LEADER_ELECTION=true.
+        leader_election=ElectionSettings.from_env(),
     )
 
 
@@ -39,7 +42,11 @@ def operator_command(args: argparse.Namespace) -> int:
         level=getattr(logging, str(args.log_level).upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    options = options_from_args(args)
+    try:
+        options = options_from_args(args)
+    except ValueError as exc:  # KANAL_LEASE_DURATION
+        print(f"kanal operator: {exc}", file=sys.stderr)
+        return 2
     if options.token_file is not None:
         if not options.token_file.is_file():
             print(f"kanal operator: --token-file {options.token_file}: no such file",

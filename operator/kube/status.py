@@ -158,6 +158,10 @@ class StatusWriter:
         default_factory=dict)
     _warned: dict[tuple[str, str], tuple[str | None, str]] = field(default_factory=dict)
 
+    def forget_written(self) -> None:
+        """Compare with the statuses the watch shows, not with what this writer wrote."""
+        self._written.clear()
+
     async def write(self, result: CompileResult, programmed: Programmed | None) -> int:
         """Patch every object whose status differs; returns how many were patched.
 

@@ -69,6 +69,16 @@ OPERATOR_RULES = [
 TOKENREVIEW_RULES = [
     {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
 ]
+LEADER_ELECTION_ROLE = "kanal-operator-leader-election"
+
+
+def leader_election_rules(operator: str) -> list[dict[str, Any]]:
+    return [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": [operator, f"{operator}-dataplanes"],
+         "verbs": ["get", "update", "patch"]},
+    ]
 
 
 @pytest.fixture(params=SETS)
@@ -205,13 +215,15 @@ def test_rbac_has_no_wildcards_and_secrets_are_read_only(rendered: Rendered) -> 
         for key in ("apiGroups", "resources", "verbs"):
             assert "*" not in rule.get(key, []), (kind, rule)
         assert not rule.get("nonResourceURLs"), rule
-        assert not rule.get("resourceNames"), rule
+        assert not rule.get("resourceNames") or rule["resources"] == ["leases"], rule
         assert not {"escalate", "bind", "impersonate", "delete", "deletecollection"} \
             & set(rule["verbs"]), rule
         if "secrets" in rule["resources"]:
             assert set(rule["verbs"]) <= {"get", "list", "watch"}, rule
         if "create" in rule["verbs"]:
-            assert set(rule["resources"]) <= {"events", "tokenreviews"}, rule
+            assert set(rule["resources"]) <= {"events", "tokenreviews", "leases"}, rule
+        if "leases" in rule["resources"]:  # only in the release namespace
+            assert kind == "Role", rule
 
 
 def test_rbac_binds_no_builtin_role_and_only_the_operator(rendered: Rendered) -> None:
@@ -232,6 +244,19 @@ def test_rbac_binds_no_builtin_role_and_only_the_operator(rendered: Rendered) ->
 def test_rbac_grants_exactly_what_the_operator_uses(rendered: Rendered) -> None:
     namespaced = rendered.values["rbac"]["namespaced"]
     cluster = [rule for kind, _, rule in rbac_rules(rendered) if kind == "ClusterRole"]
+    election = [doc for doc in rendered.docs if doc["kind"] in ("Role", "RoleBinding")
+                and doc["metadata"]["name"] == LEADER_ELECTION_ROLE]
+    if rendered.values["operator"]["leaderElection"]["enabled"]:
+        role = next(doc for doc in election if doc["kind"] == "Role")
+        assert role["metadata"]["namespace"] == NAMESPACE
+        assert role["rules"] == leader_election_rules("kanal-operator")
+        binding = next(doc for doc in election if doc["kind"] == "RoleBinding")
+        assert binding["metadata"]["namespace"] == NAMESPACE
+        assert binding["roleRef"]["name"] == LEADER_ELECTION_ROLE
+    else:
+        assert not election
+    rendered = Rendered(rendered.name, [doc for doc in rendered.docs if doc not in election],
+                        rendered.values)
     if namespaced:
         assert cluster == TOKENREVIEW_RULES
         watched = rendered.values["watchNamespaces"]
@@ -330,6 +355,16 @@ def test_operator_runs_replicas_with_the_flags_of_api_md(rendered: Rendered) -> 
         assert "--namespaces" not in args
     token = mount_of(pod, container, str(args["--token-file"]))
     assert token["secret"]["secretName"] == token_secret_name(rendered)
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    election = values["operator"]["leaderElection"]
+    if election["enabled"]:
+        assert env["KANAL_LEADER_ELECTION"] == "true"
+        assert env["KANAL_LEASE_NAME"] == "kanal-operator"
+        assert env["KANAL_LEASE_DURATION"] == str(election["leaseDuration"])
+        assert {"POD_NAME", "POD_NAMESPACE"} <= env.keys()  # identity, Lease namespace
+    else:
+        assert not {name for name in env if name.startswith("KANAL_LEASE")} \
+            and "KANAL_LEADER_ELECTION" not in env
 
 
 def test_the_config_service_reaches_the_operator(rendered: Rendered) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import subprocess
 import sys
 import urllib.error
@@ -118,6 +119,9 @@ class OperatorProcess:
     kubeconfig: Path
     folder: Path
     extra_args: Sequence[str] = ()
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    pod_name: str = field(default_factory=lambda: f"kanal-operator-{secrets.token_hex(4)}")
+    """What `metadata.name` would be: the replica's identity in leader election."""
     config_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     webhook_port: int = field(default_factory=free_port)
@@ -157,6 +161,18 @@ class OperatorProcess:
                 args.append(arg)
         return [sys.executable, "-m", "kanal", *args, *self.extra_args]
 
+    def container_env(self) -> dict[str, str]:
+        """The chart container's env, with the Downward API fields a pod would get."""
+        fields = {"metadata.name": self.pod_name, "metadata.namespace": self.rendered.namespace}
+        container = self.rendered.operator_deployment["spec"]["template"]["spec"]["containers"][0]
+        env: dict[str, str] = {}
+        for item in container.get("env") or []:
+            if "value" in item:
+                env[item["name"]] = str(item["value"])
+            else:
+                env[item["name"]] = fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        return {**env, **self.extra_env}
+
     @property
     def log_path(self) -> Path:
         return self.folder / "operator.log"
@@ -166,7 +182,7 @@ class OperatorProcess:
 
     def start(self, timeout: float = 30.0) -> OperatorProcess:
         argv = self.argv()
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+        env = {**os.environ, **self.container_env(), "KUBECONFIG": str(self.kubeconfig),
                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         env.pop("KUBERNETES_SERVICE_HOST", None)
         with open(self.log_path, "ab") as log:

@@ -8,7 +8,9 @@ A real `kanal dataplane` subscribes with the chart's shared token. What users se
   served, and their status says so: Accepted, ResolvedRefs, Programmed "1 of 1" with
   the object's generation; an edit moves observedGeneration;
 - a rejected object gets Accepted=False and a Warning Event (`kubectl get events`);
-- what the chart does not grant the operator, the API server refuses it.
+- what the chart does not grant the operator, the API server refuses it;
+- two replicas elect a leader with a Lease: Programmed counts both replicas' dataplanes,
+  and a SIGKILLed leader is replaced within the lease duration.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,7 +39,8 @@ from tests.k8s.kanal import (
 )
 
 
-def start_dataplane(operator: OperatorProcess, folder: Path) -> dict[str, Any]:
+def start_dataplane(operator: OperatorProcess, folder: Path,
+                    dataplane_id: str = "test-dataplane") -> dict[str, Any]:
     """A real `kanal dataplane` subscribed to the operator with the chart's token."""
     admin, listen = free_port(), free_port()
     log = folder / "dataplane.log"
@@ -46,7 +50,7 @@ def start_dataplane(operator: OperatorProcess, folder: Path) -> dict[str, Any]:
             f"--control-plane={operator.config_url}",
             f"--token-file={operator.dataplane_token}",
             f"--listen=127.0.0.1:{listen}", f"--admin=127.0.0.1:{admin}",
-            f"--state-dir={folder / 'state'}", "--dataplane-id=test-dataplane",
+            f"--state-dir={folder / 'state'}", f"--dataplane-id={dataplane_id}",
         ], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     operator.cleanups.append(lambda: stop_process(process))
     return {"admin": admin, "listen": listen, "process": process, "log": log}
@@ -153,6 +157,13 @@ def test_the_operator_has_the_charts_rights_and_no_more(
                            ("watch", "secrets"), ("create", "events"),
                            ("create", "tokenreviews.authentication.k8s.io")]:
         assert can(verb, resource), f"the chart does not let the operator {verb} {resource}"
+    for verb, resource in [("create", "leases.coordination.k8s.io"),
+                           ("update", "leases.coordination.k8s.io/kanal-operator"),
+                           ("patch", "leases.coordination.k8s.io/kanal-operator-dataplanes")]:
+        assert can(verb, resource, RELEASE_NAMESPACE), f"no {verb} {resource}: no election"
+    for verb, resource in [("update", "leases.coordination.k8s.io/kube-scheduler"),
+                           ("list", "leases.coordination.k8s.io")]:
+        assert not can(verb, resource, RELEASE_NAMESPACE), f"the operator may {verb} {resource}"
     for verb, resource in [("delete", "routes.kanal.dev"), ("create", "routes.kanal.dev"),
                            ("create", "secrets"), ("update", "secrets"), ("list", "pods"),
                            ("create", "mutatingwebhookconfigurations"),
@@ -330,28 +341,75 @@ def test_changes_while_the_watch_is_gone_are_not_missed(
     assert "Restarting the watch-stream for routes.v1alpha1.kanal.dev" in operator.log()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not built yet: the replicas run kopf standalone without leader election, each writes "
-    "Programmed from its own dataplanes only ('1 of 1'), so two replicas never say 2 of 2"))
-def test_two_replicas_count_every_dataplane(
+LEASES = f"/apis/coordination.k8s.io/v1/namespaces/{RELEASE_NAMESPACE}/leases"
+
+
+def metric(replica: OperatorProcess, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{replica.admin_port}/metrics",
+                                timeout=5) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(f"{name} "):
+                return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+def test_two_replicas_count_every_dataplane_and_the_other_takes_over(
         crds: Cluster, chart: Rendered, operator_kubeconfig: Path, namespace: str,
         tmp_path: Path) -> None:
-    """What the issue asks of two replicas: Programmed is "N of M" over all of them."""
+    """Two replicas with the chart's leader election, a dataplane on each: Programmed
+    says "2 of 2" and only the Lease holder writes it. The leader SIGKILLed, the other
+    takes the Lease once it expires and goes on writing statuses."""
     replicas = [OperatorProcess(crds, chart, operator_kubeconfig, tmp_path / f"operator-{i}")
                 for i in range(2)]
+    lease_duration = float(replicas[0].container_env()["KANAL_LEASE_DURATION"])
+    leader_lease = f"{LEASES}/{chart.operator_deployment['metadata']['name']}"
     try:
         for index, replica in enumerate(replicas):
             replica.start()
             (tmp_path / f"dataplane-{index}").mkdir()
-            start_dataplane(replica, tmp_path / f"dataplane-{index}")
+            start_dataplane(replica, tmp_path / f"dataplane-{index}", f"dataplane-{index}")
         crds.create(f"{KANAL}/{namespace}/upstreams", {
             "apiVersion": "kanal.dev/v1alpha1", "kind": "Upstream", "metadata": {"name": "u"},
             "spec": {"endpoints": [{"address": "10.7.0.1", "port": 8080}]}})
         crds.create(f"{KANAL}/{namespace}/routes", {
             "apiVersion": "kanal.dev/v1alpha1", "kind": "Route", "metadata": {"name": "r"},
             "spec": {"rules": [{"backends": [{"upstream": "u"}]}]}})
-        wait_for_status(crds, f"{KANAL}/{namespace}/routes/r", lambda obj: condition(
+        route = wait_for_status(crds, f"{KANAL}/{namespace}/routes/r", lambda obj: condition(
             obj, "Programmed").get("message", "").startswith("2 of 2 dataplanes"), 10)
+        assert condition(route, "Programmed")["status"] == "True"
+
+        holder = crds.get(leader_lease)["spec"]["holderIdentity"]
+        (leader,) = [replica for replica in replicas if replica.pod_name == holder]
+        (follower,) = [replica for replica in replicas if replica is not leader]
+        assert metric(leader, "kanal_operator_leader") == 1
+        assert metric(follower, "kanal_operator_leader") == 0
+        assert metric(follower, "kanal_operator_status_patches_total") == 0
+        shared = crds.get(f"{leader_lease}-dataplanes")["metadata"]["annotations"]
+        assert {f"dataplanes.kanal.dev/{replica.pod_name}" for replica in replicas} \
+            <= shared.keys()
+
+        assert leader.process is not None
+        leader.process.kill()  # SIGKILL: no Lease handed back
+        killed = time.monotonic()
+        wait_for("the follower holds the Lease", lambda: crds.get(leader_lease)["spec"].get(
+            "holderIdentity") == follower.pod_name, lease_duration + 10, interval=0.05)
+        takeover = time.monotonic() - killed
+        print(f"takeover after SIGKILL: {takeover:.1f} s (lease {lease_duration:.0f} s)")
+        assert takeover < lease_duration + 3
+
+        # The new leader writes: a new generation, and the killed replica's dataplane
+        # no longer counted once that replica's records expired.
+        crds.merge_patch(f"{KANAL}/{namespace}/routes/r",
+                         {"spec": {"hostnames": ["r.example.com"]}})
+        route = wait_for_status(crds, f"{KANAL}/{namespace}/routes/r", lambda obj: (
+            condition(obj, "Programmed").get("observedGeneration") == 2
+            and condition(obj, "Programmed").get("message", "").startswith(
+                "1 of 1 dataplanes")), lease_duration + 10)
+        assert condition(route, "Accepted")["observedGeneration"] == 2
+        assert metric(follower, "kanal_operator_leader") == 1
+
+        follower.stop()  # a clean stop hands the Lease back at once
+        assert not crds.get(leader_lease)["spec"].get("holderIdentity")
     finally:
         for replica in replicas:
             replica.stop()
