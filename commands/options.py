@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+EXIT_CANNOT_BIND = 3
+"""`kanal run` (and each of its workers) exits with this when an address it was told to
+listen on cannot be bound; a supervisor that sees it from a worker stops, with it."""
+
 
 def host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
