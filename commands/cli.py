@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Used by `--workers N` to start its worker processes; not for users.
     run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--worker-admin", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument("--worker-parent", type=int, default=None, help=argparse.SUPPRESS)
 
     validate = commands.add_parser("validate", help="check manifests offline")
     validate.add_argument("paths", nargs="+", metavar="PATH")

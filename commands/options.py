@@ -7,6 +7,10 @@ from typing import Any
 
 from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
 
+EXIT_CANNOT_BIND = 3
+"""`kanal run` (and each of its workers) exits with this when an address it was told to
+listen on cannot be bound; a supervisor that sees it from a worker stops, with it."""
+
 
 def host_port(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import errno
 import logging
+import os
+import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kanal.commands.options import limit_flags
+from kanal.commands.options import EXIT_CANNOT_BIND, limit_flags
 from kanal.operator.filesource import FileSource
 
 log = logging.getLogger("kanal.run")
@@ -39,8 +44,19 @@ def run_command(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("kanal run: --workers must be at least 1", file=sys.stderr)
         return 2
+    worker = bool(getattr(args, "worker", False))
+    if worker:
+        die_with_parent(getattr(args, "worker_parent", None))
+    supervising = args.workers > 1 and not worker
+    # Busy addresses are said plainly, before anything starts (workers share the proxy
+    # ports with SO_REUSEPORT, so they check them as they will bind them).
+    busy = unbindable(listen_addresses(args, admin=not worker), reuse_port=worker or supervising)
+    if busy:
+        for line in busy:
+            print(f"kanal run: {line}", file=sys.stderr)
+        return EXIT_CANNOT_BIND
     _install_uvloop()
-    if args.workers > 1 and not getattr(args, "worker", False):
+    if supervising:
         from kanal.commands.supervisor import supervise
 
         return asyncio.run(supervise(args))
@@ -48,6 +64,72 @@ def run_command(args: argparse.Namespace) -> int:
         return asyncio.run(serve(args))
     except KeyboardInterrupt:
         return 0
+    except OSError as exc:
+        # Taken between the check and the bind: still a line, not a traceback.
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            print(f"kanal run: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+            # A worker's proxy ports were checked above: what failed is most likely its
+            # private admin port, which the supervisor picks anew when it starts it again.
+            return 1 if worker else EXIT_CANNOT_BIND
+        raise
+
+
+Address = tuple[str, int]
+
+
+def listen_addresses(args: argparse.Namespace, *, admin: bool) -> list[tuple[str, Address]]:
+    """The addresses `kanal run` binds, each with the flag that asked for it."""
+    found: list[tuple[str, Address]] = [("--listen", args.listen)]
+    for flag, address in (("--tls-listen", args.tls_listen),
+                          ("--forward-listen", args.forward_listen)):
+        if address is not None:
+            found.append((flag, address))
+    if admin:
+        found.append(("--admin", args.admin))
+    return found
+
+
+def unbindable(addresses: list[tuple[str, Address]], *, reuse_port: bool) -> list[str]:
+    """One line for each address that cannot be bound now, naming it and its flag."""
+    lines: list[str] = []
+    for flag, (host, port) in addresses:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port and flag != "--admin":
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((host, port))
+        except OSError as exc:
+            shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            lines.append(f"cannot listen on {shown} ({flag}): {exc.strerror or exc}")
+    return lines
+
+
+def die_with_parent(parent: int | None) -> None:
+    """A worker ends when its supervisor does, even by SIGKILL, so no worker keeps the port.
+
+    On Linux the kernel sends SIGTERM when the parent dies (PR_SET_PDEATHSIG); if the
+    parent is already gone (it died before this call), the worker stops now.
+    `watch_parent` covers other systems, and is a second line on Linux.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        log.error("the supervisor (pid %d) is gone; this worker stops", parent)
+        raise SystemExit(1)
+
+
+async def watch_parent(parent: int, interval: float = 0.5) -> None:
+    """Return when this process's parent is no longer `parent`."""
+    while os.getppid() == parent:
+        await asyncio.sleep(interval)
+    log.error("the supervisor (pid %d) is gone; this worker stops", parent)
 
 
 def _install_uvloop() -> None:
@@ -85,8 +167,23 @@ async def serve(args: argparse.Namespace) -> int:
     # The first configuration is in place before any listener opens.
     _reload(source, runtime, apply_snapshot)
 
+    parent = getattr(args, "worker_parent", None) if worker else None
+
     async def feed(runtime: Runtime, stop: asyncio.Event) -> None:
-        await _watch(source, runtime, stop, apply_snapshot)
+        if parent is None:
+            await _watch(source, runtime, stop, apply_snapshot)
+            return
+        # The dataplane stops when the feed ends: when the files' watch does, or when
+        # the supervisor is gone.
+        tasks = {asyncio.ensure_future(_watch(source, runtime, stop, apply_snapshot)),
+                 asyncio.ensure_future(watch_parent(parent))}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+        for task in done:
+            task.result()
 
     return await run_dataplane(options, feed, runtime)
 

@@ -7,7 +7,10 @@ serves its admin endpoints on a private loopback port; this process serves `--ad
 for the whole group: `/ready` when every worker is ready, `/config` and `/explain`
 from a worker, and `/metrics` summed over the workers.
 
-A worker that dies is started again, after a pause that grows while it keeps dying.
+A worker that dies is started again, after a pause that grows while it keeps dying;
+one that cannot bind a listening address (exit code `EXIT_CANNOT_BIND`) is not: the
+group stops with that code, since a busy port stays busy. Workers die with this
+process, even when it is killed with SIGKILL (see `kanal.commands.run.die_with_parent`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -25,7 +29,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from kanal.commands.options import limit_argv
+from kanal.commands.options import EXIT_CANNOT_BIND, limit_argv
 
 log = logging.getLogger("kanal.supervisor")
 
@@ -49,22 +53,31 @@ class Worker:
         return f"http://127.0.0.1:{self.admin_port}"
 
     async def start(self) -> None:
+        if self.process is not None:
+            self.admin_port = _free_loopback_port()  # the old one may have been taken
         argv = list(worker_argv(self.args, self.admin_port))
         self.process = await asyncio.create_subprocess_exec(*argv)
         log.info("worker %d started (pid %d)", self.index, self.process.pid)
 
-    async def keep_running(self, stopping: asyncio.Event) -> None:
+    async def keep_running(self, stopping: asyncio.Event) -> int:
+        """Start the worker again whenever it exits; return its code if it cannot bind."""
         delay = 0.5
         while not stopping.is_set():
             assert self.process is not None
             code = await self.process.wait()
             if stopping.is_set():
-                return
+                return 0
+            if code == EXIT_CANNOT_BIND:
+                log.error("worker %d cannot listen (see above); stopping every worker",
+                          self.index)
+                stopping.set()
+                return code
             log.error("worker %d exited with %s; starting it again in %.1fs", self.index, code, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
             self.restarts += 1
             await self.start()
+        return 0
 
     def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -182,9 +195,10 @@ async def supervise(args: argparse.Namespace) -> int:
     try:
         await web.TCPSite(runner, args.admin[0], args.admin[1]).start()
     except OSError as exc:
-        log.error("cannot serve admin on %s:%d: %s", args.admin[0], args.admin[1], exc)
+        print(f"kanal run: cannot listen on {args.admin[0]}:{args.admin[1]} (--admin): "
+              f"{exc.strerror or exc}", file=sys.stderr)
         await runner.cleanup()
-        return 1
+        return EXIT_CANNOT_BIND
     for worker in workers:
         await worker.start()
     log.info("admin for %d workers on http://%s:%d", len(workers), *args.admin)
@@ -205,10 +219,13 @@ async def supervise(args: argparse.Namespace) -> int:
             except TimeoutError:
                 worker.process.kill()
                 await worker.process.wait()
+    code = 0
     for keeper in keepers:
+        if keeper.done() and not keeper.cancelled() and keeper.exception() is None:
+            code = max(code, keeper.result())
         keeper.cancel()
     await runner.cleanup()
-    return 0
+    return code
 
 
 def worker_argv(args: argparse.Namespace, admin_port: int) -> Sequence[str]:
@@ -222,5 +239,5 @@ def worker_argv(args: argparse.Namespace, admin_port: int) -> Sequence[str]:
             argv += [flag, f"{address[0]}:{address[1]}"]
     argv += ["--trusted-hops", str(args.trusted_hops), "--log-level", args.log_level]
     argv += limit_argv(args)
-    argv += ["--worker", "--worker-admin", str(admin_port)]
+    argv += ["--worker", "--worker-admin", str(admin_port), "--worker-parent", str(os.getpid())]
     return argv

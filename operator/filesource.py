@@ -4,6 +4,12 @@ An object is known by its kind, namespace and name. When a reload finds a docume
 for an object that no longer validates (or a file that no longer parses), the object's
 last good version keeps serving and the error is reported; everything else is taken as
 edited. An object whose document is gone from files that still parse is deleted.
+
+The same kind, namespace and name in two documents is refused, as `kanal validate`
+refuses it: the copy that served before keeps serving (or, for an object new to this
+reload, the first in reading order), and each other copy is reported with both files.
+A Secret whose certificate and key do not load together (or whose `ca.crt` does not
+load) is invalid like any other object, so its last good version keeps serving.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 from kanal.contract.snapshot import Snapshot
 from kanal.operator import manifests
 from kanal.operator.compiler import CompileResult, compile_snapshot
+from kanal.operator.models import Secret
 
 ObjectKey = tuple[str, str, str]
 
@@ -76,25 +83,54 @@ class FileSource:
         documents, load_errors = manifests.load_documents([str(path) for path in self.paths])
         errors = [str(error) for error in load_errors]
         broken_files = {error.source.path for error in load_errors if error.source is not None}
-        current: dict[ObjectKey, tuple[Any, str]] = {}
-        kept: list[ObjectKey] = []
+        # Every valid document of each object, in reading order; and the objects with an
+        # invalid document (their last good version keeps serving, unless a valid copy is found).
+        found: dict[ObjectKey, list[tuple[Any, manifests.Source]]] = {}
+        invalid: dict[ObjectKey, manifests.Source] = {}
         for document in documents:
             parsed = manifests.parse_document(document)
-            identity = _identity(document.body)
+            if isinstance(parsed, Secret):
+                problems = manifests.secret_problems(document, parsed)
+                if problems:
+                    parsed = problems
             if isinstance(parsed, list):
                 errors.extend(str(error) for error in parsed)
-                if identity is not None and identity in self.last_good:
-                    current[identity] = self.last_good[identity]
-                    kept.append(identity)
-                    errors.append(
-                        f"{document.source}: keeping the last good version of "
-                        f"{identity[0]} {identity[1]}/{identity[2]}"
-                    )
+                identity = _identity(document.body)
+                if identity is not None:
+                    invalid.setdefault(identity, document.source)
                 continue
             if parsed is None:
                 continue
             identity = (str(parsed.kind), parsed.metadata.namespace, parsed.metadata.name)
-            current[identity] = (parsed, document.source.path)
+            found.setdefault(identity, []).append((parsed, document.source))
+        current: dict[ObjectKey, tuple[Any, str]] = {}
+        kept: list[ObjectKey] = []
+        for identity, candidates in found.items():
+            served = self.last_good.get(identity)
+            if served is not None and served[1] in broken_files:
+                # Its file does not parse now: it keeps serving, and copies elsewhere are
+                # duplicates of it.
+                first: manifests.Source | str = served[1]
+                current[identity] = served
+                kept.append(identity)
+                refused = [source for _, source in candidates]
+            else:
+                chosen = self._choose(identity, candidates)
+                resource, first = candidates[chosen]
+                current[identity] = (resource, first.path)
+                refused = [source for i, (_, source) in enumerate(candidates) if i != chosen]
+            for other in refused:
+                errors.append(
+                    f"{other} ({_subject(identity)}): refused: a duplicate of {first}, "
+                    f"the same kind, namespace and name; the one in {current[identity][1]} "
+                    f"keeps serving"
+                )
+        for identity, source in invalid.items():
+            if identity in current or identity not in self.last_good:
+                continue
+            current[identity] = self.last_good[identity]
+            kept.append(identity)
+            errors.append(f"{source}: keeping the last good version of {_subject(identity)}")
         # Objects from files that failed to load as a whole keep their last good version.
         for key, (resource, file) in self.last_good.items():
             if key not in current and file in broken_files:
@@ -109,6 +145,21 @@ class FileSource:
         errors.extend(compile_errors)
         self.last_good = current
         return ReloadResult(snapshot=result.snapshot, errors=errors, compiled=result, kept=kept)
+
+    def _choose(self, identity: ObjectKey, candidates: list[tuple[Any, manifests.Source]]) -> int:
+        """Which of an object's documents serves: the file that served it before, else
+        the first in reading order (as `kanal validate` keeps the first and calls the
+        others errors)."""
+        if len(candidates) > 1 and identity in self.last_good:
+            served_from = self.last_good[identity][1]
+            for position, (_, source) in enumerate(candidates):
+                if source.path == served_from:
+                    return position
+        return 0
+
+
+def _subject(identity: ObjectKey) -> str:
+    return f"{identity[0]} {identity[1]}/{identity[2]}"
 
 
 def _rejections(result: CompileResult) -> list[tuple[ObjectKey, str]]:

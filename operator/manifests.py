@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 import sys
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -260,6 +262,75 @@ def parse_document(document: Document) -> Resource | list[ManifestError]:
             ManifestError(document.source, message, document.subject, field or None)
             for field, message in describe_validation_error(exc)
         ]
+
+
+def secret_problems(document: Document, secret: Secret) -> list[ManifestError]:
+    """What makes a Secret's certificates unusable, checked as the dataplane loads them.
+
+    `tls.crt` and `tls.key` must both be there and load as one certificate chain and
+    its key; `ca.crt` must load as certificates. `kanal run` refuses a Secret with a
+    problem like any invalid object (its last good version keeps serving), rather
+    than handing the dataplane a certificate it would drop.
+    """
+    values = secret.values()
+    found: list[ManifestError] = []
+
+    def problem(field: str, message: str) -> None:
+        found.append(ManifestError(document.source, message, document.subject, field))
+
+    cert, key = values.get("tls.crt"), values.get("tls.key")
+    if cert and not key:
+        problem("data.tls.key", "missing: tls.crt needs its tls.key")
+    elif key and not cert:
+        problem("data.tls.crt", "missing: tls.key needs its tls.crt")
+    elif cert and key:
+        reason = _pem_pair_problem(cert, key)
+        if reason is not None:
+            problem("data", f"tls.crt and tls.key are not usable as a certificate and its "
+                            f"key: {reason}")
+    ca = values.get("ca.crt")
+    if ca:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=ca)
+        except (ssl.SSLError, ValueError) as exc:
+            problem("data.ca.crt", f"not usable as CA certificates: {_ssl_reason(exc)}")
+    return found
+
+
+def _pem_pair_problem(cert_pem: str, key_pem: str) -> str | None:
+    """Why OpenSSL does not load this chain and key, or None when it does."""
+    data = (cert_pem.rstrip("\n") + "\n" + key_pem.rstrip("\n") + "\n").encode()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        _load_cert_chain(context, data)
+    except (ssl.SSLError, ValueError) as exc:
+        return _ssl_reason(exc)
+    return None
+
+
+def _load_cert_chain(context: ssl.SSLContext, data: bytes) -> None:
+    """`load_cert_chain` reads paths only: on Linux the PEMs go through an anonymous
+    memory file (as the dataplane loads them) and never touch a disk."""
+    memfd_create = getattr(os, "memfd_create", None)
+    if memfd_create is not None and os.path.isdir("/proc/self/fd"):
+        fd = memfd_create("kanal-check", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    with tempfile.NamedTemporaryFile(prefix="kanal-", suffix=".pem") as handle:  # pragma: no cover
+        handle.write(data)
+        handle.flush()
+        context.load_cert_chain(handle.name)
+
+
+def _ssl_reason(exc: Exception) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason).replace("_", " ").lower() if reason else str(exc)
 
 
 def _model_for(body: Mapping[str, Any]) -> tuple[Any, tuple[str, str]]:
