@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--sidecar-template", default=None, metavar="PATH",
                           help="YAML of what injection adds to a pod: initContainers or "
                                "containers, volumes, appEnv, inbound (the chart's sidecar.yaml)")
+    operator.add_argument("--leader-election", action="store_true",
+                          help="elect one replica (a Lease) to write statuses, and count every "
+                               "replica's dataplanes in Programmed; also KANAL_LEADER_ELECTION=true")
     operator.add_argument("--log-level", default="info",
                           choices=["debug", "info", "warning", "error"])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,8 +33,9 @@ def options_from_args(args: argparse.Namespace) -> OperatorOptions:
         else None,
         sidecar_template=Path(args.sidecar_template) if getattr(args, "sidecar_template", None)
         else None,
-        # No flag (the command line is another package's): KANAL_LEADER_ELECTION=true.
-        leader_election=ElectionSettings.from_env(),
+        leader_election=ElectionSettings.from_env(
+            {**os.environ, "KANAL_LEADER_ELECTION": "true"}
+            if getattr(args, "leader_election", False) else None),
     )
 
 
