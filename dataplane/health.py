@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from kanal.contract.snapshot import HealthCheck
 from kanal.dataplane.balancer import EndpointState
+from kanal.dataplane.http1 import wire_safe
 
 log = logging.getLogger("kanal.health")
 
@@ -66,6 +67,11 @@ async def check_once(
     server_hostname: str | None = None,
 ) -> tuple[bool, str]:
     """One HTTP check; (passed, what happened)."""
+    target, authority = settings.path.encode("latin-1", "replace"), (host or address).encode(
+        "latin-1", "replace")
+    if not (wire_safe(target) and wire_safe(authority)) or b" " in target:
+        # Refused at load already (contract/validate.py); never written, whatever the source.
+        return False, f"health check path or host is not safe to send: {settings.path!r}"
     writer = None
     try:
         async with asyncio.timeout(settings.timeout):
@@ -75,11 +81,8 @@ async def check_once(
                 )
             else:
                 reader, writer = await asyncio.open_connection(address, port)
-            request = (
-                f"GET {settings.path} HTTP/1.1\r\nHost: {host or address}\r\n"
-                "User-Agent: kanal-health-check\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(request.encode("latin-1"))
+            writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: " + authority
+                         + b"\r\nUser-Agent: kanal-health-check\r\nConnection: close\r\n\r\n")
             status_line = await reader.readline()
         parts = status_line.split(None, 2)
         if len(parts) < 2 or not parts[1].isdigit():

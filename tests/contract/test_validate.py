@@ -58,3 +58,25 @@ def test_kanal_validate_refuses_a_health_check_path_with_a_line_break(tmp_path: 
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0
     assert "healthCheck.path" in result.stdout + result.stderr, result.stdout + result.stderr
+
+
+async def test_a_health_check_never_writes_a_line_break_even_if_one_got_through() -> None:
+    import asyncio
+
+    from kanal.dataplane.health import check_once
+
+    received: list[bytes] = []
+
+    async def origin(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read(65536))
+        writer.close()
+
+    server = await asyncio.start_server(origin, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        ok, why = await check_once("127.0.0.1", port,
+                                   snap.HealthCheck(path="/h\r\nX-Injected: 1", timeout=2.0))
+    finally:
+        server.close()
+    assert not ok and "not safe" in why
+    assert received == []
