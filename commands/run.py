@@ -171,11 +171,11 @@ async def serve(args: argparse.Namespace) -> int:
 
     async def feed(runtime: Runtime, stop: asyncio.Event) -> None:
         if parent is None:
-            await _watch(source, runtime, stop, apply_snapshot)
+            await _watch(source, runtime, stop)
             return
         # The dataplane stops when the feed ends: when the files' watch does, or when
         # the supervisor is gone.
-        tasks = {asyncio.ensure_future(_watch(source, runtime, stop, apply_snapshot)),
+        tasks = {asyncio.ensure_future(_watch(source, runtime, stop)),
                  asyncio.ensure_future(watch_parent(parent))}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -196,14 +196,20 @@ def _reload(source: FileSource, runtime: Any, apply: Callable[[Any, Any], str | 
         apply(runtime, result.snapshot)
 
 
-async def _watch(
-    source: FileSource, runtime: Any, stop: asyncio.Event, apply: Callable[[Any, Any], str | None]
-) -> None:
+async def _watch(source: FileSource, runtime: Any, stop: asyncio.Event) -> None:
+    """Follow the files: each change is read, compiled and built off the loop (requests
+    keep flowing during a reload of any size) and swapped in on it."""
     import watchfiles
+
+    from kanal.dataplane.process import apply_snapshot_off_loop
 
     async for changes in watchfiles.awatch(
         *source.watch_roots(), debounce=100, step=100, stop_event=stop, recursive=True,
         watch_filter=lambda _, path: source.is_relevant(path),
     ):
         log.debug("files changed: %s", sorted(path for _, path in changes))
-        _reload(source, runtime, apply)
+        result = await asyncio.to_thread(source.reload)
+        for error in result.errors:
+            log.error("%s", error)
+        if result.snapshot is not None:
+            await apply_snapshot_off_loop(runtime, result.snapshot)

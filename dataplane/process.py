@@ -19,7 +19,7 @@ from typing import Any
 
 from kanal.contract.snapshot import Snapshot
 from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
-from kanal.dataplane.runtime import ProxyContext, Runtime
+from kanal.dataplane.runtime import Config, ProxyContext, Runtime
 
 log = logging.getLogger("kanal.dataplane")
 
@@ -68,6 +68,38 @@ def apply_snapshot(runtime: Runtime, snapshot: Snapshot) -> str | None:
         runtime.metrics.config_rejected += 1
         log.error("configuration %s rejected: %s", snapshot.version, exc)
         return str(exc)
+    log.info(
+        "applied configuration %s: %d routes, %d upstreams",
+        snapshot.version, len(snapshot.routes), len(snapshot.upstreams),
+    )
+    return None
+
+
+async def apply_snapshot_off_loop(runtime: Runtime, snapshot: Snapshot) -> str | None:
+    """`apply_snapshot`, with the build in a worker thread and only the swap on the loop.
+
+    A Snapshot of thousands of Routes takes long to build; built on the loop, it would
+    hold every request of the process until done. In a thread, the loop keeps serving
+    (Python hands the interpreter over every few milliseconds) and the old Config stays
+    in use until the new one is swapped in, whole. Builds are never concurrent: each
+    feed applies one Snapshot after another.
+    """
+    from kanal.dataplane.server import configuration_objects
+
+    if runtime.config is not None and runtime.config.version == snapshot.version:
+        return None
+
+    def build() -> Config:
+        with configuration_objects():
+            return runtime.build(snapshot)
+
+    try:
+        config = await asyncio.to_thread(build)
+    except (ValueError, TypeError) as exc:
+        runtime.metrics.config_rejected += 1
+        log.error("configuration %s rejected: %s", snapshot.version, exc)
+        return str(exc)
+    runtime.publish(config)
     log.info(
         "applied configuration %s: %d routes, %d upstreams",
         snapshot.version, len(snapshot.routes), len(snapshot.upstreams),

@@ -433,8 +433,12 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse_head(*refused)
         method = parser.get_method()
         problem = http1.target_problem(method, request.target, self.context.scheme)
-        if problem is None and request.host is not None:
-            problem = http1.host_problem(request.host)
+        host = request.host
+        if problem is None and host is not None and host != self.checked_host:
+            # Keep-alive clients repeat their Host: check each new value once.
+            problem = http1.host_problem(host)
+            if problem is None:
+                self.checked_host = host
         if problem is not None:
             self._refuse_head(400, problem)
         request.method = method
@@ -1180,6 +1184,7 @@ class ClientConnection(asyncio.Protocol):
     refused: tuple[int, str] | None = None
     deferred_error: tuple[int, str] | None = None
     heads_seen: int = 0
+    checked_host: bytes | None = None
     body_limit: int | None = None
     strict_head: bool = False
     hsts: bytes | None = None

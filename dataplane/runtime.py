@@ -379,7 +379,12 @@ class Runtime:
 
     def apply(self, snapshot: Snapshot) -> Config:
         """Build and publish a Snapshot atomically; the old one keeps its in-flight requests."""
-        config = self.build(snapshot)
+        return self.publish(self.build(snapshot))
+
+    def publish(self, config: Config) -> Config:
+        """Swap in a Config `build` made (on the loop: one assignment per listener), and
+        retire what the old one had that the new one has not."""
+        snapshot = config.snapshot
         previous = self.config.upstreams if self.config is not None else {}
         self.config = config
         for context in self.contexts:

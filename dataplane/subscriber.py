@@ -38,7 +38,7 @@ import aiohttp
 from kanal.contract.codec import SnapshotDecoder, SnapshotRejected
 from kanal.contract.protocol import ACK_PATH, SNAPSHOT_PATH, STATE_FILE, VERSION_HEADER
 from kanal.contract.snapshot import Snapshot
-from kanal.dataplane.process import apply_snapshot
+from kanal.dataplane.process import apply_snapshot, apply_snapshot_off_loop
 from kanal.dataplane.runtime import Runtime
 from kanal.dataplane.server import configuration_objects
 
@@ -244,14 +244,14 @@ class Subscriber:
                    header_version: str | None) -> str | None:
         """Validate and apply one Snapshot body, keep it if good, ACK or NACK it."""
         try:
-            with configuration_objects():
-                snapshot = self.decoder.parse(body)
+            # Decoded and built off the loop: requests keep flowing during a big change.
+            snapshot = await asyncio.to_thread(self._decode, body)
         except SnapshotRejected as exc:
             version = header_version or "unknown"
             error: str | None = f"invalid snapshot: {exc}"
         else:
             version = snapshot.version
-            error = apply_snapshot(runtime, snapshot)
+            error = await apply_snapshot_off_loop(runtime, snapshot)
         self.known = version
         if error is None:
             self.applied = version
@@ -268,6 +268,10 @@ class Subscriber:
         finally:
             await ack
         return error
+
+    def _decode(self, body: bytes) -> Snapshot:
+        with configuration_objects():
+            return self.decoder.parse(body)
 
     async def ack(self, session: aiohttp.ClientSession, version: str, error: str | None) -> bool:
         """ACK (error None) or NACK a version; a lost ACK is made good by the next poll."""
