@@ -58,7 +58,6 @@ from kanal.dataplane.http1 import (
     MAX_HEADERS,
     MAX_RESPONSE_HEAD,
     MAX_TARGET,
-    status_line,
 )
 
 if TYPE_CHECKING:
@@ -266,10 +265,7 @@ class ForwardConnection(asyncio.Protocol):
             self.peer = f"{peer[0]}:{peer[1]}"
         proxy = self.proxy
         if proxy.max_connections is not None and len(proxy.connections) >= proxy.max_connections:
-            body = b"kanal: 503 too many connections\n"
-            transport.write(status_line(503) + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"  # type: ignore[attr-defined]
-                            b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-                            % len(body) + body)
+            transport.write(http1.TOO_MANY_CONNECTIONS)  # type: ignore[attr-defined]
             self.closed = True
             transport.close()
             return
@@ -858,11 +854,8 @@ class ForwardConnection(asyncio.Protocol):
             return
         body = f"kanal: {status} {reason}\n".encode()
         keep = not close and request.keep_alive and request.complete and not self.response_close
-        head = (status_line(status) + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                b"Content-Length: %d\r\n" % len(body))
-        if status == 407:
-            head += b'Proxy-Authenticate: Basic realm="kanal"\r\n'
-        head += b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n"
+        extra = b'Proxy-Authenticate: Basic realm="kanal"\r\n' if status == 407 else b""
+        head = http1.error_head(status, len(body), keep_alive=keep, extra=extra)
         data = head + (b"" if request.method == b"HEAD" else body)
         request.down += len(data)
         transport.write(data)

@@ -191,10 +191,7 @@ class ClientConnection(asyncio.Protocol):
             # Over the listener's connection cap: an overload answer, as Envoy's overload
             # manager gives, instead of holding one more socket and its buffers.
             context.metrics.count_event("connection_overload", "")
-            body = b"kanal: 503 too many connections\n"
-            self._write(status_line(503) + b"\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                        b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-                        % len(body) + body)
+            self._write(http1.TOO_MANY_CONNECTIONS)
             self.closed = True
             transport.close()
             return
@@ -1108,17 +1105,12 @@ class ClientConnection(asyncio.Protocol):
             log.debug("%s %s: %d %s", request.method, request.target, status, reason)
         body = f"kanal: {status} {reason}\n".encode()
         keep = not close and request.keep_alive and request.complete and not self.close_after
-        head = (
-            status_line(status)
-            + b"\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n" % len(body)
-        )
-        if status == 503:
-            head += b"Retry-After: 1\r\n"
+        extra = b"Retry-After: 1\r\n" if status == 503 else b""
         if overloaded:
-            head += b"X-Kanal-Overloaded: true\r\n"
+            extra += b"X-Kanal-Overloaded: true\r\n"
         if location is not None:
-            head += b"Location: " + location + b"\r\n"
-        head += b"Connection: keep-alive\r\n\r\n" if keep else b"Connection: close\r\n\r\n"
+            extra += b"Location: " + location + b"\r\n"
+        head = http1.error_head(status, len(body), keep_alive=keep, extra=extra)
         self._write(head + (b"" if request.method == b"HEAD" else body))
         if self.current is request:
             self._record(request, status)
