@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import ssl
-import tempfile
 from dataclasses import dataclass, field
 
+from kanal.contract.pem import load_pem_pair
 from kanal.contract.snapshot import Route, Snapshot, UpstreamTLS
 
 log = logging.getLogger("kanal.tls")
@@ -64,32 +63,6 @@ def apply_policy(context: ssl.SSLContext) -> ssl.SSLContext:
     )
     context.set_alpn_protocols(ALPN)
     return context
-
-
-def load_pem_pair(context: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
-    """Load a certificate chain and key given as text (`load_cert_chain` reads paths only).
-
-    On Linux the PEMs go through an anonymous memory file and never touch a disk.
-    """
-    data = (cert_pem.rstrip("\n") + "\n" + key_pem.rstrip("\n") + "\n").encode()
-    memfd_create = getattr(os, "memfd_create", None)
-    if memfd_create is not None and os.path.isdir("/proc/self/fd"):
-        fd = memfd_create("kanal-pem", getattr(os, "MFD_CLOEXEC", 0))
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            context.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        return
-    fd, path = tempfile.mkstemp(prefix="kanal-", suffix=".pem")  # pragma: no cover - not Linux
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        context.load_cert_chain(path)
-    finally:
-        os.unlink(path)
 
 
 def pem_fingerprint(cert_pem: str, key_pem: str) -> str:

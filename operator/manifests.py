@@ -30,7 +30,6 @@ import os
 import re
 import ssl
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from kanal.contract.pem import load_pem_pair
 from kanal.operator.models import API_VERSION, GROUP, RESOURCES, Resource, Secret
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -299,33 +299,12 @@ def secret_problems(document: Document, secret: Secret) -> list[ManifestError]:
 
 def _pem_pair_problem(cert_pem: str, key_pem: str) -> str | None:
     """Why OpenSSL does not load this chain and key, or None when it does."""
-    data = (cert_pem.rstrip("\n") + "\n" + key_pem.rstrip("\n") + "\n").encode()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        _load_cert_chain(context, data)
+        load_pem_pair(context, cert_pem, key_pem)
     except (ssl.SSLError, ValueError) as exc:
         return _ssl_reason(exc)
     return None
-
-
-def _load_cert_chain(context: ssl.SSLContext, data: bytes) -> None:
-    """`load_cert_chain` reads paths only: on Linux the PEMs go through an anonymous
-    memory file (as the dataplane loads them) and never touch a disk."""
-    memfd_create = getattr(os, "memfd_create", None)
-    if memfd_create is not None and os.path.isdir("/proc/self/fd"):
-        fd = memfd_create("kanal-check", getattr(os, "MFD_CLOEXEC", 0))
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            context.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        return
-    with tempfile.NamedTemporaryFile(prefix="kanal-", suffix=".pem") as handle:  # pragma: no cover
-        handle.write(data)
-        handle.flush()
-        context.load_cert_chain(handle.name)
 
 
 def _ssl_reason(exc: Exception) -> str:
