@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from kanal.dataplane.casing import camel_document
 from kanal.dataplane.metrics import MetricsCollector
 from kanal.dataplane.runtime import Config, Runtime
 
@@ -38,7 +39,7 @@ def config_document(config: Config) -> dict[str, Any]:
         if tls:
             # Certificates are shown by name, never with their private keys.
             route["tls"] = {k: v for k, v in tls.items() if k not in ("cert_pem", "key_pem")}
-    return {
+    return camel_document({
         "version": config.version,
         "appliedAt": config.applied_at,
         "routes": snapshot["routes"],
@@ -47,7 +48,7 @@ def config_document(config: Config) -> dict[str, Any]:
             {**policy, "basic_auth": [user for user, _ in policy.get("basic_auth", [])]}
             for policy in snapshot["egress_policies"]
         ],
-    }
+    })
 
 
 def endpoint_health(state: Any) -> str:

@@ -748,7 +748,8 @@ class ClientConnection(asyncio.Protocol):
             if not self.is_retry:
                 self.is_retry = True
                 upstream.limits.active_retries += 1
-            log.debug("retrying %s %s after %s: %s", request.method, request.target, condition, reason)
+            log.debug("retrying %s %s after %s: %s", request.method.decode("latin-1"),
+                      request.target.decode("latin-1"), condition, reason)
             self._attempt(request, failed)
             return
         self._fail_request(status, reason)
@@ -1102,7 +1103,8 @@ class ClientConnection(asyncio.Protocol):
                 transport.close()
             return
         if status >= 500 or status == 404:
-            log.debug("%s %s: %d %s", request.method, request.target, status, reason)
+            log.debug("%s %s: %d %s", request.method.decode("latin-1") or "-",
+                      request.target.decode("latin-1") or "-", status, reason)
         body = f"kanal: {status} {reason}\n".encode()
         keep = not close and request.keep_alive and request.complete and not self.close_after
         extra = b"Retry-After: 1\r\n" if status == 503 else b""
