@@ -17,7 +17,13 @@ import os
 import sys
 from pathlib import Path
 
-from kanal.commands.options import add_listener_flags, host_port, limit_flags, port
+from kanal.commands.options import (
+    add_listener_flags,
+    host_port,
+    limit_flags,
+    observability_flags,
+    port,
+)
 
 log = logging.getLogger("kanal.dataplane")
 
@@ -71,6 +77,7 @@ async def serve(args: argparse.Namespace) -> int:
         forward_listen=args.forward_listen,
         admin=args.admin,
         **limit_flags(args),
+        **observability_flags(args),
         trusted_hops=args.trusted_hops,
         gateway=gateway,
         namespace=namespace,

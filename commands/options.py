@@ -53,6 +53,7 @@ def add_listener_flags(parser: argparse.ArgumentParser) -> None:
                              "answered 503 and closed (default: no cap)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
+    add_observability_flags(parser)
 
 
 def limit_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,3 +95,64 @@ def port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}")
     return int(text)
+
+
+def add_observability_flags(parser: argparse.ArgumentParser) -> None:
+    """Access logs (kanal.dataplane.accesslog)."""
+    from kanal.dataplane.logformat import FIELDS, FORMATS
+
+    parser.add_argument("--access-log", type=access_log_target, default="off",
+                        metavar="stdout|PATH|off",
+                        help="one line per request on every listener, to standard output or "
+                             "appended to a file (default off)")
+    parser.add_argument("--access-log-format", default="json", choices=FORMATS,
+                        help="json (one object a line, the default) or text (logfmt: "
+                             "name=value pairs)")
+    parser.add_argument("--access-log-fields", type=field_names, default=FIELDS,
+                        metavar="NAME,...",
+                        help=f"the fields to write, in this order (default all: {','.join(FIELDS)})")
+
+
+def access_log_target(text: str) -> str:
+    """stdout, off, or a file that can be appended to (checked now, not at the first line)."""
+    if text in ("stdout", "off"):
+        return text
+    try:
+        with open(text, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write the access log {text}: "
+                                         f"{exc.strerror or exc}") from None
+    return text
+
+
+def field_names(text: str) -> tuple[str, ...]:
+    """Comma-separated access log field names, each known."""
+    from kanal.dataplane.logformat import select
+
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    try:
+        select(names)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not names:
+        raise argparse.ArgumentTypeError("expected at least one access log field name")
+    return names
+
+
+def observability_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The DataplaneOptions fields the observability flags set (the access log is opened
+    here, so a path that cannot be written is refused before anything starts)."""
+    from kanal.dataplane.accesslog import AccessLog
+
+    target = getattr(args, "access_log", "off")
+    if target in ("off", "", None):
+        return {}
+    return {"access_log": AccessLog(target, form=args.access_log_format,
+                                    fields=args.access_log_fields)}
+
+
+def observability_argv(args: argparse.Namespace) -> list[str]:
+    """The observability flags again, for a worker's command line."""
+    return ["--access-log", args.access_log, "--access-log-format", args.access_log_format,
+            "--access-log-fields", ",".join(args.access_log_fields)]

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kanal.commands.options import EXIT_CANNOT_BIND, limit_flags
+from kanal.commands.options import EXIT_CANNOT_BIND, limit_flags, observability_flags
 from kanal.operator.filesource import FileSource
 
 log = logging.getLogger("kanal.run")
@@ -158,6 +158,7 @@ async def serve(args: argparse.Namespace) -> int:
         forward_listen=args.forward_listen,
         admin=admin,
         **limit_flags(args),
+        **observability_flags(args),
         trusted_hops=args.trusted_hops,
         reuse_port=worker,
         quiet_admin=worker,

@@ -29,7 +29,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from kanal.commands.options import EXIT_CANNOT_BIND, limit_argv
+from kanal.commands.options import EXIT_CANNOT_BIND, limit_argv, observability_argv
 
 log = logging.getLogger("kanal.supervisor")
 
@@ -239,5 +239,6 @@ def worker_argv(args: argparse.Namespace, admin_port: int) -> Sequence[str]:
             argv += [flag, f"{address[0]}:{address[1]}"]
     argv += ["--trusted-hops", str(args.trusted_hops), "--log-level", args.log_level]
     argv += limit_argv(args)
+    argv += observability_argv(args)
     argv += ["--worker", "--worker-admin", str(admin_port), "--worker-parent", str(os.getpid())]
     return argv

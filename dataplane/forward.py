@@ -61,6 +61,8 @@ from kanal.dataplane.http1 import (
 )
 
 if TYPE_CHECKING:
+    from kanal.dataplane.accesslog import AccessLog
+    from kanal.dataplane.logformat import Record
     from kanal.dataplane.proxy import ClientConnection
     from kanal.dataplane.runtime import Config, ProxyContext, Runtime
 
@@ -98,6 +100,7 @@ class ForwardProxy:
         self.tunnel_idle_timeout = tunnel_idle_timeout
         self.keepalive_timeout = keepalive_timeout
         self.rules = EgressRules((), (), namespace)
+        self.access_log: AccessLog | None = None  # --access-log; None: the kanal.egress line
         self.connections: set[ForwardConnection] = set()
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -866,6 +869,10 @@ class ForwardConnection(asyncio.Protocol):
         if request.logged:
             return
         request.logged = True
+        access = self.proxy.access_log
+        if access is not None:  # the access log's format, as on the reverse listeners
+            access.put(egress_record(self.peer, request))
+            return
         method = request.method.decode("latin-1") or "-"
         destination = f"{request.host}:{request.port}" if request.host else "-"
         status = "-" if request.status < 0 else str(request.status)
@@ -1217,3 +1224,16 @@ def _end_to_end(headers: list[tuple[bytes, bytes]], anonymize: bool) -> list[tup
     chains of X-Forwarded-For, Forwarded and Via are re-added by `_forwarding_lines`, or,
     anonymizing, every forwarding header is dropped."""
     return hdrs.filter_headers(headers, _ANONYMOUS_DROPPED if anonymize else _KEPT_DROPPED)
+
+
+def egress_record(peer: str, request: ForwardRequest) -> Record:
+    """A forward exchange as an access log record (logformat.FIELDS): the destination is
+    the host, the decision the policy outcome, bytes each way as relayed."""
+    destination = f"{request.host}:{request.port}" if request.host else ""
+    return (
+        time.time(), "forward", peer, request.method, destination, request.target,
+        "HTTP/1.1" if request.http11 else "HTTP/1.0", max(request.status, 0), request.up,
+        request.down, time.monotonic() - request.started, None, "", "", "",
+        f"{request.address}:{request.port}" if request.address != "-" else "", 0, "",
+        request.decision if request.decision != "-" else "", None, "",
+    )

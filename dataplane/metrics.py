@@ -31,6 +31,7 @@ class RequestMetrics:
         self.config_rejected = 0
         self.circuit_changes: dict[tuple[str, str, str], int] = {}
         self.events: dict[tuple[str, str], int] = {}
+        self.access_log_dropped = 0  # records a slow sink could not take (accesslog.py)
 
     def observe(self, route: str, upstream: str, status: int, seconds: float) -> None:
         key = (route, upstream, status)
@@ -115,3 +116,7 @@ class MetricsCollector:
         rejected = CounterMetricFamily("kanal_config_rejected", "Configurations rejected")
         rejected.add_metric([], metrics.config_rejected)
         yield rejected
+        dropped = CounterMetricFamily(
+            "kanal_access_log_dropped", "Access log records dropped because the sink was slow")
+        dropped.add_metric([], metrics.access_log_dropped)
+        yield dropped

@@ -15,11 +15,14 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kanal.contract.snapshot import Snapshot
 from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
 from kanal.dataplane.runtime import Config, ProxyContext, Runtime
+
+if TYPE_CHECKING:
+    from kanal.dataplane.accesslog import AccessLog
 
 log = logging.getLogger("kanal.dataplane")
 
@@ -46,12 +49,14 @@ class DataplaneOptions:
     head_timeout: float = HEAD_TIMEOUT  # a client's whole request head, from its first byte
     body_idle_timeout: float = BODY_IDLE_TIMEOUT  # between two bytes of a request body
     max_connections: int | None = None  # client connections per listener (None: no cap)
+    access_log: AccessLog | None = None  # --access-log (None: off); closed by run_dataplane
 
     def configure(self, context: ProxyContext) -> ProxyContext:
         """Give a listener's context the limits these options set."""
         context.head_timeout = self.head_timeout
         context.body_idle_timeout = self.body_idle_timeout
         context.max_connections = self.max_connections
+        context.access_log = self.access_log
         return context
 
 
@@ -144,6 +149,7 @@ async def start_listeners(
         forward = ForwardProxy(runtime, namespace=options.namespace,
                                head_timeout=options.head_timeout,
                                max_connections=options.max_connections)
+        forward.access_log = options.access_log
         runtime.forward_proxies.append(forward)
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
         servers.append(await forward.start(sock))
@@ -153,6 +159,7 @@ async def start_listeners(
         host, port = options.inbound_listen
         inbound = inbound_runtime(runtime, options.app_port)
         context = options.configure(inbound.context("http", options.trusted_hops))
+        context.listener = "inbound"
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
         servers.append(await start_listener(context, sock))
         log.info("inbound on http://%s:%d to the app on 127.0.0.1:%d",
@@ -199,6 +206,8 @@ async def run_dataplane(
     from kanal.dataplane.server import housekeeping, tune_gc
 
     runtime = runtime or Runtime(gateway=options.gateway)
+    if options.access_log is not None:
+        options.access_log.metrics = runtime.metrics  # drops are counted in /metrics
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -234,6 +243,8 @@ async def run_dataplane(
         if runner is not None:
             await runner.cleanup()
         runtime.close()
+        if options.access_log is not None:
+            await asyncio.to_thread(options.access_log.close)
     return 0
 
 

@@ -40,8 +40,9 @@ from kanal.dataplane.retry import FailedTry, retry_kind
 from kanal.dataplane.tlspolicy import hsts_value, tls_answer
 
 if TYPE_CHECKING:
-    from kanal.contract.snapshot import Retries, Route
+    from kanal.contract.snapshot import Retries, Route, Rule
     from kanal.dataplane.balancer import EndpointState
+    from kanal.dataplane.logformat import Record
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
 
 log = logging.getLogger("kanal.proxy")
@@ -65,7 +66,7 @@ class Request:
         "method", "target", "headers", "host", "http11", "keep_alive", "chunked",
         "content_length", "upgrade", "expect_continue", "complete", "body", "body_size",
         "started", "cookie", "forwarded", "connection_named", "upgrade_value", "decoded",
-        "head_size", "singletons", "websocket_key",
+        "head_size", "singletons", "websocket_key", "received",
     )
 
     def __init__(self) -> None:
@@ -91,6 +92,7 @@ class Request:
         self.head_size = 0
         self.singletons: set[bytes] | None = None
         self.websocket_key: bytes | None = None
+        self.received = 0  # body bytes, for the access log
 
     # A read-only mapping of lower-case header names to values (repeated fields joined
     # with ", "), for the router; decoded only if a route asks for a header.
@@ -472,6 +474,7 @@ class ClientConnection(asyncio.Protocol):
         request = self.parsing
         if request is None:
             return
+        request.received += len(body)
         if request is self.current and self.request_sent and self.upstream is not None:
             if self.body_limit is not None:
                 request.body_size += len(body)
@@ -523,6 +526,9 @@ class ClientConnection(asyncio.Protocol):
         self.request_sent = False
         self.response_chunked = False
         self.response_close = False
+        self.body_sent = 0
+        self.route_rule = None
+        self.tried = None
         context = self.context
         config = context.config
         if config is None:
@@ -567,6 +573,7 @@ class ClientConnection(asyncio.Protocol):
             self._fail_request(404, f"no route for host {host_text or '-'} path {path.decode('latin-1')}")
             return
         self.route_key = selection.route_key
+        self.route_rule = selection.rule
         self.hsts = None
         route_tls = selection.route.tls
         if route_tls is not None or context.scheme == "https":
@@ -638,6 +645,7 @@ class ClientConnection(asyncio.Protocol):
             return
         state.active += 1
         self.endpoint_state = state
+        self.tried = state
         self.attempt_started = time.monotonic()
         retries = self.retries
         if retries is not None and retries.per_try_timeout:
@@ -745,6 +753,7 @@ class ClientConnection(asyncio.Protocol):
             upstream = self.upstream_runtime
             assert upstream is not None
             upstream.metrics.count_event("retry", upstream.key)
+            self.retried += 1
             if not self.is_retry:
                 self.is_retry = True
                 upstream.limits.active_retries += 1
@@ -922,6 +931,7 @@ class ClientConnection(asyncio.Protocol):
         self._write(b"\r\n".join(lines))
 
     def response_body(self, chunk: bytes) -> None:
+        self.body_sent += len(chunk)
         if self.response_chunked:
             self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
@@ -1055,6 +1065,8 @@ class ClientConnection(asyncio.Protocol):
     def _end_exchange(self, status: int) -> None:
         request = self.current
         assert request is not None
+        if self.context.access_log is not None:
+            self.context.access_log.put(self._access_record(request, status))
         self.context.metrics.observe(
             self.route_key, self.upstream_key, status, time.monotonic() - request.started
         )
@@ -1080,6 +1092,8 @@ class ClientConnection(asyncio.Protocol):
             self._answer_deferred_error()
 
     def _record(self, request: Request, status: int) -> None:
+        if self.context.access_log is not None:
+            self.context.access_log.put(self._access_record(request, status))
         self.context.metrics.observe(
             self.route_key, self.upstream_key, status, time.monotonic() - request.started
         )
@@ -1116,6 +1130,11 @@ class ClientConnection(asyncio.Protocol):
         self._write(head + (b"" if request.method == b"HEAD" else body))
         if self.current is request:
             self._record(request, status)
+        elif self.context.access_log is not None:  # a request refused before it began
+            self.route_key = self.upstream_key = ""
+            self.route_rule = self.tried = None
+            self.body_sent = 0
+            self.context.access_log.put(self._access_record(request, status))
         self.current = None
         if not keep:
             self._close()
@@ -1156,6 +1175,7 @@ class ClientConnection(asyncio.Protocol):
         self.implicit_used = 0
         self.last_failure = None
         self.resent_stale = False
+        self.retried = 0
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:
@@ -1173,6 +1193,24 @@ class ClientConnection(asyncio.Protocol):
         self.current = None
         if self.transport is not None:
             reset_connection(self.transport)
+
+    def _access_record(self, request: Request, status: int) -> Record:
+        """The access log's record of the current exchange (see logformat.FIELDS): values
+        held now, formatted later by the writer thread."""
+        now = time.monotonic()
+        rule = self.route_rule
+        tried = self.tried
+        started = request.started
+        return (
+            time.time(), self.context.listener, self.peer, request.method,
+            self.host_text if request.host is not None else "", request.target,
+            "HTTP/1.1" if request.http11 else "HTTP/1.0", status, request.received,
+            self.body_sent, now - started if started else 0.0,
+            now - self.attempt_started if tried is not None and self.attempt_started else None,
+            self.route_key, (rule.name if rule.name is not None else rule.index) if rule else "",
+            self.upstream_key, tried.key if tried is not None else "", self.retried, "", "",
+            self.request_id, self.trace_id,
+        )
 
     set_cookie: bytes | None = None
     refused: tuple[int, str] | None = None
@@ -1195,6 +1233,12 @@ class ClientConnection(asyncio.Protocol):
     resent_stale: bool = False
     last_failure: tuple[int, str] | None = None
     try_timer: asyncio.TimerHandle | None = None
+    body_sent: int = 0
+    route_rule: Rule | None = None
+    tried: EndpointState | None = None
+    retried: int = 0
+    request_id: bytes | None = None
+    trace_id: str = ""
 
 
 def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:

@@ -20,7 +20,7 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kanal.contract.snapshot import Snapshot, Upstream, UpstreamTLS
 from kanal.contract.validate import validate
@@ -34,6 +34,9 @@ from kanal.dataplane.mesh import with_mesh_aliases
 from kanal.dataplane.metrics import RequestMetrics
 from kanal.dataplane.pool import EndpointPool
 from kanal.dataplane.router import RouteTable
+
+if TYPE_CHECKING:
+    from kanal.dataplane.accesslog import AccessLog
 
 log = logging.getLogger("kanal.runtime")
 
@@ -250,6 +253,9 @@ class ProxyContext:
         # Client connections this listener holds at most (None: no cap); one more is
         # answered 503 and closed.
         self.max_connections: int | None = None
+        # Observability (kanal.dataplane.accesslog): None when off, one check a request.
+        self.access_log: AccessLog | None = None
+        self.listener = "reverse"  # the access log's name of this listener
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a slow-path coroutine (a connect) and keep a reference until it ends."""

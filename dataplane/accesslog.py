@@ -1,0 +1,104 @@
+"""The access log writer: records in on the event loop, lines out on a thread.
+
+`put` is what a listener pays per request: a length check and a deque append (both
+atomic under the GIL, so no lock). A writer thread wakes every `FLUSH_INTERVAL`
+seconds, formats what is queued (`kanal.dataplane.logformat`) and writes it in one
+go. A slow or stuck sink (a full disk, a pipe nobody reads) never stalls a request:
+once `capacity` records wait, new ones are dropped and counted
+(`kanal_access_log_dropped_total`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TextIO
+
+from kanal.dataplane import logformat
+from kanal.dataplane.logformat import Record
+
+if TYPE_CHECKING:
+    from kanal.dataplane.metrics import RequestMetrics
+
+CAPACITY = 16384
+"""Records waiting for the writer at most; more are dropped."""
+FLUSH_INTERVAL = 0.05
+
+
+class AccessLog:
+    """One process's access log: `--access-log` (stdout or a file), format and fields."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        form: str = "json",
+        fields: Sequence[str] = logformat.FIELDS,
+        capacity: int = CAPACITY,
+        stream: TextIO | None = None,
+    ) -> None:
+        if form not in logformat.FORMATS:
+            raise ValueError(f"unknown access log format {form!r} (json or text)")
+        self.chosen = logformat.select(fields)
+        self.form = form
+        self.target = target
+        self.capacity = capacity
+        self.queue: deque[Record] = deque()
+        self.dropped = 0
+        self.written = 0
+        self.metrics: RequestMetrics | None = None
+        self._owned = stream is None and target != "stdout"
+        # Opened here, so a bad path is refused at start, not lost in the thread.
+        self._stream: TextIO = stream if stream is not None else (
+            sys.stdout if target == "stdout" else open(target, "a", encoding="utf-8"))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kanal-access-log", daemon=True)
+        self._thread.start()
+
+    def put(self, record: Record) -> None:
+        """Queue one record; drop (and count) it when the writer is this far behind."""
+        queue = self.queue
+        if len(queue) < self.capacity:
+            queue.append(record)
+            return
+        self.dropped += 1
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.access_log_dropped += 1
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (for up to `timeout` seconds), then stop the thread."""
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._owned:
+            with contextlib.suppress(OSError):
+                self._stream.close()
+
+    def _run(self) -> None:
+        stop = self._stop
+        while True:
+            stopping = stop.wait(FLUSH_INTERVAL)
+            self._drain()
+            if stopping:
+                return
+
+    def _drain(self) -> None:
+        queue = self.queue
+        if not queue:
+            return
+        chosen, form = self.chosen, self.form
+        lines = []
+        while queue:
+            lines.append(logformat.line(queue.popleft(), chosen, form))
+        lines.append("")
+        try:
+            self._stream.write("\n".join(lines))
+            self._stream.flush()
+        except (OSError, ValueError):
+            # The sink is gone (closed, disk full): these lines are lost, and counted.
+            self.dropped += len(lines) - 1
+            return
+        self.written += len(lines) - 1

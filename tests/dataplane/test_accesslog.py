@@ -1,0 +1,241 @@
+"""Access logs: one line per request on the reverse, inbound and forward listeners,
+JSON or text, fields chosen by name, and a slow sink that never stalls a request.
+
+Real listeners (in this process, and `kanal run` as users start it), real backends on
+127.0.0.1; the lines are read back from the file or pipe they were written to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from kanal.contract.snapshot import (
+    Backend as RouteBackend,
+)
+from kanal.contract.snapshot import (
+    EgressPolicy,
+    EgressRule,
+    Endpoint,
+    Route,
+    Rule,
+    Snapshot,
+    Upstream,
+)
+from kanal.dataplane.accesslog import AccessLog
+from kanal.dataplane.logformat import FIELDS
+from kanal.dataplane.process import DataplaneOptions, start_listeners
+from kanal.dataplane.runtime import Runtime
+from kanal.dataplane.server import bind_socket, start_listener
+from tests.conftest import async_wait_until, free_port, raw_request, upstream_yaml, wait_until
+
+
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def shop(port: int, *, policies: tuple[EgressPolicy, ...] = ()) -> Snapshot:
+    return Snapshot(
+        routes=(Route(key="shop/web", hostnames=("shop.test",), rules=(
+            Rule(index=0, name="main", backends=(RouteBackend(upstream="shop/app"),)),)),),
+        upstreams=(Upstream(key="shop/app", endpoints=(Endpoint(address="127.0.0.1", port=port),)),),
+        egress_policies=policies,
+    ).with_version()
+
+
+async def test_every_listener_writes_one_json_line_per_request(backends, tmp_path):
+    app = await backends("app")
+    path = tmp_path / "access.log"
+    access = AccessLog(str(path))
+    ports = free_port(), free_port(), free_port()
+    options = DataplaneOptions(
+        listen=("127.0.0.1", ports[0]), forward_listen=("127.0.0.1", ports[1]),
+        inbound_listen=("127.0.0.1", ports[2]), app_port=app.port, admin=None,
+        access_log=access,
+    )
+    runtime = Runtime()
+    policy = EgressPolicy(key="default/egress", allow=(EgressRule("localhost", (app.port,)),),
+                          allow_private_networks=True)
+    runtime.apply(shop(app.port, policies=(policy,)))
+    servers = await start_listeners(runtime, options)
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{ports[0]}/api/orders?x=1",
+                                    data=b"a" * 1000, headers={"Host": "shop.test"}) as answer:
+                body = await answer.read()
+                assert answer.status == 200
+            async with session.get(f"http://127.0.0.1:{ports[0]}/nowhere",
+                                   headers={"Host": "other.test"}) as answer:
+                assert answer.status == 404
+            async with session.get(f"http://127.0.0.1:{ports[2]}/in") as answer:
+                assert answer.status == 200
+            async with session.get(f"http://localhost:{app.port}/out",
+                                   proxy=f"http://127.0.0.1:{ports[1]}") as answer:
+                assert answer.status == 200
+        await async_wait_until(lambda: _true(len(read_json_lines(path)) == 4))
+    finally:
+        for server in servers:
+            server.close()
+        for forward in runtime.forward_proxies:
+            await forward.close()
+        runtime.close()
+        access.close()
+    lines = read_json_lines(path)
+    assert len(lines) == 4, lines
+    assert all(list(line) == list(FIELDS) for line in lines)
+    by_path = {line["path"]: line for line in lines}
+
+    ok = by_path["/api/orders?x=1"]
+    assert ok["listener"] == "reverse" and ok["client"] == "127.0.0.1"
+    assert (ok["method"], ok["host"], ok["protocol"], ok["status"]) == (
+        "POST", "shop.test", "HTTP/1.1", 200)
+    assert ok["bytesIn"] == 1000 and ok["bytesOut"] == len(body)
+    assert (ok["route"], ok["rule"], ok["upstream"], ok["endpoint"]) == (
+        "shop/web", "main", "shop/app", f"127.0.0.1:{app.port}")
+    assert ok["retries"] == 0 and ok["cache"] == "" and ok["policy"] == ""
+    assert 0 < ok["upstreamTime"] <= ok["duration"] < 10
+    assert time.time() - 60 < _epoch(ok["time"]) <= time.time() + 1
+
+    missing = by_path["/nowhere"]
+    assert (missing["status"], missing["route"], missing["upstream"], missing["endpoint"]) == (
+        404, "", "", "")
+    assert missing["upstreamTime"] == ""
+
+    inbound = by_path["/in"]
+    assert inbound["listener"] == "inbound" and inbound["status"] == 200
+    assert inbound["endpoint"] == f"127.0.0.1:{app.port}"
+
+    (egress,) = [line for line in lines if line["listener"] == "forward"]
+    assert egress["method"] == "GET" and egress["status"] == 200
+    assert egress["host"] == f"localhost:{app.port}"
+    assert egress["policy"] == "allow" and egress["endpoint"] == f"127.0.0.1:{app.port}"
+
+
+async def test_a_refused_request_is_logged_too(backends, tmp_path):
+    app = await backends("app")
+    path = tmp_path / "access.log"
+    access = AccessLog(str(path), form="text", fields=("method", "path", "status", "route"))
+    runtime = Runtime()
+    runtime.apply(shop(app.port))
+    context = runtime.context()
+    context.access_log = access
+    sock = bind_socket("127.0.0.1", 0)
+    server = await start_listener(context, sock)
+    try:
+        port = sock.getsockname()[1]
+        (good, bad) = await raw_request(
+            port, b"GET /a HTTP/1.1\r\nHost: shop.test\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            responses=2)
+        assert (good.status, bad.status) == (200, 400)
+        await async_wait_until(lambda: _true(len(_text_lines(path)) == 2))
+    finally:
+        server.close()
+        runtime.close()
+        access.close()
+    assert _text_lines(path) == [
+        "method=GET path=/a status=200 route=shop/web",
+        "method=- path=- status=400 route=-",
+    ]
+
+
+async def test_a_stuck_sink_drops_and_counts_but_never_stalls_requests(backends):
+    """The log goes to a pipe nobody reads: once its buffer is full the writer blocks,
+    records are dropped and counted, and every request is still answered at once."""
+    app = await backends("app")
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    access = AccessLog("pipe", stream=stream, capacity=50)
+    runtime = Runtime()
+    runtime.apply(shop(app.port))
+    context = runtime.context()
+    context.access_log = access
+    access.metrics = runtime.metrics
+    sock = bind_socket("127.0.0.1", 0)
+    server = await start_listener(context, sock)
+    port = sock.getsockname()[1]
+    try:
+        request = b"GET /%d HTTP/1.1\r\nHost: shop.test\r\n\r\n"
+        started = time.monotonic()
+        for batch in range(10):
+            data = b"".join(request % (batch * 100 + i) for i in range(100))
+            answers = await raw_request(port, data, responses=100, timeout=20)
+            assert all(answer.status == 200 for answer in answers)
+        elapsed = time.monotonic() - started
+        assert access.dropped > 0 and runtime.metrics.access_log_dropped == access.dropped
+        assert access.written + access.dropped + len(access.queue) <= 1000
+        assert elapsed < 30
+    finally:
+        server.close()
+        runtime.close()
+        os.close(read_end)  # the blocked writer fails, and its thread ends
+        access.close()
+        with contextlib.suppress(OSError):
+            stream.close()
+
+
+def test_kanal_run_access_log_flags(kanal, tmp_path):
+    from tests.conftest import BackendThread
+
+    pool = BackendThread()
+    try:
+        app = pool.start("app")
+        path = tmp_path / "access.log"
+        route = """\
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: web}
+spec:
+  rules: [{name: all, backends: [{upstream: app}]}]
+"""
+        k = kanal({"app.yaml": upstream_yaml("app", app), "route.yaml": route},
+                  "--access-log", str(path), "--access-log-format", "text",
+                  "--access-log-fields", "status,method,path,rule,upstream")
+        import urllib.request
+
+        for i in range(3):
+            with urllib.request.urlopen(f"{k.url}/page/{i}", timeout=5) as answer:
+                assert answer.status == 200
+        wait_until(lambda: len(_text_lines(path)) == 3)
+        assert _text_lines(path) == [
+            f"status=200 method=GET path=/page/{i} rule=all upstream=default/app" for i in range(3)]
+    finally:
+        pool.close()
+
+
+def test_unknown_field_or_unwritable_path_is_refused_at_start(tmp_path):
+    import subprocess
+    import sys
+
+    for flags, said in ((["--access-log-fields", "status,colour"], "unknown access log field colour"),
+                        (["--access-log", str(tmp_path / "no" / "such" / "dir.log")],
+                         "cannot write the access log")):
+        result = subprocess.run(
+            [sys.executable, "-m", "kanal", "run", str(tmp_path), *flags],
+            capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and said in result.stderr, result.stderr
+
+
+def _text_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _epoch(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
