@@ -108,6 +108,10 @@ def add_observability_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--access-log-format", default="json", choices=FORMATS,
                         help="json (one object a line, the default) or text (logfmt: "
                              "name=value pairs)")
+    parser.add_argument("--request-id", choices=("auto", "on", "off"), default="auto",
+                        help="X-Request-Id on every request, passed to the backend and "
+                             "returned to the client (auto, the default: on when the access "
+                             "log or tracing is)")
     parser.add_argument("--access-log-fields", type=field_names, default=FIELDS,
                         metavar="NAME,...",
                         help=f"the fields to write, in this order (default all: {','.join(FIELDS)})")
@@ -144,15 +148,21 @@ def observability_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The DataplaneOptions fields the observability flags set (the access log is opened
     here, so a path that cannot be written is refused before anything starts)."""
     from kanal.dataplane.accesslog import AccessLog
+    from kanal.dataplane.requestid import RequestIds
 
+    found: dict[str, Any] = {}
     target = getattr(args, "access_log", "off")
-    if target in ("off", "", None):
-        return {}
-    return {"access_log": AccessLog(target, form=args.access_log_format,
-                                    fields=args.access_log_fields)}
+    if target not in ("off", "", None):
+        found["access_log"] = AccessLog(target, form=args.access_log_format,
+                                        fields=args.access_log_fields)
+    wanted = getattr(args, "request_id", "auto")
+    if wanted == "on" or (wanted == "auto" and found):
+        found["request_ids"] = RequestIds()
+    return found
 
 
 def observability_argv(args: argparse.Namespace) -> list[str]:
     """The observability flags again, for a worker's command line."""
     return ["--access-log", args.access_log, "--access-log-format", args.access_log_format,
-            "--access-log-fields", ",".join(args.access_log_fields)]
+            "--access-log-fields", ",".join(args.access_log_fields),
+            "--request-id", args.request_id]

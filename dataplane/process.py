@@ -23,6 +23,7 @@ from kanal.dataplane.runtime import Config, ProxyContext, Runtime
 
 if TYPE_CHECKING:
     from kanal.dataplane.accesslog import AccessLog
+    from kanal.dataplane.requestid import RequestIds
 
 log = logging.getLogger("kanal.dataplane")
 
@@ -50,6 +51,7 @@ class DataplaneOptions:
     body_idle_timeout: float = BODY_IDLE_TIMEOUT  # between two bytes of a request body
     max_connections: int | None = None  # client connections per listener (None: no cap)
     access_log: AccessLog | None = None  # --access-log (None: off); closed by run_dataplane
+    request_ids: RequestIds | None = None  # --request-id (None: off)
 
     def configure(self, context: ProxyContext) -> ProxyContext:
         """Give a listener's context the limits these options set."""
@@ -57,6 +59,7 @@ class DataplaneOptions:
         context.body_idle_timeout = self.body_idle_timeout
         context.max_connections = self.max_connections
         context.access_log = self.access_log
+        context.request_ids = self.request_ids
         return context
 
 

@@ -36,6 +36,8 @@ from kanal.dataplane.http1 import (
     status_line,
 )
 from kanal.dataplane.pool import EndpointPool, UpstreamConnectError, UpstreamConnection
+from kanal.dataplane.requestid import HEADER as REQUEST_ID
+from kanal.dataplane.requestid import without_request_id
 from kanal.dataplane.retry import FailedTry, retry_kind
 from kanal.dataplane.tlspolicy import hsts_value, tls_answer
 
@@ -530,6 +532,8 @@ class ClientConnection(asyncio.Protocol):
         self.route_rule = None
         self.tried = None
         context = self.context
+        if context.request_ids is not None:
+            self.request_id = context.request_ids.assign(request.headers, context.trusted_hops > 0)
         config = context.config
         if config is None:
             self._fail_request(503, "no configuration applied yet")
@@ -896,6 +900,8 @@ class ClientConnection(asyncio.Protocol):
         if conn.connection_named:
             named = conn.connection_named
             headers = [(name, value) for name, value in headers if name.lower() not in named]
+        if self.request_id is not None:  # the client sees the id the backend was given
+            headers = [*without_request_id(headers), (REQUEST_ID, self.request_id)]
         no_body = conn.no_body or request.method == b"HEAD"
         conn.no_body = no_body
         # After an answer that refuses an upgrade, the client may already be speaking
@@ -1126,6 +1132,8 @@ class ClientConnection(asyncio.Protocol):
             extra += b"X-Kanal-Overloaded: true\r\n"
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
+        if self.request_id is not None and self.current is request:
+            extra += REQUEST_ID + b": " + self.request_id + b"\r\n"
         head = http1.error_head(status, len(body), keep_alive=keep, extra=extra)
         self._write(head + (b"" if request.method == b"HEAD" else body))
         if self.current is request:
@@ -1134,6 +1142,7 @@ class ClientConnection(asyncio.Protocol):
             self.route_key = self.upstream_key = ""
             self.route_rule = self.tried = None
             self.body_sent = 0
+            self.request_id = None
             self.context.access_log.put(self._access_record(request, status))
         self.current = None
         if not keep:

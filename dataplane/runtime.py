@@ -37,6 +37,7 @@ from kanal.dataplane.router import RouteTable
 
 if TYPE_CHECKING:
     from kanal.dataplane.accesslog import AccessLog
+    from kanal.dataplane.requestid import RequestIds
 
 log = logging.getLogger("kanal.runtime")
 
@@ -255,6 +256,7 @@ class ProxyContext:
         self.max_connections: int | None = None
         # Observability (kanal.dataplane.accesslog): None when off, one check a request.
         self.access_log: AccessLog | None = None
+        self.request_ids: RequestIds | None = None  # X-Request-Id (requestid.py); None: off
         self.listener = "reverse"  # the access log's name of this listener
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

@@ -204,6 +204,7 @@ spec:
         for i in range(3):
             with urllib.request.urlopen(f"{k.url}/page/{i}", timeout=5) as answer:
                 assert answer.status == 200
+                assert answer.headers["X-Request-Id"]  # --request-id auto: on with the log
         wait_until(lambda: len(_text_lines(path)) == 3)
         assert _text_lines(path) == [
             f"status=200 method=GET path=/page/{i} rule=all upstream=default/app" for i in range(3)]
