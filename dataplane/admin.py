@@ -11,6 +11,7 @@ from aiohttp import web
 
 from kanal.dataplane.casing import camel_document
 from kanal.dataplane.metrics import MetricsCollector
+from kanal.dataplane.routemetrics import TrafficCollector
 from kanal.dataplane.runtime import Config, Runtime
 
 
@@ -122,6 +123,7 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
         if registry is None:
             registry = CollectorRegistry(auto_describe=True)
             registry.register(MetricsCollector(runtime.metrics))
+            registry.register(TrafficCollector(runtime))
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

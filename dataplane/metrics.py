@@ -32,8 +32,13 @@ class RequestMetrics:
         self.circuit_changes: dict[tuple[str, str, str], int] = {}
         self.events: dict[tuple[str, str], int] = {}
         self.access_log_dropped = 0  # records a slow sink could not take (accesslog.py)
+        # (route, upstream) -> [request body bytes, response body bytes]; and retries.
+        # Exposed with derived families by kanal.dataplane.routemetrics.
+        self.body_bytes: dict[tuple[str, str], list[int]] = {}
+        self.retries: dict[tuple[str, str], int] = {}
 
-    def observe(self, route: str, upstream: str, status: int, seconds: float) -> None:
+    def observe(self, route: str, upstream: str, status: int, seconds: float,
+                bytes_in: int = 0, bytes_out: int = 0) -> None:
         key = (route, upstream, status)
         requests = self.requests
         requests[key] = requests.get(key, 0) + 1
@@ -43,6 +48,16 @@ class RequestMetrics:
             cells = self.latency[pair] = [0.0] * (len(LATENCY_BUCKETS) + 2)
         cells[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         cells[-1] += seconds
+        if bytes_in or bytes_out:
+            moved = self.body_bytes.get(pair)
+            if moved is None:
+                moved = self.body_bytes[pair] = [0, 0]
+            moved[0] += bytes_in
+            moved[1] += bytes_out
+
+    def count_retry(self, route: str, upstream: str) -> None:
+        key = (route, upstream)
+        self.retries[key] = self.retries.get(key, 0) + 1
 
     def count_event(self, name: str, upstream: str) -> None:
         key = (name, upstream)

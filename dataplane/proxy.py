@@ -757,6 +757,7 @@ class ClientConnection(asyncio.Protocol):
             upstream = self.upstream_runtime
             assert upstream is not None
             upstream.metrics.count_event("retry", upstream.key)
+            upstream.metrics.count_retry(self.route_key, upstream.key)
             self.retried += 1
             if not self.is_retry:
                 self.is_retry = True
@@ -1074,7 +1075,8 @@ class ClientConnection(asyncio.Protocol):
         if self.context.access_log is not None:
             self.context.access_log.put(self._access_record(request, status))
         self.context.metrics.observe(
-            self.route_key, self.upstream_key, status, time.monotonic() - request.started
+            self.route_key, self.upstream_key, status, time.monotonic() - request.started,
+            request.received, self.body_sent,
         )
         if self.timer is not None:
             self._cancel_timer()
@@ -1101,7 +1103,8 @@ class ClientConnection(asyncio.Protocol):
         if self.context.access_log is not None:
             self.context.access_log.put(self._access_record(request, status))
         self.context.metrics.observe(
-            self.route_key, self.upstream_key, status, time.monotonic() - request.started
+            self.route_key, self.upstream_key, status, time.monotonic() - request.started,
+            request.received, self.body_sent,
         )
 
     def _fail_request(
@@ -1136,12 +1139,12 @@ class ClientConnection(asyncio.Protocol):
             extra += REQUEST_ID + b": " + self.request_id + b"\r\n"
         head = http1.error_head(status, len(body), keep_alive=keep, extra=extra)
         self._write(head + (b"" if request.method == b"HEAD" else body))
+        self.body_sent = 0 if request.method == b"HEAD" else len(body)
         if self.current is request:
             self._record(request, status)
         elif self.context.access_log is not None:  # a request refused before it began
             self.route_key = self.upstream_key = ""
             self.route_rule = self.tried = None
-            self.body_sent = 0
             self.request_id = None
             self.context.access_log.put(self._access_record(request, status))
         self.current = None
