@@ -98,8 +98,17 @@ def port(text: str) -> int:
 
 
 def add_observability_flags(parser: argparse.ArgumentParser) -> None:
-    """Access logs (kanal.dataplane.accesslog)."""
+    """Access logs (kanal.dataplane.accesslog), request ids and tracing."""
     from kanal.dataplane.logformat import FIELDS, FORMATS
+
+    parser.add_argument("--tracing-endpoint", default=None, metavar="URL",
+                        help="export spans over OTLP/HTTP to this collector URL, e.g. "
+                             "http://otel-collector:4318/v1/traces (default: tracing off)")
+    parser.add_argument("--tracing-sample-ratio", type=ratio, default=1.0, metavar="R",
+                        help="share of new traces recorded, 0 to 1 (default 1); a caller's "
+                             "sampled flag in traceparent is followed")
+    parser.add_argument("--tracing-service-name", default="kanal", metavar="NAME",
+                        help="service.name of the spans (default kanal)")
 
     parser.add_argument("--access-log", type=access_log_target, default="off",
                         metavar="stdout|PATH|off",
@@ -130,6 +139,17 @@ def access_log_target(text: str) -> str:
     return text
 
 
+def ratio(text: str) -> float:
+    """A number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a ratio from 0 to 1, got {text!r}")
+    return value
+
+
 def field_names(text: str) -> tuple[str, ...]:
     """Comma-separated access log field names, each known."""
     from kanal.dataplane.logformat import select
@@ -155,6 +175,12 @@ def observability_flags(args: argparse.Namespace) -> dict[str, Any]:
     if target not in ("off", "", None):
         found["access_log"] = AccessLog(target, form=args.access_log_format,
                                         fields=args.access_log_fields)
+    endpoint = getattr(args, "tracing_endpoint", None)
+    if endpoint:
+        from kanal.dataplane.tracing import Tracing
+
+        found["tracing"] = Tracing(endpoint, ratio=args.tracing_sample_ratio,
+                                   service_name=args.tracing_service_name)
     wanted = getattr(args, "request_id", "auto")
     if wanted == "on" or (wanted == "auto" and found):
         found["request_ids"] = RequestIds()
@@ -165,4 +191,7 @@ def observability_argv(args: argparse.Namespace) -> list[str]:
     """The observability flags again, for a worker's command line."""
     return ["--access-log", args.access_log, "--access-log-format", args.access_log_format,
             "--access-log-fields", ",".join(args.access_log_fields),
-            "--request-id", args.request_id]
+            "--request-id", args.request_id,
+            *(["--tracing-endpoint", args.tracing_endpoint] if args.tracing_endpoint else []),
+            "--tracing-sample-ratio", repr(args.tracing_sample_ratio),
+            "--tracing-service-name", args.tracing_service_name]

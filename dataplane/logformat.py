@@ -39,6 +39,7 @@ FIELDS: tuple[str, ...] = (
 """Every field, in record order; `--access-log-fields` picks from these names."""
 
 INDEX = {name: position for position, name in enumerate(FIELDS)}
+_TRACE_ID = INDEX["traceId"]
 FORMATS = ("json", "text")
 
 Record = tuple[Any, ...]
@@ -59,6 +60,8 @@ def values(record: Record) -> list[Any]:
     for position, value in enumerate(record):
         if position == 0:
             value = _rfc3339(value)
+        elif position == _TRACE_ID and isinstance(value, int):
+            value = f"{value:032x}"
         elif isinstance(value, bytes):
             value = value.decode("latin-1")
         elif isinstance(value, float):

@@ -24,6 +24,7 @@ from kanal.dataplane.runtime import Config, ProxyContext, Runtime
 if TYPE_CHECKING:
     from kanal.dataplane.accesslog import AccessLog
     from kanal.dataplane.requestid import RequestIds
+    from kanal.dataplane.tracing import Tracing
 
 log = logging.getLogger("kanal.dataplane")
 
@@ -52,6 +53,7 @@ class DataplaneOptions:
     max_connections: int | None = None  # client connections per listener (None: no cap)
     access_log: AccessLog | None = None  # --access-log (None: off); closed by run_dataplane
     request_ids: RequestIds | None = None  # --request-id (None: off)
+    tracing: Tracing | None = None  # --tracing-endpoint (None: off); closed by run_dataplane
 
     def configure(self, context: ProxyContext) -> ProxyContext:
         """Give a listener's context the limits these options set."""
@@ -60,6 +62,8 @@ class DataplaneOptions:
         context.max_connections = self.max_connections
         context.access_log = self.access_log
         context.request_ids = self.request_ids
+        context.tracing = self.tracing
+        context.observing = self.access_log is not None or self.tracing is not None
         return context
 
 
@@ -248,6 +252,8 @@ async def run_dataplane(
         runtime.close()
         if options.access_log is not None:
             await asyncio.to_thread(options.access_log.close)
+        if options.tracing is not None:
+            await asyncio.to_thread(options.tracing.close)
     return 0
 
 

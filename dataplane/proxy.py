@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from kanal.dataplane.balancer import EndpointState
     from kanal.dataplane.logformat import Record
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
+    from kanal.dataplane.tracing import ExchangeTrace
 
 log = logging.getLogger("kanal.proxy")
 
@@ -534,6 +535,8 @@ class ClientConnection(asyncio.Protocol):
         context = self.context
         if context.request_ids is not None:
             self.request_id = context.request_ids.assign(request.headers, context.trusted_hops > 0)
+        if context.tracing is not None:
+            self.trace = context.tracing.begin(request.headers)
         config = context.config
         if config is None:
             self._fail_request(503, "no configuration applied yet")
@@ -759,6 +762,10 @@ class ClientConnection(asyncio.Protocol):
             upstream.metrics.count_event("retry", upstream.key)
             upstream.metrics.count_retry(self.route_key, upstream.key)
             self.retried += 1
+            if self.trace is not None and self.context.tracing is not None:
+                self.head = self.context.tracing.retry(
+                    self.trace, self.head, started=self.attempt_started, upstream=upstream.key,
+                    endpoint=failed.key if failed is not None else "", condition=condition)
             if not self.is_retry:
                 self.is_retry = True
                 upstream.limits.active_retries += 1
@@ -1072,8 +1079,8 @@ class ClientConnection(asyncio.Protocol):
     def _end_exchange(self, status: int) -> None:
         request = self.current
         assert request is not None
-        if self.context.access_log is not None:
-            self.context.access_log.put(self._access_record(request, status))
+        if self.context.observing:
+            self._observed(request, status)
         self.context.metrics.observe(
             self.route_key, self.upstream_key, status, time.monotonic() - request.started,
             request.received, self.body_sent,
@@ -1100,8 +1107,8 @@ class ClientConnection(asyncio.Protocol):
             self._answer_deferred_error()
 
     def _record(self, request: Request, status: int) -> None:
-        if self.context.access_log is not None:
-            self.context.access_log.put(self._access_record(request, status))
+        if self.context.observing:
+            self._observed(request, status)
         self.context.metrics.observe(
             self.route_key, self.upstream_key, status, time.monotonic() - request.started,
             request.received, self.body_sent,
@@ -1142,11 +1149,12 @@ class ClientConnection(asyncio.Protocol):
         self.body_sent = 0 if request.method == b"HEAD" else len(body)
         if self.current is request:
             self._record(request, status)
-        elif self.context.access_log is not None:  # a request refused before it began
+        elif self.context.observing:  # a request refused before it began
             self.route_key = self.upstream_key = ""
             self.route_rule = self.tried = None
             self.request_id = None
-            self.context.access_log.put(self._access_record(request, status))
+            self.trace = None
+            self._observed(request, status)
         self.current = None
         if not keep:
             self._close()
@@ -1206,6 +1214,26 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             reset_connection(self.transport)
 
+    def _observed(self, request: Request, status: int) -> None:
+        """The exchange is over: its access log line and its trace's spans."""
+        context = self.context
+        if context.access_log is not None:
+            context.access_log.put(self._access_record(request, status))
+        trace = self.trace
+        if trace is not None and context.tracing is not None:
+            self.trace = None
+            rule = self.route_rule
+            tried = self.tried
+            context.tracing.finish(
+                trace, started=request.started,
+                attempt_started=self.attempt_started if tried is not None else None,
+                method=request.method, host=self.host_text if request.host is not None else "",
+                target=request.target, http11=request.http11, status=status, peer=self.peer,
+                route=self.route_key,
+                rule=(rule.name if rule.name is not None else rule.index) if rule else "",
+                upstream=self.upstream_key, endpoint=tried.key if tried is not None else "",
+                retries=self.retried, request_id=self.request_id)
+
     def _access_record(self, request: Request, status: int) -> Record:
         """The access log's record of the current exchange (see logformat.FIELDS): values
         held now, formatted later by the writer thread."""
@@ -1221,7 +1249,7 @@ class ClientConnection(asyncio.Protocol):
             now - self.attempt_started if tried is not None and self.attempt_started else None,
             self.route_key, (rule.name if rule.name is not None else rule.index) if rule else "",
             self.upstream_key, tried.key if tried is not None else "", self.retried, "", "",
-            self.request_id, self.trace_id,
+            self.request_id, self.trace.trace_id if self.trace is not None else None,
         )
 
     set_cookie: bytes | None = None
@@ -1250,7 +1278,7 @@ class ClientConnection(asyncio.Protocol):
     tried: EndpointState | None = None
     retried: int = 0
     request_id: bytes | None = None
-    trace_id: str = ""
+    trace: ExchangeTrace | None = None
 
 
 def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:

@@ -38,6 +38,7 @@ from kanal.dataplane.router import RouteTable
 if TYPE_CHECKING:
     from kanal.dataplane.accesslog import AccessLog
     from kanal.dataplane.requestid import RequestIds
+    from kanal.dataplane.tracing import Tracing
 
 log = logging.getLogger("kanal.runtime")
 
@@ -257,6 +258,9 @@ class ProxyContext:
         # Observability (kanal.dataplane.accesslog): None when off, one check a request.
         self.access_log: AccessLog | None = None
         self.request_ids: RequestIds | None = None  # X-Request-Id (requestid.py); None: off
+        self.tracing: Tracing | None = None  # tracing.py; None: off
+        # access_log or tracing set: the one check at the end of each exchange.
+        self.observing = False
         self.listener = "reverse"  # the access log's name of this listener
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:

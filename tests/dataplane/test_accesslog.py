@@ -128,6 +128,7 @@ async def test_a_refused_request_is_logged_too(backends, tmp_path):
     runtime.apply(shop(app.port))
     context = runtime.context()
     context.access_log = access
+    context.observing = access is not None
     sock = bind_socket("127.0.0.1", 0)
     server = await start_listener(context, sock)
     try:
@@ -158,6 +159,7 @@ async def test_a_stuck_sink_drops_and_counts_but_never_stalls_requests(backends)
     runtime.apply(shop(app.port))
     context = runtime.context()
     context.access_log = access
+    context.observing = access is not None
     access.metrics = runtime.metrics
     sock = bind_socket("127.0.0.1", 0)
     server = await start_listener(context, sock)

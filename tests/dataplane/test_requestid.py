@@ -39,6 +39,7 @@ async def proxy(backends) -> AsyncIterator[Callable[..., object]]:
         context = runtime.context(trusted_hops=trusted_hops)
         context.request_ids = RequestIds(b"test")
         context.access_log = access
+        context.observing = access is not None
         sock = bind_socket("127.0.0.1", 0)
         server = await start_listener(context, sock)
         made.append((server, runtime))
