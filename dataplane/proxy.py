@@ -328,6 +328,10 @@ class ClientConnection(asyncio.Protocol):
         self.context.clients.discard(self)
         self._cancel_timer()
         upstream = self.upstream
+        if self.current is not None and self.context.observing and not self.tunnel:
+            # The client left mid-exchange: logged with what it was sent (0: nothing).
+            self._observed(self.current, upstream.status
+                           if upstream is not None and self.response_started else 0)
         self.upstream = None
         if upstream is not None:
             # The answer can no longer be delivered: the connection is mid-exchange.

@@ -7,9 +7,12 @@ Real listeners (in this process, and `kanal run` as users start it), real backen
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
+import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -182,6 +185,39 @@ async def test_a_stuck_sink_drops_and_counts_but_never_stalls_requests(backends)
         access.close()
         with contextlib.suppress(OSError):
             stream.close()
+
+
+async def test_a_client_that_leaves_mid_exchange_is_logged_with_status_0(backends, tmp_path):
+    app = await backends("app")
+    path = tmp_path / "access.log"
+    access = AccessLog(str(path), fields=("path", "status", "upstream", "endpoint"))
+    runtime = Runtime()
+    runtime.apply(shop(app.port))
+    context = runtime.context()
+    context.access_log = access
+    context.observing = True
+    sock = bind_socket("127.0.0.1", 0)
+    server = await start_listener(context, sock)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        writer.write(b"GET /sleep/2 HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+        await writer.drain()
+
+        async def reached() -> bool:
+            return any(r["path"] == "/sleep/2" for r in app.received)
+
+        await async_wait_until(reached)
+        # A reset, not a half-close (after which the answer would still be awaited).
+        sock_of_client = writer.get_extra_info("socket")
+        sock_of_client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        await async_wait_until(lambda: _true(len(read_json_lines(path)) == 1))
+    finally:
+        server.close()
+        runtime.close()
+        access.close()
+    assert read_json_lines(path) == [{"path": "/sleep/2", "status": 0, "upstream": "shop/app",
+                                      "endpoint": f"127.0.0.1:{app.port}"}]
 
 
 def test_kanal_run_access_log_flags(kanal, tmp_path):
