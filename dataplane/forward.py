@@ -27,7 +27,8 @@ again. Denied: 403 with the reason; missing or wrong credentials: 407 with
 `Proxy-Authenticate: Basic realm="kanal"`; DNS failure 502, connect refused 502,
 connect timeout 504. Every request and tunnel leaves one line on the `kanal.egress`
 logger (INFO): client, destination, address dialed, decision, status, bytes each way,
-duration.
+duration; with `--access-log`, an access log line instead (`egress_record`), in the
+format of the reverse listeners.
 """
 
 from __future__ import annotations
@@ -871,7 +872,8 @@ class ForwardConnection(asyncio.Protocol):
         request.logged = True
         access = self.proxy.access_log
         if access is not None:  # the access log's format, as on the reverse listeners
-            access.put(egress_record(self.peer, request))
+            if self.mode != "mesh":  # (a mesh request's line is its reverse proxy's)
+                access.put(egress_record(self.peer, request))
             return
         method = request.method.decode("latin-1") or "-"
         destination = f"{request.host}:{request.port}" if request.host else "-"

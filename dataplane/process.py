@@ -157,6 +157,13 @@ async def start_listeners(
                                head_timeout=options.head_timeout,
                                max_connections=options.max_connections)
         forward.access_log = options.access_log
+        # Mesh requests are routed by a reverse proxy inside it, which gives them ids,
+        # traces and their access log line (with the route, upstream and endpoint).
+        mesh = forward.mesh_context
+        mesh.access_log, mesh.request_ids, mesh.tracing = (
+            options.access_log, options.request_ids, options.tracing)
+        mesh.observing = options.access_log is not None or options.tracing is not None
+        mesh.listener, mesh.policy = "forward", "mesh"
         runtime.forward_proxies.append(forward)
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
         servers.append(await forward.start(sock))

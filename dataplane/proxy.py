@@ -1252,7 +1252,8 @@ class ClientConnection(asyncio.Protocol):
             self.body_sent, now - started if started else 0.0,
             now - self.attempt_started if tried is not None and self.attempt_started else None,
             self.route_key, (rule.name if rule.name is not None else rule.index) if rule else "",
-            self.upstream_key, tried.key if tried is not None else "", self.retried, "", "",
+            self.upstream_key, tried.key if tried is not None else "", self.retried, "",
+            self.context.policy,
             self.request_id, self.trace.trace_id if self.trace is not None else None,
         )
 

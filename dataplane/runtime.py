@@ -262,6 +262,7 @@ class ProxyContext:
         # access_log or tracing set: the one check at the end of each exchange.
         self.observing = False
         self.listener = "reverse"  # the access log's name of this listener
+        self.policy = ""  # the access log's policy outcome of every request here
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a slow-path coroutine (a connect) and keep a reference until it ends."""

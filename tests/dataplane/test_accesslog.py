@@ -37,7 +37,14 @@ from kanal.dataplane.logformat import FIELDS
 from kanal.dataplane.process import DataplaneOptions, start_listeners
 from kanal.dataplane.runtime import Runtime
 from kanal.dataplane.server import bind_socket, start_listener
-from tests.conftest import async_wait_until, free_port, raw_request, upstream_yaml, wait_until
+from tests.conftest import (
+    async_wait_until,
+    free_port,
+    header_values,
+    raw_request,
+    upstream_yaml,
+    wait_until,
+)
 
 
 def read_json_lines(path: Path) -> list[dict[str, Any]]:
@@ -218,6 +225,44 @@ async def test_a_client_that_leaves_mid_exchange_is_logged_with_status_0(backend
         access.close()
     assert read_json_lines(path) == [{"path": "/sleep/2", "status": 0, "upstream": "shop/app",
                                       "endpoint": f"127.0.0.1:{app.port}"}]
+
+
+async def test_mesh_requests_through_the_forward_listener_get_a_request_id(backends, tmp_path):
+    from kanal.dataplane.requestid import RequestIds
+
+    app = await backends("orders")
+    path = tmp_path / "access.log"
+    access = AccessLog(str(path), fields=("listener", "host", "status", "policy", "route",
+                                          "requestId"))
+    port = free_port()
+    options = DataplaneOptions(listen=None, forward_listen=("127.0.0.1", port), admin=None,
+                               access_log=access, request_ids=RequestIds(b"mesh"))
+    runtime = Runtime()
+    runtime.apply(Snapshot(
+        routes=(Route(key="default/orders", hostnames=("orders.mesh",), gateways=("mesh",),
+                      rules=(Rule(index=0, backends=(RouteBackend(upstream="default/orders"),)),)),),
+        upstreams=(Upstream(key="default/orders",
+                            endpoints=(Endpoint(address="127.0.0.1", port=app.port),)),),
+    ).with_version())
+    servers = await start_listeners(runtime, options)
+    try:
+        async with aiohttp.ClientSession() as session, session.get(
+                "http://orders.mesh/x", proxy=f"http://127.0.0.1:{port}") as answer:
+            assert answer.status == 200
+            given = answer.headers.getall("X-Request-Id")
+        await async_wait_until(lambda: _true(len(read_json_lines(path)) == 1))
+    finally:
+        for server in servers:
+            server.close()
+        for forward in runtime.forward_proxies:
+            await forward.close()
+        runtime.close()
+        access.close()
+    assert len(given) == 1 and given[0].startswith("mesh-")
+    assert header_values(app.received[0], "X-Request-Id") == given
+    assert read_json_lines(path) == [
+        {"listener": "forward", "host": "orders.mesh", "status": 200, "policy": "mesh",
+         "route": "default/orders", "requestId": given[0]}]
 
 
 def test_kanal_run_access_log_flags(kanal, tmp_path):
