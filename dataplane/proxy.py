@@ -536,6 +536,7 @@ class ClientConnection(asyncio.Protocol):
         self.body_sent = 0
         self.route_rule = None
         self.tried = None
+        self.retried = 0
         context = self.context
         if context.request_ids is not None:
             self.request_id = context.request_ids.assign(request.headers, context.trusted_hops > 0)
@@ -1199,7 +1200,6 @@ class ClientConnection(asyncio.Protocol):
         self.implicit_used = 0
         self.last_failure = None
         self.resent_stale = False
-        self.retried = 0
 
     def _cancel_timer(self) -> None:
         if self.timer is not None:

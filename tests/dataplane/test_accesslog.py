@@ -27,6 +27,7 @@ from kanal.contract.snapshot import (
     EgressPolicy,
     EgressRule,
     Endpoint,
+    Retries,
     Route,
     Rule,
     Snapshot,
@@ -156,6 +157,33 @@ async def test_a_refused_request_is_logged_too(backends, tmp_path):
         "method=GET path=/a status=200 route=shop/web",
         "method=- path=- status=400 route=-",
     ]
+
+
+async def test_retries_are_counted_when_every_try_failed(tmp_path):
+    path = tmp_path / "access.log"
+    access = AccessLog(str(path), fields=("status", "retries", "upstream"))
+    dead = (Endpoint(address="127.0.0.1", port=free_port()),)  # one: no implicit retry
+    runtime = Runtime()
+    runtime.apply(Snapshot(
+        routes=(Route(key="shop/web", rules=(Rule(index=0, backends=(
+            RouteBackend(upstream="shop/dead"),), retries=Retries(
+                attempts=1, retry_on=("connect-failure",))),)),),
+        upstreams=(Upstream(key="shop/dead", endpoints=dead),),
+    ).with_version())
+    context = runtime.context()
+    context.access_log = access
+    context.observing = True
+    sock = bind_socket("127.0.0.1", 0)
+    server = await start_listener(context, sock)
+    try:
+        (answer,) = await raw_request(sock.getsockname()[1], b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert answer.status == 502
+        await async_wait_until(lambda: _true(len(read_json_lines(path)) == 1))
+    finally:
+        server.close()
+        runtime.close()
+        access.close()
+    assert read_json_lines(path) == [{"status": 502, "retries": 1, "upstream": "shop/dead"}]
 
 
 async def test_a_stuck_sink_drops_and_counts_but_never_stalls_requests(backends):
