@@ -99,6 +99,11 @@ class AccessLog:
             self._stream.flush()
         except (OSError, ValueError):
             # The sink is gone (closed, disk full): these lines are lost, and counted.
-            self.dropped += len(lines) - 1
+            # (From this thread; the loop counts only while the queue is full, which a
+            # failing sink, emptied at once, does not cause: the two rarely meet.)
+            lost = len(lines) - 1
+            self.dropped += lost
+            if self.metrics is not None:
+                self.metrics.access_log_dropped += lost
             return
         self.written += len(lines) - 1
