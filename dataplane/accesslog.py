@@ -11,6 +11,7 @@ once `capacity` records wait, new ones are dropped and counted
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 from collections import deque
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from kanal.dataplane import logformat
 from kanal.dataplane.logformat import Record
+
+log = logging.getLogger("kanal.accesslog")
 
 if TYPE_CHECKING:
     from kanal.dataplane.metrics import RequestMetrics
@@ -40,10 +43,7 @@ class AccessLog:
         capacity: int = CAPACITY,
         stream: TextIO | None = None,
     ) -> None:
-        if form not in logformat.FORMATS:
-            raise ValueError(f"unknown access log format {form!r} (json or text)")
-        self.chosen = logformat.select(fields)
-        self.form = form
+        self.formatter = logformat.Formatter(logformat.select(fields), form)
         self.target = target
         self.capacity = capacity
         self.queue: deque[Record] = deque()
@@ -89,10 +89,15 @@ class AccessLog:
         queue = self.queue
         if not queue:
             return
-        chosen, form = self.chosen, self.form
+        line = self.formatter.line
         lines = []
         while queue:
-            lines.append(logformat.line(queue.popleft(), chosen, form))
+            record = queue.popleft()
+            try:
+                lines.append(line(record))
+            except (TypeError, ValueError):  # a bug, not a reason to stop logging
+                self.dropped += 1
+                log.exception("access log record %r could not be written", record)
         lines.append("")
         try:
             self._stream.write("\n".join(lines))

@@ -1237,5 +1237,5 @@ def egress_record(peer: str, request: ForwardRequest) -> Record:
         "HTTP/1.1" if request.http11 else "HTTP/1.0", max(request.status, 0), request.up,
         request.down, time.monotonic() - request.started, None, "", "", "",
         f"{request.address}:{request.port}" if request.address != "-" else "", 0, "",
-        request.decision if request.decision != "-" else "", None, "",
+        request.decision if request.decision != "-" else "", None, None,
     )
