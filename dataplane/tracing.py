@@ -8,7 +8,8 @@ and `finish` once the answer is over. A sampled request's spans are built only i
 backend's spans must name the attempt span as their parent before it exists), and
 handed to the SDK's `BatchSpanProcessor`: a bounded queue that its own thread exports
 in batches, dropping when the collector cannot keep up. Nothing waits for the network
-on the event loop. The SDK is imported only when tracing is on.
+on the event loop. This module (and with it the SDK) is imported only when tracing is
+on.
 
 Spans of one request: a SERVER span for the proxy's whole part (its parent is the
 caller's span when `traceparent` came in), with the route, rule and upstream; one
@@ -20,7 +21,15 @@ from __future__ import annotations
 
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.status import Status, StatusCode
 
 from kanal.dataplane.tracecontext import (
     MAX_TRACESTATE,
@@ -30,10 +39,9 @@ from kanal.dataplane.tracecontext import (
     traceparent,
 )
 
-if TYPE_CHECKING:
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
-
 _MASK64 = (1 << 64) - 1
+_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+_OK, _ERROR = Status(StatusCode.UNSET), Status(StatusCode.ERROR)
 
 
 class ExchangeTrace:
@@ -67,11 +75,6 @@ class Tracing:
         schedule_delay: float = 1.0,
         processor: BatchSpanProcessor | None = None,
     ) -> None:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"the sample ratio must be between 0 and 1, got {ratio}")
         self.endpoint = endpoint
@@ -183,12 +186,8 @@ class Tracing:
 
     def _span(self, trace: ExchangeTrace, span_id: int, parent_id: int, name: str, kind: str,
               started: float, ended: float, attributes: dict[str, Any], *, error: bool) -> None:
-        from opentelemetry.sdk.trace import ReadableSpan
-        from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
-        from opentelemetry.trace.status import Status, StatusCode
-
         offset = time.time_ns() - time.monotonic_ns()
-        flags = TraceFlags(TraceFlags.SAMPLED)
+        flags = _SAMPLED
         parent = (SpanContext(trace.trace_id, parent_id, is_remote=parent_id != trace.server_id,
                               trace_flags=flags) if parent_id else None)
         span = ReadableSpan(
@@ -198,7 +197,7 @@ class Tracing:
             resource=self.resource,
             attributes=attributes,
             kind=SpanKind.SERVER if kind == "SERVER" else SpanKind.CLIENT,
-            status=Status(StatusCode.ERROR) if error else Status(StatusCode.UNSET),
+            status=_ERROR if error else _OK,
             start_time=int(started * 1e9) + offset,
             end_time=int(ended * 1e9) + offset,
             instrumentation_scope=self.scope,
