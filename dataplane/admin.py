@@ -112,7 +112,7 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         answer = runtime.config.table.explain(host, method, path, query, headers)
-        answer = {"version": runtime.config.version, **answer}
+        answer = camel_document({"version": runtime.config.version, **answer})
         return web.json_response(answer, dumps=_dumps)
 
     async def metrics(_: web.Request) -> web.Response:

@@ -55,6 +55,42 @@ def test_config_keys_are_camel_case_like_the_resources() -> None:
     assert rule["matches"][0]["queryParams"][0]["name"] == "beta_flag"
 
 
+async def test_config_and_explain_on_the_admin_port_are_camel_case() -> None:
+    import aiohttp
+    from aiohttp import web
+
+    from kanal.contract.snapshot import SessionAffinity
+    from kanal.dataplane.admin import admin_app
+    from tests.conftest import free_port
+
+    runtime = Runtime()
+    sticky = Snapshot(
+        routes=(Route(key="shop/web", rules=(Rule(
+            index=0, backends=(Backend(upstream="shop/v1"),),
+            session_affinity=SessionAffinity()),)),),
+        upstreams=(Upstream(key="shop/v1", endpoints=(Endpoint(address="127.0.0.1", port=9),)),),
+    ).with_version()
+    runtime.apply(sticky)
+    runner = web.AppRunner(admin_app(runtime), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/config") as answer:
+                config = await answer.json()
+            async with session.get(f"http://127.0.0.1:{port}/explain",
+                                   params={"url": "http://a.test/x"}) as answer:
+                explained = await answer.json()
+    finally:
+        await runner.cleanup()
+        runtime.close()
+    for document in (config, explained):
+        names = keys(document)
+        assert not [name for name in names if "_" in name], sorted(names)
+    assert "sessionAffinity" in keys(explained) and "pathAsSent" in keys(explained)
+
+
 @pytest.mark.parametrize(("name", "expected"), [
     ("circuit_breaker", "circuitBreaker"), ("max_pending_requests", "maxPendingRequests"),
     ("version", "version"), ("appliedAt", "appliedAt"),
