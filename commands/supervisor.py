@@ -83,6 +83,10 @@ class Worker:
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
 
+    def hangup(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGHUP)
+
 
 def merge_metrics(texts: Iterable[str]) -> str:
     """Sum the workers' Prometheus samples that share a name and labels.
@@ -208,6 +212,8 @@ async def supervise(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stopping.set)
+    with contextlib.suppress(NotImplementedError):  # access logs reopen (workers' own)
+        loop.add_signal_handler(signal.SIGHUP, hangup_all, workers)
     keepers = [loop.create_task(worker.keep_running(stopping)) for worker in workers]
     await stopping.wait()
     for worker in workers:
@@ -226,6 +232,11 @@ async def supervise(args: argparse.Namespace) -> int:
         keeper.cancel()
     await runner.cleanup()
     return code
+
+
+def hangup_all(workers: list[Worker]) -> None:
+    for worker in workers:
+        worker.hangup()
 
 
 def worker_argv(args: argparse.Namespace, admin_port: int) -> Sequence[str]:

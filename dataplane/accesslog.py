@@ -55,6 +55,7 @@ class AccessLog:
         self._stream: TextIO = stream if stream is not None else (
             sys.stdout if target == "stdout" else open(target, "a", encoding="utf-8"))
         self._stop = threading.Event()
+        self._reopen = False
         self._thread = threading.Thread(target=self._run, name="kanal-access-log", daemon=True)
         self._thread.start()
 
@@ -68,6 +69,11 @@ class AccessLog:
         metrics = self.metrics
         if metrics is not None:
             metrics.access_log_dropped += 1
+
+    def reopen(self) -> None:
+        """Open the file again by its name before the next write (SIGHUP, after a log
+        rotation renamed it); standard output is kept."""
+        self._reopen = True
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (for up to `timeout` seconds), then stop the thread."""
@@ -86,6 +92,17 @@ class AccessLog:
                 return
 
     def _drain(self) -> None:
+        if self._reopen:
+            self._reopen = False
+            if self._owned:
+                try:
+                    fresh = open(self.target, "a", encoding="utf-8")
+                except OSError as exc:
+                    log.error("access log %s cannot be opened again: %s", self.target, exc)
+                else:
+                    with contextlib.suppress(OSError):
+                        self._stream.close()
+                    self._stream = fresh
         queue = self.queue
         if not queue:
             return

@@ -227,6 +227,9 @@ async def run_dataplane(
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
+    if options.access_log is not None:  # after a rotation: write to the path again
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, options.access_log.reopen)
     # Active health checkers follow each applied configuration, on this loop.
     runtime.on_apply.append(lambda _config: runtime.start_health_checks(loop))
     runtime.start_health_checks(loop)

@@ -323,6 +323,51 @@ spec:
         pool.close()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sighup_reopens_the_file_after_a_rotation(kanal, tmp_path, workers):
+    import signal
+    import urllib.request
+
+    from tests.conftest import BackendThread
+
+    pool = BackendThread()
+    try:
+        app = pool.start("app")
+        path = tmp_path / "access.log"
+        route = """\
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: web}
+spec:
+  rules: [{backends: [{upstream: app}]}]
+"""
+        k = kanal({"app.yaml": upstream_yaml("app", app), "route.yaml": route},
+                  "--access-log", str(path), "--access-log-fields", "path",
+                  "--workers", workers)
+
+        def get(page: str) -> None:
+            with urllib.request.urlopen(f"{k.url}/{page}", timeout=5) as answer:
+                assert answer.status == 200
+
+        get("before")
+        wait_until(lambda: _text_lines(path) == ['{"path":"/before"}'])
+        rotated = tmp_path / "access.log.1"
+        path.rename(rotated)
+        assert k.process is not None
+        k.process.send_signal(signal.SIGHUP)
+        # Until a worker has reopened, its lines still go to the renamed file: keep
+        # asking until one reaches the new one.
+        def reopened() -> bool:
+            get("after")
+            return '{"path":"/after"}' in _text_lines(path)
+
+        wait_until(reopened)
+        assert k.process.poll() is None
+        assert _text_lines(rotated)[0] == '{"path":"/before"}'
+    finally:
+        pool.close()
+
+
 def test_unknown_field_or_unwritable_path_is_refused_at_start(tmp_path):
     import subprocess
     import sys
