@@ -121,6 +121,10 @@ def add_observability_flags(parser: argparse.ArgumentParser) -> None:
                         help="X-Request-Id on every request, passed to the backend and "
                              "returned to the client (auto, the default: on when the access "
                              "log or tracing is)")
+    parser.add_argument("--access-log-listeners", type=listener_names, default=LISTENERS,
+                        metavar="NAME,...",
+                        help="the listeners that write access log lines: reverse (--listen, "
+                             "--tls-listen), inbound, forward (default all three)")
     parser.add_argument("--access-log-fields", type=field_names, default=FIELDS,
                         metavar="NAME,...",
                         help=f"the fields to write, in this order (default all: {','.join(FIELDS)})")
@@ -150,6 +154,19 @@ def ratio(text: str) -> float:
     return value
 
 
+LISTENERS = ("reverse", "inbound", "forward")
+
+
+def listener_names(text: str) -> tuple[str, ...]:
+    """Comma-separated listener names: reverse, inbound, forward."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in LISTENERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected listener names from {', '.join(LISTENERS)}, got {text!r}")
+    return names
+
+
 def field_names(text: str) -> tuple[str, ...]:
     """Comma-separated access log field names, each known."""
     from kanal.dataplane.logformat import select
@@ -175,6 +192,7 @@ def observability_flags(args: argparse.Namespace) -> dict[str, Any]:
     if target not in ("off", "", None):
         found["access_log"] = AccessLog(target, form=args.access_log_format,
                                         fields=args.access_log_fields)
+        found["access_log_listeners"] = frozenset(args.access_log_listeners)
     endpoint = getattr(args, "tracing_endpoint", None)
     if endpoint:
         from kanal.dataplane.tracing import Tracing
@@ -191,6 +209,7 @@ def observability_argv(args: argparse.Namespace) -> list[str]:
     """The observability flags again, for a worker's command line."""
     return ["--access-log", args.access_log, "--access-log-format", args.access_log_format,
             "--access-log-fields", ",".join(args.access_log_fields),
+            "--access-log-listeners", ",".join(args.access_log_listeners),
             "--request-id", args.request_id,
             *(["--tracing-endpoint", args.tracing_endpoint] if args.tracing_endpoint else []),
             "--tracing-sample-ratio", repr(args.tracing_sample_ratio),

@@ -54,16 +54,21 @@ class DataplaneOptions:
     access_log: AccessLog | None = None  # --access-log (None: off); closed by run_dataplane
     request_ids: RequestIds | None = None  # --request-id (None: off)
     tracing: Tracing | None = None  # --tracing-endpoint (None: off); closed by run_dataplane
+    # --access-log-listeners: which listeners write access log lines.
+    access_log_listeners: frozenset[str] = frozenset({"reverse", "inbound", "forward"})
+
+    def access_log_for(self, listener: str) -> AccessLog | None:
+        return self.access_log if listener in self.access_log_listeners else None
 
     def configure(self, context: ProxyContext) -> ProxyContext:
         """Give a listener's context the limits these options set."""
         context.head_timeout = self.head_timeout
         context.body_idle_timeout = self.body_idle_timeout
         context.max_connections = self.max_connections
-        context.access_log = self.access_log
+        context.access_log = self.access_log_for(context.listener)
         context.request_ids = self.request_ids
         context.tracing = self.tracing
-        context.observing = self.access_log is not None or self.tracing is not None
+        context.observing = context.access_log is not None or self.tracing is not None
         return context
 
 
@@ -156,13 +161,13 @@ async def start_listeners(
         forward = ForwardProxy(runtime, namespace=options.namespace,
                                head_timeout=options.head_timeout,
                                max_connections=options.max_connections)
-        forward.access_log = options.access_log
+        forward.access_log = options.access_log_for("forward")
         # Mesh requests are routed by a reverse proxy inside it, which gives them ids,
         # traces and their access log line (with the route, upstream and endpoint).
         mesh = forward.mesh_context
         mesh.access_log, mesh.request_ids, mesh.tracing = (
-            options.access_log, options.request_ids, options.tracing)
-        mesh.observing = options.access_log is not None or options.tracing is not None
+            options.access_log_for("forward"), options.request_ids, options.tracing)
+        mesh.observing = mesh.access_log is not None or options.tracing is not None
         mesh.listener, mesh.policy = "forward", "mesh"
         runtime.forward_proxies.append(forward)
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
@@ -172,8 +177,9 @@ async def start_listeners(
     if options.inbound_listen is not None and options.app_port is not None:
         host, port = options.inbound_listen
         inbound = inbound_runtime(runtime, options.app_port)
-        context = options.configure(inbound.context("http", options.trusted_hops))
+        context = inbound.context("http", options.trusted_hops)
         context.listener = "inbound"
+        options.configure(context)
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
         servers.append(await start_listener(context, sock))
         log.info("inbound on http://%s:%d to the app on 127.0.0.1:%d",

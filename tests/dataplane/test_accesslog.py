@@ -131,6 +131,34 @@ async def test_every_listener_writes_one_json_line_per_request(backends, tmp_pat
     assert egress["policy"] == "allow" and egress["endpoint"] == f"127.0.0.1:{app.port}"
 
 
+async def test_listeners_can_be_left_out_of_the_log(backends, tmp_path):
+    app = await backends("app")
+    path = tmp_path / "access.log"
+    access = AccessLog(str(path), fields=("listener", "path"))
+    ports = free_port(), free_port()
+    options = DataplaneOptions(
+        listen=("127.0.0.1", ports[0]), inbound_listen=("127.0.0.1", ports[1]),
+        app_port=app.port, admin=None, access_log=access,
+        access_log_listeners=frozenset({"inbound"}))
+    runtime = Runtime()
+    runtime.apply(shop(app.port))
+    servers = await start_listeners(runtime, options)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for port, page in ((ports[0], "/reverse"), (ports[1], "/inbound"),
+                               (ports[0], "/reverse-again")):
+                async with session.get(f"http://127.0.0.1:{port}{page}",
+                                       headers={"Host": "shop.test"}) as answer:
+                    assert answer.status == 200
+        await async_wait_until(lambda: _true(access.written + len(access.queue) >= 1))
+    finally:
+        for server in servers:
+            server.close()
+        runtime.close()
+        access.close()
+    assert read_json_lines(path) == [{"listener": "inbound", "path": "/inbound"}]
+
+
 async def test_a_refused_request_is_logged_too(backends, tmp_path):
     app = await backends("app")
     path = tmp_path / "access.log"
