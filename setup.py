@@ -1,0 +1,35 @@
+"""Compiles the dataplane's hot modules with mypyc; everything else is in pyproject.toml.
+
+`KANAL_PURE=1 pip install ...` installs the pure-Python package without compiling
+(no C compiler needed). The list of modules lives in dataplane/compiled.py.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+from pathlib import Path
+from typing import Any
+
+from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+
+
+def ext_modules() -> list[Any]:
+    if os.environ.get("KANAL_PURE") == "1":
+        return []
+    from mypyc.build import mypycify
+
+    names = runpy.run_path(str(HERE / "dataplane" / "compiled.py"))["COMPILED"]
+    # The build environment holds only the build requirements: third-party imports
+    # are read as untyped there (the strict check runs with the tests).
+    return mypycify(
+        ["--ignore-missing-imports", "--allow-subclassing-any", "--allow-untyped-calls",
+         "--no-warn-return-any", "--no-warn-unused-ignores",
+         *(f"kanal/dataplane/{name}.py" for name in names)],
+        opt_level="3",
+    )
+
+
+setup(ext_modules=ext_modules())
