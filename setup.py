@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 from pathlib import Path
@@ -21,7 +22,11 @@ def ext_modules() -> list[Any]:
         return []
     from mypyc.build import mypycify
 
-    names = runpy.run_path(str(HERE / "dataplane" / "compiled.py"))["COMPILED"]
+    compiled = runpy.run_path(str(HERE / "dataplane" / "compiled.py"))
+    names = compiled["COMPILED"]
+    # What is compiled now, so a later edit of a source is seen as a stale build.
+    digests = compiled["source_digests"](HERE / "dataplane")
+    (HERE / "dataplane" / compiled["STAMP"]).write_text(json.dumps(digests, indent=1) + "\n")
     # The build environment holds only the build requirements: third-party imports
     # are read as untyped there (the strict check runs with the tests).
     return mypycify(

@@ -7,18 +7,23 @@ set at install time; the same variable at run time loads them from their sources
 when compiled copies exist.
 
 Compiled modules sit beside their sources (an editable install builds them in place).
-A compiled copy older than its source is stale: the source was edited after the build.
-Compiled modules call each other directly, so a mix of stale and fresh ones would
-disagree about their own classes; any stale copy therefore makes the whole set load
-from source, with a warning that says how to rebuild. Only the standard library is
-imported here: `setup.py` reads `COMPILED` from this file before anything is installed.
+`setup.py` records a digest of each source it compiles (`STAMP`); a source whose digest
+differs was edited after the build, and its compiled copy is stale. Compiled modules
+call each other directly, so a mix of stale and fresh ones would disagree about their
+own classes: any stale copy makes the whole set load from source, with a warning that
+says how to rebuild. (Digests, not file times: a rebuild that finds the generated C
+unchanged leaves old files in place, and unpacking a wheel sets times in any order.)
+Only the standard library is imported here: `setup.py` runs this file before anything
+is installed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import os
 import sys
 import warnings
@@ -33,11 +38,16 @@ COMPILED = (
 """Dataplane modules compiled by `setup.py` (the request path and its pure cores)."""
 
 PURE_SWITCH = "KANAL_PURE"
+STAMP = "compiled-sources.json"
+"""Written by `setup.py` beside the sources: the digest of each source it compiled."""
 _PACKAGE = "kanal.dataplane"
 _HERE = Path(__file__).resolve().parent
-_SLACK = 2.0
-"""Seconds a source may be newer than its compiled copy without making it stale:
-unpacking a wheel writes both in one go, in no particular order."""
+
+
+def source_digests(folder: Path = _HERE) -> dict[str, str]:
+    """SHA-256 of each compiled module's source, by module name."""
+    return {name: hashlib.sha256((folder / f"{name}.py").read_bytes()).hexdigest()
+            for name in COMPILED}
 
 
 def _compiled_copy(name: str) -> Path | None:
@@ -56,12 +66,13 @@ def mode() -> str:
         return "pure"
     if os.environ.get(PURE_SWITCH) == "1":
         return "pure"
-    for name, copy in copies.items():
-        if copy is None:
-            return "stale"
-        if (_HERE / f"{name}.py").stat().st_mtime > copy.stat().st_mtime + _SLACK:
-            return "stale"
-    return "compiled"
+    if not all(copies.values()):
+        return "stale"
+    try:
+        built = json.loads((_HERE / STAMP).read_text())
+    except (OSError, ValueError):
+        return "stale"
+    return "compiled" if built == source_digests() else "stale"
 
 
 class _SourceFirst(importlib.abc.MetaPathFinder):
@@ -85,7 +96,7 @@ def choose() -> str:
             sys.meta_path.insert(0, _SourceFirst())
         if current == "stale":
             warnings.warn(
-                "kanal: the dataplane's compiled modules are older than their sources; "
+                "kanal: the dataplane's compiled modules were built from other sources; "
                 "running the sources (slower). Rebuild with `pip install -e .`, or set "
                 f"{PURE_SWITCH}=1 to silence this.", RuntimeWarning, stacklevel=2)
     return current

@@ -35,7 +35,7 @@ def test_the_suite_runs_the_build_it_was_given() -> None:
         assert kanal.dataplane.BUILD == "pure"
         return
     assert kanal.dataplane.BUILD != "stale", (
-        "the compiled dataplane modules are older than their sources: rebuild with "
+        "the compiled dataplane modules were built from other sources: rebuild with "
         "`pip install -e .` (or run with KANAL_PURE=1)")
     assert kanal.dataplane.BUILD == "compiled", (
         "the dataplane was installed without its compiled modules; `pip install -e .` "
