@@ -34,6 +34,9 @@ def ext_modules() -> list[Any]:
          "--no-warn-return-any", "--no-warn-unused-ignores",
          *(f"kanal/dataplane/{name}.py" for name in names)],
         opt_level="3",
+        # The modules' shared runtime goes inside the package (kanal/dataplane__mypyc),
+        # not at the top of site-packages, so an editable install finds it too.
+        group_name="kanal.dataplane",
     )
 
 
