@@ -17,6 +17,11 @@ namespace and name. A token still naming a backend of the rule with weight > 0 i
 honoured; otherwise the client is placed by SWRR and handed a new token. A weight
 change therefore moves only new clients, and a flip to weight 0 drains old ones too.
 
+Split verification: a rule with more than one distinct backend counts each choice
+(`chosen`, one dict increment in `choose`) so `kanal.dataplane.splitwatch` can show the
+observed share next to the declared weight. A single-backend rule keeps `chosen` None
+and pays one attribute test.
+
 Pure: no I/O, no clocks; the only randomness (the starting offset in the cycle, so
 that frequent reloads do not starve a small canary) comes from an injected rng.
 """
@@ -124,6 +129,7 @@ class Split:
         "_weights",
         "affinity",
         "backends",
+        "chosen",
     )
 
     def __init__(
@@ -140,6 +146,11 @@ class Split:
             keys.append(backend.upstream)
             raw.append(backend.weight)
         self._keys = keys
+        # Choices per Upstream key since this Split was built, for split verification:
+        # only kept where there is a choice to verify (more than one distinct backend).
+        self.chosen: dict[str, int] | None = (
+            dict.fromkeys(keys, 0) if len(set(keys)) > 1 else None
+        )
         weights = _reduced_weights(tuple(raw))
         self._weights = list(weights)
         self._total = total = sum(weights)
@@ -194,15 +205,23 @@ class Split:
         live backend keeps it and sets nothing; otherwise SWRR decides and the token of
         its choice is returned for the caller to set (see `set_cookie_header`).
         """
+        chosen = self.chosen
         if self.affinity is None:
-            return self.next(), None
+            key = self.next()
+            if chosen is not None and key is not None:
+                chosen[key] += 1
+            return key, None
         if cookie_value:
             kept = self._by_token.get(cookie_value)
             if kept is not None:
+                if chosen is not None:
+                    chosen[kept] += 1
                 return kept, None
         key = self.next()
         if key is None:
             return None, None
+        if chosen is not None:
+            chosen[key] += 1
         return key, self._token_of[key]
 
     def token(self, upstream_key: str) -> str:
