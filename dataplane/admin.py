@@ -1,4 +1,4 @@
-"""The dataplane's admin endpoints: /live, /ready, /config, /explain, /metrics."""
+"""The dataplane's admin endpoints: /live, /ready, /config, /explain, /metrics, and the dashboard (/ui)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from kanal.dataplane.dashboard import add_dashboard
 from kanal.dataplane.metrics import MetricsCollector
 from kanal.dataplane.runtime import Config, Runtime
 from kanal.dataplane.splitfeed import split_ticker, watch_splits
@@ -137,6 +138,7 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
     app.router.add_get("/explain", explain)
     app.router.add_get("/metrics", metrics)
     app.cleanup_ctx.append(split_ticker(splits))
+    add_dashboard(app, runtime, splits)  # /ui and /
     return app
 
 
