@@ -68,6 +68,8 @@ class Traffic:
     _last_requests: dict[tuple[str, str, int], int] | None = None
     _last_events: dict[tuple[str, str], int] = field(default_factory=dict)
     _last_rejected: int = 0
+    span: float = 0.0
+    """Seconds between the reads the last rates were taken over (0: no rate yet)."""
 
     def observe(self, metrics: RequestMetrics, now: float) -> dict[str, RouteTraffic]:
         """Read the counters at `now` (wall-clock seconds); per route traffic."""
@@ -81,11 +83,11 @@ class Traffic:
         while len(history) > 2 and now - history[1][0] >= RATE_SPAN:
             history.popleft()
         then, before = history[0]
-        span = now - then
+        span = self.span = now - then if now - then >= MIN_RATE_SPAN else 0.0
         found: dict[str, RouteTraffic] = {}
         for route, (requests, errors) in totals.items():
             traffic = RouteTraffic(requests, errors)
-            if span >= MIN_RATE_SPAN:
+            if span:
                 old_requests, old_errors = before.get(route, (0, 0))
                 traffic.request_rate = max(0, requests - old_requests) / span
                 traffic.error_rate = max(0, errors - old_errors) / span
@@ -159,7 +161,8 @@ def dashboard_view(
     view["version"] = config.version
     view["appliedAt"] = _iso(config.applied_at)
     for route in config.snapshot.routes:
-        counted = per_route.get(route.key, RouteTraffic())
+        counted = per_route.get(route.key) or (
+            RouteTraffic(0, 0, 0.0, 0.0) if traffic.span else RouteTraffic())
         rules = []
         for rule in route.rules:
             observation = observations.get((route.key, rule.index))
@@ -247,9 +250,11 @@ def render_tables(view: Mapping[str, Any]) -> str:
             out.append(_cell(", ".join(route["hostnames"]) if first else ""))
             out.append(_cell(f'{rule["index"]}' + (f' ({rule["name"]})' if rule["name"] else "")))
             out.append(_cell("; ".join(rule["matches"])))
+            weighted = rule["split"] is not None
             backends = "<br>".join(
-                f'{escape(b["upstream"])} {b["weight"]}, {_share(b["declaredShare"])}, '
-                f'{_share(b["observedShare"])}' for b in rule["backends"])
+                f'{escape(b["upstream"])} {b["weight"]}, {_share(b["declaredShare"])}'
+                + (f', {_share(b["observedShare"])}' if weighted else "")
+                for b in rule["backends"])
             out.append(f"<td>{backends}</td>")
             errors = route["errorRate"] or 0.0
             out.append(_cell(_rate(route["requestRate"]) if first else "", "num"))
