@@ -14,11 +14,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kanal.contract.snapshot import Backend, Snapshot
+
 __all__ = [
     "SPLIT_OBSERVED",
     "TOLERANCE_POINTS",
     "SplitObservation",
     "SplitShare",
+    "declared_weights",
+    "merge_observations",
+    "route_conditions",
     "split_condition",
 ]
 
@@ -130,12 +135,78 @@ def _percent(value: float) -> str:
     return str(int(rounded)) if rounded == int(rounded) else f"{rounded:.1f}"
 
 
-def split_condition(observations: Iterable[SplitObservation]) -> dict[str, Any] | None:
+def declared_weights(backends: Iterable[Backend]) -> tuple[tuple[str, int], ...]:
+    """(Upstream, weight) of a rule's backends, one entry per Upstream (weights summed,
+    negative as 0): what an observation is compared with, on both planes."""
+    weights: dict[str, int] = {}
+    for backend in backends:
+        weights[backend.upstream] = weights.get(backend.upstream, 0) + max(0, backend.weight)
+    return tuple(weights.items())
+
+
+def route_conditions(
+    snapshot: Snapshot, reports: Iterable[tuple[str, Iterable[SplitObservation]]]
+) -> dict[str, dict[str, Any]]:
+    """The SplitObserved condition of each Route, from (dataplane, observations) reports.
+
+    Only observations of a rule's current weights count (a dataplane still on the
+    previous version reports another declaration); the windows of every dataplane that
+    reported on a Route are summed, and the message says how many they were.
+    """
+    current: dict[tuple[str, int], tuple[tuple[str, int], ...]] = {}
+    for route in snapshot.routes:
+        for rule in route.rules:
+            if len({backend.upstream for backend in rule.backends}) > 1:
+                current[(route.key, rule.index)] = declared_weights(rule.backends)
+    kept: list[SplitObservation] = []
+    planes: dict[str, set[str]] = {}
+    for dataplane, observations in reports:
+        for observation in observations:
+            declared = tuple((s.upstream, s.weight) for s in observation.shares)
+            if current.get((observation.route, observation.rule)) == declared:
+                kept.append(observation)
+                planes.setdefault(observation.route, set()).add(dataplane)
+    by_route: dict[str, list[SplitObservation]] = {}
+    for observation in merge_observations(kept):
+        by_route.setdefault(observation.route, []).append(observation)
+    found: dict[str, dict[str, Any]] = {}
+    for route_key, observations in by_route.items():
+        condition = split_condition(observations, dataplanes=len(planes[route_key]))
+        if condition is not None:
+            found[route_key] = condition
+    return found
+
+
+def merge_observations(observations: Iterable[SplitObservation]) -> list[SplitObservation]:
+    """The observations of several dataplanes, summed per rule and Upstream.
+
+    Only observations of the same declaration add up (a dataplane still on the weights
+    before a change reports another split), so each (route, rule, weights) is one entry.
+    """
+    merged: dict[tuple[str, int, tuple[tuple[str, int], ...]], dict[str, int]] = {}
+    names: dict[tuple[str, int, tuple[tuple[str, int], ...]], str | None] = {}
+    for observation in observations:
+        declared = tuple((s.upstream, s.weight) for s in observation.shares)
+        key = (observation.route, observation.rule, declared)
+        counts = merged.setdefault(key, dict.fromkeys((up for up, _ in declared), 0))
+        names[key] = observation.name
+        for share in observation.shares:
+            counts[share.upstream] += share.observed
+    return [
+        SplitObservation(route, rule, names[(route, rule, declared)],
+                         tuple(SplitShare(up, weight, counts[up]) for up, weight in declared))
+        for (route, rule, declared), counts in merged.items()
+    ]
+
+
+def split_condition(observations: Iterable[SplitObservation],
+                    dataplanes: int | None = None) -> dict[str, Any] | None:
     """The `SplitObserved` condition of one Route (None: it has no weighted rule).
 
     True when every observed share is within `TOLERANCE_POINTS` of its declared share,
     False when one strays further, Unknown while no request was observed. With several
-    weighted rules, the message names each one.
+    weighted rules, the message names each one; `dataplanes` (the operator's count of
+    reporting dataplanes whose windows were summed) is said at the end.
     """
     found = sorted(observations, key=lambda o: o.rule)
     if not found:
@@ -148,6 +219,8 @@ def split_condition(observations: Iterable[SplitObservation]) -> dict[str, Any] 
         parts.append(observation.message() if len(found) == 1
                      else f"{label}: {observation.message()}")
     message = "; ".join(parts)
+    if dataplanes is not None:
+        message += f" on {dataplanes} dataplane" + ("" if dataplanes == 1 else "s")
     if all(o.window == 0 for o in found):
         status, reason = "Unknown", REASON_NO_TRAFFIC
     elif any(o.window and o.deviation() > TOLERANCE_POINTS for o in found):

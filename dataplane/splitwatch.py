@@ -24,7 +24,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from kanal.contract.splits import SplitObservation, SplitShare, split_condition
+from kanal.contract.splits import (
+    SplitObservation,
+    SplitShare,
+    declared_weights,
+    split_condition,
+)
 from kanal.dataplane.router import RouteTable, Selection
 from kanal.dataplane.split import Split
 
@@ -41,10 +46,7 @@ Declared = tuple[tuple[str, int], ...]
 
 def _declared(split: Split) -> Declared:
     """(Upstream, weight) of a Split's backends, one entry per Upstream (weights summed)."""
-    weights: dict[str, int] = {}
-    for backend in split.backends:
-        weights[backend.upstream] = weights.get(backend.upstream, 0) + max(0, backend.weight)
-    return tuple(weights.items())
+    return declared_weights(split.backends)
 
 
 class _RuleWatch:
