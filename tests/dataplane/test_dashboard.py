@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from kanal.contract.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
 from kanal.dataplane.dashview import Traffic, dashboard_view, render_tables
@@ -112,3 +113,40 @@ spec:
     assert state["version"] == k.version()
     assert [u["key"] for u in state["upstreams"]] == ["default/v1"]
     assert state["routes"][0]["requests"] == 1
+
+
+async def test_with_workers_the_dashboard_answers_and_split_shares_are_not_summed(
+    kanal, backends
+):
+    v1, v2 = await backends("v1"), await backends("v2")
+    k = kanal({
+        "up.yaml": upstream_yaml("v1", v1) + "---\n" + upstream_yaml("v2", v2),
+        "route.yaml": """\
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: web}
+spec:
+  rules: [{backends: [{upstream: v1, weight: 90}, {upstream: v2, weight: 10}]}]
+""",
+    }, "--workers", "2")
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            # A new connection each time, so both workers take requests.
+            async with session.get(k.url + "/", headers={"Connection": "close"}) as answer:
+                assert answer.status == 200
+        async with session.get(k.admin + "/ui") as answer:
+            assert answer.status == 200
+            assert '<tr data-route="default/web" data-rule="0">' in await answer.text()
+        async with session.get(k.admin + "/metrics") as answer:
+            text = await answer.text()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("kanal_split_"):
+                found[(sample.name, sample.labels.get("upstream"))] = sample.value
+    assert found[("kanal_split_declared_weight", "default/v1")] == 90
+    assert found[("kanal_split_window_requests", None)] == 200
+    canary = found[("kanal_split_choices_total", "default/v2")]
+    assert 18 <= canary <= 22  # each worker keeps 90/10 to within one request
+    # The group's share is the share over both workers' windows, not a sum of shares.
+    assert abs(found[("kanal_split_observed_share", "default/v2")] - canary / 200) < 1e-9
