@@ -139,6 +139,15 @@ def _describe_match(match: Any) -> str:
     return " ".join(parts)
 
 
+def _health(active: str, circuit: str, checked: bool) -> str:
+    """An endpoint's health as the dashboard shows it: the active checks' verdict, or,
+    for an Upstream without `healthCheck`, the passive one (unhealthy while its circuit
+    is open: the breaker ejected it after failed requests)."""
+    if checked:
+        return active
+    return "unhealthy" if circuit == "open" else "healthy"
+
+
 def dashboard_view(
     config: Config | None,
     metrics: RequestMetrics,
@@ -191,12 +200,14 @@ def dashboard_view(
             "requestRate": counted.request_rate, "errorRate": counted.error_rate,
         })
     for key, upstream in sorted(config.upstreams.items()):
+        checked = upstream.spec.health_check is not None
         view["upstreams"].append({
             "key": key,
             "policy": upstream.spec.policy,
-            "healthChecked": upstream.spec.health_check is not None,
+            "healthChecked": checked,
             "endpoints": [
-                {"address": state.key, "weight": state.weight, "health": state.health,
+                {"address": state.key, "weight": state.weight,
+                 "health": _health(state.health, state.circuit, checked),
                  "circuit": state.circuit, "activeRequests": state.active}
                 for state in upstream.states
             ],

@@ -12,7 +12,15 @@ import re
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from kanal.contract.snapshot import Backend, Endpoint, Route, Rule, Snapshot, Upstream
+from kanal.contract.snapshot import (
+    Backend,
+    Endpoint,
+    HealthCheck,
+    Route,
+    Rule,
+    Snapshot,
+    Upstream,
+)
 from kanal.dataplane.dashview import Traffic, dashboard_view, render_tables
 from kanal.dataplane.metrics import RequestMetrics
 from kanal.dataplane.runtime import Runtime
@@ -55,12 +63,13 @@ def test_view_and_tables_show_routes_endpoints_and_splits() -> None:
             Rule(0, backends=(Backend("shop/v1", 9), Backend("shop/v2", 1))),)),),
         upstreams=(
             Upstream("shop/v1", endpoints=(Endpoint("127.0.0.1", 9001),)),
-            Upstream("shop/v2", endpoints=(Endpoint("127.0.0.1", 9002),)),
+            Upstream("shop/v2", endpoints=(Endpoint("127.0.0.1", 9002),),
+                     health_check=HealthCheck()),
         ),
     ).with_version())
     watch = SplitWatch()
     watch.follow(config.table)
-    config.upstreams["shop/v2"].states[0].healthy = False
+    config.upstreams["shop/v2"].states[0].healthy = False  # as its checker would say
     selection = config.table.match("shop.example", "GET", "/")
     assert selection is not None
     for _ in range(10):
@@ -74,6 +83,15 @@ def test_view_and_tables_show_routes_endpoints_and_splits() -> None:
     assert '<tr data-route="shop/web" data-rule="0">' in html
     assert 'data-endpoint="127.0.0.1:9002" data-health="unhealthy"' in html
     assert "declared 90/10, observed 90.0/10.0" in html
+    # Without health checks, health is passive: an endpoint whose circuit opened after
+    # failed requests is unhealthy.
+    breaker = config.upstreams["shop/v1"].states[0].breaker
+    for _ in range(5):
+        breaker.record(False, 0.01, 0.0)
+    assert breaker.state == "open"
+    html = render_tables(dashboard_view(config, runtime.metrics, watch, Traffic(), T0))
+    assert ('data-endpoint="127.0.0.1:9001" data-health="unhealthy" data-circuit="open"'
+            in html)
     # Text from the configuration is escaped, never markup.
     view["routes"][0]["key"] = "<script>alert(1)</script>"
     assert "<script>" not in render_tables(view)

@@ -182,6 +182,13 @@ def test_dashboard_follows_manifests_and_backends_live(
     assert page.save_screenshot(str(shot))
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # The backend comes back on its port: healthy again, still on the same page.
+    backend_pool.start("api", port=api.port)
+    _wait(page, "the api endpoint healthy again",
+          lambda d: _rows(d, endpoint + '[data-health="healthy"]'))
+    assert page.execute_script("return window.kanalTestMark;") == "same page"
+    page.save_screenshot(str(tmp_path / "dashboard-recovered.png"))
+
 
 def test_dashboard_is_plain_tables_with_scripts_off(
     browser: Callable[..., Any], backend_pool: BackendThread,
