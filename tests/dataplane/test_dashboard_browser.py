@@ -22,8 +22,12 @@ import pytest
 
 from tests.conftest import Backend, BackendThread, Kanal, upstream_yaml
 
-WAIT = 20.0
+WAIT = 30.0
 """Seconds a browser condition may take before the test fails (polled, not slept)."""
+
+# Installing Chromium on first use takes minutes (bounded by its own timeouts): the
+# suite's per-test timeout covers the test bodies only.
+pytestmark = pytest.mark.timeout(120, func_only=True)
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 DRIVERS = ("chromedriver", "chromium-driver")
