@@ -19,8 +19,8 @@ change therefore moves only new clients, and a flip to weight 0 drains old ones 
 
 Split verification: a rule with more than one distinct backend counts each choice
 (`chosen`, one dict increment in `choose`) so `kanal.dataplane.splitwatch` can show the
-observed share next to the declared weight. A single-backend rule keeps `chosen` None
-and pays one attribute test.
+observed share next to the declared weight, a 100/0 blue/green included. A rule with
+one backend answers from `_single` before any of that, and counts nothing.
 
 Pure: no I/O, no clocks; the only randomness (the starting offset in the cycle, so
 that frequent reloads do not starve a small canary) comes from an injected rng.
@@ -157,7 +157,12 @@ class Split:
         self._current = [0] * len(weights)
         self._position = 0
         live = [key for key, weight in zip(keys, weights, strict=True) if weight > 0]
-        self._single: str | None = live[0] if live and live.count(live[0]) == len(live) else None
+        # The shortcut for a rule with one backend; a weighted rule whose weights leave
+        # one live backend (100/0) goes through its one-step schedule, so it is counted.
+        self._single: str | None = (
+            live[0] if self.chosen is None and live and live.count(live[0]) == len(live)
+            else None
+        )
         self._schedule: tuple[str, ...] = ()
         if self._single is None and 0 < total <= _MAX_SCHEDULE:
             self._schedule = tuple(keys[i] for i in _cycle(weights))
@@ -205,12 +210,16 @@ class Split:
         live backend keeps it and sets nothing; otherwise SWRR decides and the token of
         its choice is returned for the caller to set (see `set_cookie_header`).
         """
-        chosen = self.chosen
         if self.affinity is None:
+            single = self._single
+            if single is not None:
+                return single, None
             key = self.next()
+            chosen = self.chosen
             if chosen is not None and key is not None:
                 chosen[key] += 1
             return key, None
+        chosen = self.chosen
         if cookie_value:
             kept = self._by_token.get(cookie_value)
             if kept is not None:

@@ -36,6 +36,12 @@ def test_a_weighted_rule_counts_every_choice_even_weight_zero_backends() -> None
     assert split.chosen == {"shop/v1": 90, "shop/v2": 10, "shop/v3": 0}
 
 
+def test_a_blue_green_rule_with_one_live_backend_is_counted() -> None:
+    split = Split((Backend("shop/blue", 100), Backend("shop/green", 0)))
+    assert [split.choose() for _ in range(3)] == [("shop/blue", None)] * 3
+    assert split.chosen == {"shop/blue": 3, "shop/green": 0}
+
+
 def test_kept_affinity_cookies_are_counted_too() -> None:
     split = Split((Backend("shop/v1", 1), Backend("shop/v2", 1)),
                   SessionAffinity("kanal-affinity", None))
