@@ -118,6 +118,7 @@ spec:
                 policy = answer.headers["Content-Security-Policy"]
                 page = await answer.text()
             assert "default-src 'none'" in policy
+            assert "'sha256-" in policy and "unsafe-inline'; connect" not in policy
             # Served complete: the tables are in the page itself.
             assert '<tr data-route="default/web" data-rule="0">' in page
             assert f'data-endpoint="127.0.0.1:{v1.port}" data-health="healthy"' in page
