@@ -632,8 +632,12 @@ def test_the_grafana_dashboard_queries_metrics_the_dataplane_exports(rendered: R
     exported = _exported_metric_names()
     assert {"kanal_requests_total", "kanal_split_observed_share",
             "kanal_split_choices_total"} <= exported
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), ids
+    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource"}
     queried: set[str] = set()
     for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         assert panel["targets"], panel["title"]
         for target in panel["targets"]:
             assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
