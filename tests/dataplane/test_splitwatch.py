@@ -44,7 +44,7 @@ def test_a_blue_green_rule_with_one_live_backend_is_counted() -> None:
 
 def test_kept_affinity_cookies_are_counted_too() -> None:
     split = Split((Backend("shop/v1", 1), Backend("shop/v2", 1)),
-                  SessionAffinity("kanal-affinity", None))
+                  SessionAffinity("kanal-affinity", 3600.0))
     key, token = split.choose()
     assert key is not None and token is not None
     for _ in range(9):
