@@ -23,6 +23,7 @@ from kanal.commands.options import (
     limit_flags,
     observability_flags,
     port,
+    positive_seconds,
 )
 
 log = logging.getLogger("kanal.dataplane")
@@ -99,7 +100,11 @@ async def serve(args: argparse.Namespace) -> int:
     runtime = Runtime(gateway=gateway, namespace=namespace if args.mode == "sidecar" else None)
     # The kept configuration is in place before any listener opens.
     subscriber.load_state(runtime)
-    return await run_dataplane(options, subscriber.run, runtime)
+    from kanal.dataplane.splitreport import SplitReporter
+
+    # Weighted splits are reported for the Routes' SplitObserved condition.
+    reporter = SplitReporter(subscriber, interval=args.split_report_interval)
+    return await run_dataplane(options, reporter.feed(subscriber.run), runtime)
 
 
 def pod_namespace(flag: str | None) -> str:
@@ -150,4 +155,9 @@ def add_dataplane_parser(
                              "breaking (off by default; needs --app-port)")
     parser.add_argument("--app-port", type=port, default=None, metavar="N",
                         help="sidecar: the port the app listens on, on 127.0.0.1")
+    parser.add_argument("--split-report-interval", type=positive_seconds, default=10.0,
+                        metavar="SECONDS",
+                        help="how often the observed shares of weighted rules are reported "
+                             "to the control plane, for the Routes' SplitObserved condition "
+                             "(default 10; only when they changed)")
     return parser
