@@ -1226,7 +1226,7 @@ class ClientConnection(asyncio.Protocol):
         if context.access_log is not None:
             context.access_log.put(self._access_record(request, status))
         trace = self.trace
-        if trace is not None and context.tracing is not None:
+        if trace is not None and trace.sampled and context.tracing is not None:
             self.trace = None
             rule = self.route_rule
             tried = self.tried

@@ -95,9 +95,13 @@ class Tracing:
         """The request's trace; `headers` (the request's, as they go upstream) are left
         with the traceparent the backend should see."""
         received = None
+        state = False
         for name, value in headers:
-            if len(name) == 11 and name.lower() == TRACEPARENT:
+            size = len(name)
+            if size == 11 and name.lower() == TRACEPARENT:
                 received = value if received is None else b""  # two: invalid
+            elif size == 10 and name.lower() == TRACESTATE:
+                state = True
         parent = parse_traceparent(received) if received else None
         getrandbits = self.rng.getrandbits
         if parent is not None and not parent.sampled:
@@ -112,13 +116,14 @@ class Tracing:
         server_id = getrandbits(64) or 1
         attempt_id = (getrandbits(64) or 1) if sampled else server_id
         header = traceparent(trace_id, attempt_id, sampled)
-        keep_state = parent is not None
-        headers[:] = [
-            (name, value) for name, value in headers
-            if not (len(name) == 11 and name.lower() == TRACEPARENT)
-            and not (len(name) == 10 and name.lower() == TRACESTATE
-                     and (not keep_state or len(value) > MAX_TRACESTATE))
-        ]
+        if received is not None or state:  # (most requests carry neither)
+            keep_state = parent is not None
+            headers[:] = [
+                (name, value) for name, value in headers
+                if not (len(name) == 11 and name.lower() == TRACEPARENT)
+                and not (len(name) == 10 and name.lower() == TRACESTATE
+                         and (not keep_state or len(value) > MAX_TRACESTATE))
+            ]
         headers.append((TRACEPARENT, header))
         return ExchangeTrace(trace_id, parent_id, sampled, server_id, attempt_id, header)
 
