@@ -1,0 +1,101 @@
+"""Access policies as the dataplane receives them: one `AccessPolicy` per Route rule.
+
+A Route's `spec.policies` and a rule's `spec.rules[].policies` are merged by the
+compiler (the rule's setting of each kind wins over the Route's), so the dataplane sees
+one effective policy per rule, or None. Secrets are resolved by the compiler too:
+API keys travel as SHA-256 digests (a Snapshot kept on disk or served to dataplanes
+never holds a usable key), htpasswd and JWKS documents as their text. A policy whose
+Secret is missing arrives empty and refuses every request: it fails closed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class IPRules:
+    """Allow and deny CIDR lists on the client address; deny wins, empty allow: all."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class APIKeyClient:
+    """One client and the SHA-256 digests (hex) of the keys it may present."""
+
+    client: str
+    key_digests: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class APIKeyAuth:
+    """Keys from request headers or query parameters; names of headers are lower case."""
+
+    clients: tuple[APIKeyClient, ...] = ()
+    headers: tuple[str, ...] = ("x-api-key",)
+    params: tuple[str, ...] = ()
+    forward_client_id_header: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BasicAuth:
+    """Users of an htpasswd file (bcrypt or {SHA} lines)."""
+
+    htpasswd: str = ""
+    realm: str = "kanal"
+    forward_username_header: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSource:
+    """Where a JWT is read: a header (after `value_prefix`) or a cookie."""
+
+    header: str | None = None
+    value_prefix: str = ""
+    cookie: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequiredClaim:
+    """A claim the token must carry; with values, one of them (or one in a list claim)."""
+
+    name: str
+    values: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimToHeader:
+    claim: str
+    header: str
+
+
+@dataclass(frozen=True, slots=True)
+class JWTAuth:
+    """JSON Web Tokens: who signs them, for whom, and where the keys come from."""
+
+    issuer: str | None = None
+    audiences: tuple[str, ...] = ()
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    clock_skew: float = 30.0
+    jwks: str | None = None
+    """The JWKS document's JSON (from a Secret); None with `jwks_uri`."""
+    jwks_uri: str | None = None
+    jwks_cache_duration: float = 300.0
+    sources: tuple[TokenSource, ...] = (TokenSource(header="authorization",
+                                                    value_prefix="Bearer "),)
+    required_claims: tuple[RequiredClaim, ...] = ()
+    claim_to_headers: tuple[ClaimToHeader, ...] = ()
+    strip_token: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """The effective access policy of one rule; `name` labels its metrics."""
+
+    name: str
+    ip_rules: IPRules | None = None
+    api_key: APIKeyAuth | None = None
+    basic_auth: BasicAuth | None = None
+    jwt: JWTAuth | None = None
