@@ -27,6 +27,7 @@ import httptools
 
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane import http1
+from kanal.dataplane.access import gate as access_gate
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.http1 import (
     KEEPALIVE_TIMEOUT,
@@ -615,6 +616,17 @@ class ClientConnection(asyncio.Protocol):
         timeout = rule.timeout
         if timeout:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
+        if selection.access is not None and access_gate.admit(self, request, selection.access):
+            return  # refused, or waiting for the policy (_access_passed goes on)
+        self.head = self._request_head(request, config)
+        if request.expect_continue and not request.complete and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._attempt(request, None)
+
+    def _access_passed(self, request: Request) -> None:
+        """The rule's access policy let a suspended request through: on as `_begin` does."""
+        config = self.context.config
+        assert config is not None
         self.head = self._request_head(request, config)
         if request.expect_continue and not request.complete and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -1085,7 +1097,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _fail_request(
         self, status: int, reason: str, *, close: bool = False, location: bytes | None = None,
-        overloaded: bool = False,
+        overloaded: bool = False, extra_headers: bytes = b"",
     ) -> None:
         """Answer the current request with an error of the proxy's own."""
         request = self.current or self.parsing
@@ -1110,6 +1122,7 @@ class ClientConnection(asyncio.Protocol):
             extra += b"X-Kanal-Overloaded: true\r\n"
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
+        extra += extra_headers
         head = http1.error_head(status, len(body), keep_alive=keep, extra=extra)
         self._write(head + (b"" if request.method == b"HEAD" else body))
         if self.current is request:

@@ -1,0 +1,141 @@
+"""Where the proxy meets a rule's access policy: the I/O edge of `kanal.dataplane.access`.
+
+`admit` is called by `ClientConnection._begin` for a rule whose `Selection.access` is
+set, after the route and backend are chosen and before the request head for the
+backend is made. It returns True when the exchange is taken over here: refused (the
+proxy's own answer, counted in `kanal_access_refused`), or suspended while keys are
+fetched. A suspended request keeps its place on the connection: body bytes that arrive
+meanwhile are held by the connection (reading pauses past its buffer), as they are
+while a connection to the backend is opened, and `ClientConnection._access_passed`
+goes on where `_begin` stopped once the policy lets the request through.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from kanal.dataplane import headers as hdrs
+from kanal.dataplane.access.counters import count_refusal
+from kanal.dataplane.access.jwks import KEYS
+from kanal.dataplane.access.policy import Access, Grant, NeedKeys, Refusal
+from kanal.dataplane.runtime import ProxyContext
+
+
+class Request(Protocol):
+    """What the gate reads and rewrites of `kanal.dataplane.proxy.Request`."""
+
+    headers: list[tuple[bytes, bytes]]
+    target: bytes
+    cookie: bytes | None
+    host: bytes | None
+    forwarded: dict[bytes, list[bytes]] | None
+    decoded: dict[str, str] | None
+
+
+class ClientConnection(Protocol):
+    """What the gate uses of `kanal.dataplane.proxy.ClientConnection` (named by shape,
+    so the proxy can import the gate)."""
+
+    context: ProxyContext
+    peer: str
+    closed: bool
+
+    @property
+    def current(self) -> Any: ...
+
+    def _fail_request(self, status: int, reason: str, *, close: bool = ...,
+                      location: bytes | None = ..., overloaded: bool = ...,
+                      extra_headers: bytes = ...) -> None: ...
+
+    def _access_passed(self, request: Any) -> None: ...
+
+
+def client_address(conn: ClientConnection, request: Request) -> str:
+    """The client's address as `--trusted-hops` defines it (X-Real-IP's value)."""
+    context = conn.context
+    if context.trusted_hops <= 0 or request.forwarded is None:
+        return conn.peer
+    return hdrs.forwarded_for(peer=conn.peer, scheme=context.scheme, host=request.host,
+                              received=request.forwarded,
+                              trusted_hops=context.trusted_hops).client
+
+
+def admit(conn: ClientConnection, request: Request, access: Access) -> bool:
+    """Judge `request`; True when it was answered or suspended here."""
+    return _decide(conn, request, access, refetched=False)
+
+
+def _decide(conn: ClientConnection, request: Request, access: Access, *, refetched: bool
+            ) -> bool:
+    uri = access.jwks_uri
+    if uri is not None and access.spec.jwt is not None:
+        now = time.monotonic()
+        if (uri in KEYS.sets and KEYS.stale(uri, access.spec.jwt.jwks_cache_duration, now)
+                and KEYS.may_refetch(uri, now)):
+            conn.context.spawn(KEYS.refresh(uri))  # served with the held keys meanwhile
+    query = request.target.partition(b"?")[2].decode("latin-1")
+    decision = access.check(request.headers, query, request.cookie,
+                            client_address(conn, request), time.time(), KEYS.sets)
+    if isinstance(decision, Grant):
+        _apply(request, decision)
+        return False
+    if isinstance(decision, Refusal):
+        _refuse(conn, access, decision)
+        return True
+    if refetched or (decision.uri in KEYS.sets and not KEYS.may_refetch(decision.uri,
+                                                                       time.monotonic())):
+        why = ("the token's key is not known" if decision.kid is not None
+               else "the token issuer's keys cannot be fetched")
+        _refuse(conn, access, Refusal(
+            401, why, "jwt", "key",
+            b'WWW-Authenticate: Bearer realm="kanal", error="invalid_token"\r\n'))
+        return True
+    conn.context.spawn(_fetch_and_resume(conn, request, access, decision))
+    return True
+
+
+async def _fetch_and_resume(conn: ClientConnection, request: Request, access: Access,
+                            need: NeedKeys) -> None:
+    await KEYS.refresh(need.uri)
+    if conn.current is not request or conn.closed:
+        return  # answered meanwhile (the rule's timeout) or the client left
+    if not _decide(conn, request, access, refetched=True):
+        conn._access_passed(request)
+
+
+def _refuse(conn: ClientConnection, access: Access, refusal: Refusal) -> None:
+    count_refusal(access.name, refusal.policy, refusal.cause)
+    conn._fail_request(refusal.status, refusal.reason, extra_headers=refusal.headers)
+
+
+def _apply(request: Request, grant: Grant) -> None:
+    """Make the request the backend gets: credentials out, identity in."""
+    drop = grant.drop
+    cookie = grant.drop_cookie
+    if drop or cookie is not None:
+        kept: list[tuple[bytes, bytes]] = []
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower in drop:
+                continue
+            if cookie is not None and lower == b"cookie":
+                value = _without_cookie(value, cookie)
+                if not value:
+                    continue
+            kept.append((name, value))
+        request.headers = kept
+    if grant.add:
+        request.headers.extend(grant.add)
+    if grant.query is not None:
+        path = request.target.partition(b"?")[0]
+        query = grant.query.encode("latin-1")
+        request.target = path + b"?" + query if query else path
+    request.decoded = None
+
+
+def _without_cookie(header: bytes, name: str) -> bytes:
+    wanted = name.encode("latin-1")
+    parts = [part.strip() for part in header.split(b";")]
+    return b"; ".join(part for part in parts
+                      if part and part.partition(b"=")[0].strip() != wanted)
