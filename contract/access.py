@@ -11,6 +11,7 @@ Secret is missing arrives empty and refuses every request: it fails closed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +92,37 @@ class JWTAuth:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitKey:
+    """What tells requests apart: the parts set make one bucket per distinct value
+    (none set: one bucket for the whole rule). Header names are lower case."""
+
+    client_address: bool = False
+    header: str | None = None
+    claim: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket: `requests` per `per` seconds, holding at most `burst` tokens."""
+
+    name: str
+    requests: int
+    per: float
+    burst: int
+    key: RateLimitKey = RateLimitKey()
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitPolicy:
+    """Local: counted by this dataplane (all its workers); Global: in Redis, shared by
+    every dataplane, with `failure_mode` deciding while Redis cannot be reached."""
+
+    limits: tuple[RateLimit, ...] = ()
+    type: Literal["Local", "Global"] = "Local"
+    failure_mode: Literal["Open", "Closed"] = "Open"
+
+
+@dataclass(frozen=True, slots=True)
 class AccessPolicy:
     """The effective access policy of one rule; `name` labels its metrics."""
 
@@ -99,3 +131,4 @@ class AccessPolicy:
     api_key: APIKeyAuth | None = None
     basic_auth: BasicAuth | None = None
     jwt: JWTAuth | None = None
+    rate_limit: RateLimitPolicy | None = None

@@ -919,6 +919,9 @@ class ClientConnection(asyncio.Protocol):
             lines.append(b"Set-Cookie: " + self.set_cookie)
         if self.hsts is not None:
             lines.append(b"Strict-Transport-Security: " + self.hsts)
+        if self.access_headers is not None:
+            lines.append(self.access_headers)  # set by an access policy (RateLimit)
+            self.access_headers = None
         if not request.complete:
             # The client is still sending a body the upstream did not wait for; the
             # connection cannot be reused for another request once this one ends.
@@ -1160,6 +1163,7 @@ class ClientConnection(asyncio.Protocol):
                 limits = self.upstream_runtime.limits
                 limits.active_retries = max(limits.active_retries - 1, 0)
         # Back to the resting values _begin relies on.
+        self.access_headers = None
         self.retries = None
         self.attempts_left = 0
         self.kept_body = None
@@ -1206,6 +1210,7 @@ class ClientConnection(asyncio.Protocol):
     resent_stale: bool = False
     last_failure: tuple[int, str] | None = None
     try_timer: asyncio.TimerHandle | None = None
+    access_headers: bytes | None = None
 
 
 def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:

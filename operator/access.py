@@ -202,9 +202,68 @@ class JWTSpec(_Model):
         return self
 
 
+class RateLimitKeySpec(_Model):
+    """What tells requests apart; each part set splits the buckets by its value."""
+
+    client_address: bool = Field(
+        default=False, description="One bucket per client address (--trusted-hops honoured).")
+    header: Header | None = Field(
+        default=None, description="One bucket per value of this request header (requests "
+        "without it share one bucket).")
+    claim: str | None = Field(
+        default=None, max_length=256,
+        description="One bucket per value of this claim of the verified JWT (needs `jwt`).")
+
+
+_UNITS = {"Second": 1.0, "Minute": 60.0, "Hour": 3600.0, "Day": 86400.0}
+
+
+class RateLimitRuleSpec(_Model):
+    """One token bucket per key: `requests` per `unit`, bursts up to `burst`."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][-A-Za-z0-9_.]*$", max_length=64)] = Field(
+        description="Name of the limit, shown in RateLimit headers and metrics.")
+    requests: int = Field(ge=1, le=1_000_000_000, description="Requests allowed per unit.")
+    unit: Literal["Second", "Minute", "Hour", "Day"] = Field(
+        description="The unit of time: Second, Minute, Hour or Day.")
+    burst: int | None = Field(
+        default=None, ge=1, le=1_000_000_000,
+        description="Requests allowed at once, after a quiet time (the bucket's size). "
+        "Default: `requests`.")
+    key: RateLimitKeySpec = Field(
+        default_factory=RateLimitKeySpec,
+        description="What tells requests apart. Default: nothing; one bucket for the rule.")
+
+    @property
+    def seconds(self) -> float:
+        return _UNITS[self.unit]
+
+
+class RateLimitSpec(_Model):
+    """Rate limits: a request must fit every one; refused requests get 429."""
+
+    type: Literal["Local", "Global"] = Field(
+        default="Local",
+        description="Local (default): counted by each dataplane, across its workers. Global: "
+        "counted in Redis, shared by every dataplane.")
+    failure_mode: Literal["Open", "Closed"] = Field(
+        default="Open",
+        description="Global only: what happens while Redis cannot be reached: Open (default) "
+        "lets requests through, Closed refuses them (503).")
+    limits: list[RateLimitRuleSpec] = Field(
+        min_length=1, max_length=8, description="The limits, at least one.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RateLimitSpec:
+        names = [limit.name for limit in self.limits]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"limit name {name} is used twice")
+        return self
+
+
 class PoliciesSpec(_Model):
     """Access policies: every one that is set must let a request through before any
-    backend sees it. Checked in this order: ipRules, apiKey, basicAuth, jwt."""
+    backend sees it. Checked in this order: ipRules, apiKey, basicAuth, jwt, rateLimit."""
 
     ip_rules: IPRulesSpec | None = Field(default=None, alias="ipRules",
                                          description="Allow/deny by client address (403).")
@@ -212,6 +271,8 @@ class PoliciesSpec(_Model):
     basic_auth: BasicAuthSpec | None = Field(default=None,
                                              description="HTTP Basic users (401).")
     jwt: JWTSpec | None = Field(default=None, description="JSON Web Tokens (401).")
+    rate_limit: RateLimitSpec | None = Field(
+        default=None, description="Rate limits (429), counted after the checks above.")
 
 
 def secret_names(*policies: PoliciesSpec | None) -> list[str]:

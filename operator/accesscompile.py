@@ -15,7 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 from kanal.contract import access as acc
 from kanal.contract import snapshot as snap
-from kanal.operator.access import APIKeySpec, BasicAuthSpec, JWTSpec, PoliciesSpec
+from kanal.operator.access import (
+    APIKeySpec,
+    BasicAuthSpec,
+    JWTSpec,
+    PoliciesSpec,
+    RateLimitSpec,
+)
 from kanal.operator.conditions import REASON_INVALID_SECRET, REASON_SECRET_NOT_FOUND
 from kanal.operator.durations import parse_duration
 
@@ -53,13 +59,15 @@ def merged(route: PoliciesSpec | None, rule: PoliciesSpec | None) -> PoliciesSpe
         api_key=rule.api_key or route.api_key,
         basic_auth=rule.basic_auth or route.basic_auth,
         jwt=rule.jwt or route.jwt,
+        rate_limit=rule.rate_limit or route.rate_limit,
     )
 
 
 def compile_policies(name: str, spec: PoliciesSpec | None, namespace: str,
                      secrets: SecretLookup, report: Report) -> acc.AccessPolicy | None:
     """The rule's effective policy; `name` labels its metrics (route key and rule)."""
-    if spec is None or not any((spec.ip_rules, spec.api_key, spec.basic_auth, spec.jwt)):
+    if spec is None or not any((spec.ip_rules, spec.api_key, spec.basic_auth, spec.jwt,
+                                spec.rate_limit)):
         return None
 
     def secret(secret_name: str, key: str, purpose: str) -> str | None:
@@ -84,6 +92,22 @@ def compile_policies(name: str, spec: PoliciesSpec | None, namespace: str,
         basic_auth=None if spec.basic_auth is None else _basic(spec.basic_auth, secret, report,
                                                                namespace),
         jwt=None if spec.jwt is None else _jwt(spec.jwt, secret, report, namespace),
+        rate_limit=None if spec.rate_limit is None else _rate_limit(spec.rate_limit),
+    )
+
+
+def _rate_limit(spec: RateLimitSpec) -> acc.RateLimitPolicy:
+    return acc.RateLimitPolicy(
+        limits=tuple(acc.RateLimit(
+            name=limit.name, requests=limit.requests, per=limit.seconds,
+            burst=limit.burst or limit.requests,
+            key=acc.RateLimitKey(client_address=limit.key.client_address,
+                                 header=None if limit.key.header is None
+                                 else limit.key.header.lower(),
+                                 claim=limit.key.claim))
+            for limit in spec.limits),
+        type=spec.type,
+        failure_mode=spec.failure_mode,
     )
 
 

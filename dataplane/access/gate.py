@@ -19,6 +19,8 @@ from kanal.dataplane import headers as hdrs
 from kanal.dataplane.access.counters import count_refusal
 from kanal.dataplane.access.jwks import KEYS
 from kanal.dataplane.access.policy import Access, Grant, NeedKeys, Refusal
+from kanal.dataplane.access.ratelimit import RateLimiter
+from kanal.dataplane.access.sharedlimits import local_buckets
 from kanal.dataplane.runtime import ProxyContext
 
 
@@ -40,6 +42,7 @@ class ClientConnection(Protocol):
     context: ProxyContext
     peer: str
     closed: bool
+    access_headers: bytes | None
 
     @property
     def current(self) -> Any: ...
@@ -75,9 +78,14 @@ def _decide(conn: ClientConnection, request: Request, access: Access, *, refetch
                 and KEYS.may_refetch(uri, now)):
             conn.context.spawn(KEYS.refresh(uri))  # served with the held keys meanwhile
     query = request.target.partition(b"?")[2].decode("latin-1")
-    decision = access.check(request.headers, query, request.cookie,
-                            client_address(conn, request), time.time(), KEYS.sets)
+    client = client_address(conn, request)
+    decision = access.check(request.headers, query, request.cookie, client, time.time(),
+                            KEYS.sets)
     if isinstance(decision, Grant):
+        rate = access.rate
+        if rate is not None and _rate_limited(conn, request, access, rate, client,
+                                              decision.claims):
+            return True
         _apply(request, decision)
         return False
     if isinstance(decision, Refusal):
@@ -102,6 +110,22 @@ async def _fetch_and_resume(conn: ClientConnection, request: Request, access: Ac
         return  # answered meanwhile (the rule's timeout) or the client left
     if not _decide(conn, request, access, refetched=True):
         conn._access_passed(request)
+
+
+def _rate_limited(conn: ClientConnection, request: Request, access: Access,
+                  rate: RateLimiter, client: str, claims: dict[str, Any] | None) -> bool:
+    """Count the request against the rule's limits; True when refused (429)."""
+    keys = rate.keys(client, request.headers, claims)
+    allowed, levels = local_buckets().take_all(keys, rate.limits, time.monotonic())
+    verdict = rate.verdict(allowed, levels)
+    if allowed:
+        conn.access_headers = verdict.headers  # RateLimit on the backend's answer too
+        return False
+    _refuse(conn, access, Refusal(
+        429, f"rate limit {verdict.limit} exceeded; retry in {verdict.retry_after}s",
+        "rateLimit", verdict.limit,
+        b"Retry-After: %d\r\n%b\r\n" % (verdict.retry_after, verdict.headers)))
+    return True
 
 
 def _refuse(conn: ClientConnection, access: Access, refusal: Refusal) -> None:

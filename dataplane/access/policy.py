@@ -1,7 +1,9 @@
 """One rule's access policy, compiled once, judging one request head (pure).
 
 `Access.check` runs the rule's checks in a fixed order, cheapest and least
-trusting first: IP rules, API key, basic auth, JWT. All that are set must pass. The
+trusting first: IP rules, API key, basic auth, JWT. All that are set must pass. Rate
+limits come last (`Access.rate`, counted by the gate), so a limit can be keyed by a
+verified claim and refused requests never use up anyone's tokens. The
 answer is a `Refusal` (the proxy's own answer: status, reason, extra header lines), a
 `Grant` (header changes for the backend: credentials removed, the client's identity
 added), or `NeedKeys` (a JWKS URL has no keys yet, or not the token's `kid`: fetch and
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kanal.contract.access import AccessPolicy
 from kanal.contract.snapshot import Rule
@@ -30,6 +33,7 @@ from kanal.dataplane.access.jwtauth import (
     claim_text,
     token_from,
 )
+from kanal.dataplane.access.ratelimit import RateLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,7 @@ class Grant:
     add: list[tuple[bytes, bytes]] = field(default_factory=list)
     query: str | None = None  # the query without an API key parameter; None: unchanged
     drop_cookie: str | None = None  # a cookie that held the token
+    claims: dict[str, Any] | None = None  # the verified token's, for rate-limit keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +69,7 @@ NO_KEYS = KeySet()
 class Access:
     """The compiled policy of one rule, hung on its `Selection`."""
 
-    __slots__ = ("api_keys", "basic", "ip", "jwt", "jwt_keys", "name", "spec")
+    __slots__ = ("api_keys", "basic", "ip", "jwt", "jwt_keys", "name", "rate", "spec")
 
     def __init__(self, spec: AccessPolicy) -> None:
         self.spec = spec
@@ -76,6 +81,8 @@ class Access:
         self.basic = None if basic is None else BasicUsers(basic.htpasswd, basic.realm,
                                                            basic.forward_username_header)
         self.jwt = None if spec.jwt is None else JWTVerifier(spec.jwt)
+        self.rate = None if spec.rate_limit is None or not spec.rate_limit.limits else (
+            RateLimiter(spec.name, spec.rate_limit))
         self.jwt_keys = NO_KEYS
         if spec.jwt is not None and spec.jwt.jwks is not None:
             self.jwt_keys = KeySet.parse(spec.jwt.jwks)
@@ -170,6 +177,7 @@ class Access:
         if isinstance(outcome, Rejected):
             return Refusal(401, outcome.reason, "jwt", outcome.cause,
                            b'WWW-Authenticate: Bearer realm="kanal", error="invalid_token"\r\n')
+        grant.claims = outcome.claims
         for mapping in spec.claim_to_headers:
             header = mapping.header.encode("latin-1")
             grant.drop.add(header.lower())
@@ -190,7 +198,8 @@ class Access:
         """The policies that apply, for /explain."""
         spec = self.spec
         names = [("ipRules", spec.ip_rules), ("apiKey", spec.api_key),
-                 ("basicAuth", spec.basic_auth), ("jwt", spec.jwt)]
+                 ("basicAuth", spec.basic_auth), ("jwt", spec.jwt),
+                 ("rateLimit", spec.rate_limit)]
         return [name for name, value in names if value is not None]
 
 
