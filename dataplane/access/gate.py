@@ -20,6 +20,7 @@ from kanal.dataplane.access.counters import count_refusal
 from kanal.dataplane.access.jwks import KEYS
 from kanal.dataplane.access.policy import Access, Grant, NeedKeys, Refusal
 from kanal.dataplane.access.ratelimit import RateLimiter
+from kanal.dataplane.access.redislimits import RedisUnavailable, redis_limits
 from kanal.dataplane.access.sharedlimits import local_buckets
 from kanal.dataplane.runtime import ProxyContext
 
@@ -83,8 +84,7 @@ def _decide(conn: ClientConnection, request: Request, access: Access, *, refetch
                             KEYS.sets)
     if isinstance(decision, Grant):
         rate = access.rate
-        if rate is not None and _rate_limited(conn, request, access, rate, client,
-                                              decision.claims):
+        if rate is not None and _rate_limited(conn, request, access, rate, client, decision):
             return True
         _apply(request, decision)
         return False
@@ -113,10 +113,19 @@ async def _fetch_and_resume(conn: ClientConnection, request: Request, access: Ac
 
 
 def _rate_limited(conn: ClientConnection, request: Request, access: Access,
-                  rate: RateLimiter, client: str, claims: dict[str, Any] | None) -> bool:
-    """Count the request against the rule's limits; True when refused (429)."""
-    keys = rate.keys(client, request.headers, claims)
+                  rate: RateLimiter, client: str, grant: Grant) -> bool:
+    """Count the request against the rule's limits; True when refused (429) or
+    suspended (a Global limit asks Redis)."""
+    keys = rate.keys(client, request.headers, grant.claims)
+    if rate.spec.type == "Global":
+        conn.context.spawn(_ask_redis(conn, request, access, rate, keys, grant))
+        return True
     allowed, levels = local_buckets().take_all(keys, rate.limits, time.monotonic())
+    return _judged(conn, access, rate, allowed, levels)
+
+
+def _judged(conn: ClientConnection, access: Access, rate: RateLimiter, allowed: bool,
+            levels: list[float]) -> bool:
     verdict = rate.verdict(allowed, levels)
     if allowed:
         conn.access_headers = verdict.headers  # RateLimit on the backend's answer too
@@ -126,6 +135,28 @@ def _rate_limited(conn: ClientConnection, request: Request, access: Access,
         "rateLimit", verdict.limit,
         b"Retry-After: %d\r\n%b\r\n" % (verdict.retry_after, verdict.headers)))
     return True
+
+
+async def _ask_redis(conn: ClientConnection, request: Request, access: Access,
+                     rate: RateLimiter, keys: list[bytes], grant: Grant) -> None:
+    try:
+        allowed, levels = await redis_limits().take_all(access.name, keys, rate.limits)
+    except RedisUnavailable:
+        if conn.current is not request or conn.closed:
+            return
+        if rate.spec.failure_mode == "Closed":
+            _refuse(conn, access, Refusal(
+                503, "the rate limit cannot be checked (its Redis is unavailable)",
+                "rateLimit", "redis-unavailable"))
+            return
+        _apply(request, grant)
+        conn._access_passed(request)
+        return
+    if conn.current is not request or conn.closed:
+        return
+    if not _judged(conn, access, rate, allowed, levels):
+        _apply(request, grant)
+        conn._access_passed(request)
 
 
 def _refuse(conn: ClientConnection, access: Access, refusal: Refusal) -> None:
