@@ -123,6 +123,20 @@ class RateLimitPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ExtAuth:
+    """An HTTP authorization service asked about each request (Envoy's ext_authz, HTTP).
+
+    The request to it has the client's method and the URL's path followed by the
+    client's path and query; header names are lower case."""
+
+    url: str
+    headers_to_ext_auth: tuple[str, ...] = ("authorization", "cookie")
+    headers_to_backend: tuple[str, ...] = ()
+    timeout: float = 1.0
+    failure_mode: Literal["Open", "Closed"] = "Closed"
+
+
+@dataclass(frozen=True, slots=True)
 class AccessPolicy:
     """The effective access policy of one rule; `name` labels its metrics."""
 
@@ -132,3 +146,4 @@ class AccessPolicy:
     basic_auth: BasicAuth | None = None
     jwt: JWTAuth | None = None
     rate_limit: RateLimitPolicy | None = None
+    ext_auth: ExtAuth | None = None

@@ -1100,7 +1100,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _fail_request(
         self, status: int, reason: str, *, close: bool = False, location: bytes | None = None,
-        overloaded: bool = False, extra_headers: bytes = b"",
+        overloaded: bool = False, extra_headers: bytes = b"", body: bytes | None = None,
     ) -> None:
         """Answer the current request with an error of the proxy's own."""
         request = self.current or self.parsing
@@ -1118,7 +1118,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if status >= 500 or status == 404:
             log.debug("%s %s: %d %s", request.method, request.target, status, reason)
-        body = f"kanal: {status} {reason}\n".encode()
+        relayed = body is not None  # an answer relayed as its author sent it (external auth)
+        body = f"kanal: {status} {reason}\n".encode() if body is None else body
         keep = not close and request.keep_alive and request.complete and not self.close_after
         extra = b"Retry-After: 1\r\n" if status == 503 else b""
         if overloaded:
@@ -1126,7 +1127,8 @@ class ClientConnection(asyncio.Protocol):
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
         extra += extra_headers
-        head = http1.error_head(status, len(body), keep_alive=keep, extra=extra)
+        head = (http1.relayed_head if relayed else http1.error_head)(
+            status, len(body), keep_alive=keep, extra=extra)
         self._write(head + (b"" if request.method == b"HEAD" else body))
         if self.current is request:
             self._record(request, status)

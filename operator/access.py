@@ -261,9 +261,33 @@ class RateLimitSpec(_Model):
         return self
 
 
+class ExtAuthSpec(_Model):
+    """Ask an HTTP authorization service about each request (Envoy's ext_authz)."""
+
+    url: Uri = Field(
+        description="The service. It gets the client's method, this URL's path followed by "
+        "the client's path and query, the headers in headersToExtAuth and X-Forwarded-For, "
+        "-Proto and -Host.")
+    headers_to_ext_auth: list[Header] = Field(
+        default_factory=lambda: ["Authorization", "Cookie"], max_length=32,
+        alias="headersToExtAuth",
+        description="Request headers sent to the service (default Authorization, Cookie).")
+    headers_to_backend: list[Header] = Field(
+        default_factory=list, max_length=32,
+        description="Headers of a 2xx answer copied onto the request for the backend (any the "
+        "client sent under these names are removed). Default: none.")
+    timeout: PositiveDuration = Field(
+        default="1s", description="Time the service has to answer (default 1s).")
+    failure_mode: Literal["Open", "Closed"] = Field(
+        default="Closed",
+        description="When the service does not answer in time or cannot be reached: Closed "
+        "(default) answers 503, Open lets the request through.")
+
+
 class PoliciesSpec(_Model):
     """Access policies: every one that is set must let a request through before any
-    backend sees it. Checked in this order: ipRules, apiKey, basicAuth, jwt, rateLimit."""
+    backend sees it. Checked in this order: ipRules, apiKey, basicAuth, jwt, extAuth,
+    rateLimit."""
 
     ip_rules: IPRulesSpec | None = Field(default=None, alias="ipRules",
                                          description="Allow/deny by client address (403).")
@@ -271,6 +295,9 @@ class PoliciesSpec(_Model):
     basic_auth: BasicAuthSpec | None = Field(default=None,
                                              description="HTTP Basic users (401).")
     jwt: JWTSpec | None = Field(default=None, description="JSON Web Tokens (401).")
+    ext_auth: ExtAuthSpec | None = Field(
+        default=None, description="An external authorization service; its refusals are "
+        "returned as it sent them.")
     rate_limit: RateLimitSpec | None = Field(
         default=None, description="Rate limits (429), counted after the checks above.")
 

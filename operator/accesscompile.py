@@ -60,6 +60,7 @@ def merged(route: PoliciesSpec | None, rule: PoliciesSpec | None) -> PoliciesSpe
         basic_auth=rule.basic_auth or route.basic_auth,
         jwt=rule.jwt or route.jwt,
         rate_limit=rule.rate_limit or route.rate_limit,
+        ext_auth=rule.ext_auth or route.ext_auth,
     )
 
 
@@ -67,7 +68,7 @@ def compile_policies(name: str, spec: PoliciesSpec | None, namespace: str,
                      secrets: SecretLookup, report: Report) -> acc.AccessPolicy | None:
     """The rule's effective policy; `name` labels its metrics (route key and rule)."""
     if spec is None or not any((spec.ip_rules, spec.api_key, spec.basic_auth, spec.jwt,
-                                spec.rate_limit)):
+                                spec.rate_limit, spec.ext_auth)):
         return None
 
     def secret(secret_name: str, key: str, purpose: str) -> str | None:
@@ -93,6 +94,12 @@ def compile_policies(name: str, spec: PoliciesSpec | None, namespace: str,
                                                                namespace),
         jwt=None if spec.jwt is None else _jwt(spec.jwt, secret, report, namespace),
         rate_limit=None if spec.rate_limit is None else _rate_limit(spec.rate_limit),
+        ext_auth=None if spec.ext_auth is None else acc.ExtAuth(
+            url=spec.ext_auth.url,
+            headers_to_ext_auth=tuple(h.lower() for h in spec.ext_auth.headers_to_ext_auth),
+            headers_to_backend=tuple(h.lower() for h in spec.ext_auth.headers_to_backend),
+            timeout=parse_duration(spec.ext_auth.timeout),
+            failure_mode=spec.ext_auth.failure_mode),
     )
 
 

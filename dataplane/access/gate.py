@@ -17,6 +17,9 @@ from typing import Any, Protocol
 
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane.access.counters import count_refusal
+from kanal.dataplane.access.extauth import ExtAuthUnavailable
+from kanal.dataplane.access.extauth import ask as ask_ext_auth
+from kanal.dataplane.access.extauthpolicy import Allowed, Denied
 from kanal.dataplane.access.jwks import KEYS
 from kanal.dataplane.access.policy import Access, Grant, NeedKeys, Refusal
 from kanal.dataplane.access.ratelimit import RateLimiter
@@ -28,6 +31,7 @@ from kanal.dataplane.runtime import ProxyContext
 class Request(Protocol):
     """What the gate reads and rewrites of `kanal.dataplane.proxy.Request`."""
 
+    method: bytes
     headers: list[tuple[bytes, bytes]]
     target: bytes
     cookie: bytes | None
@@ -50,7 +54,7 @@ class ClientConnection(Protocol):
 
     def _fail_request(self, status: int, reason: str, *, close: bool = ...,
                       location: bytes | None = ..., overloaded: bool = ...,
-                      extra_headers: bytes = ...) -> None: ...
+                      extra_headers: bytes = ..., body: bytes | None = ...) -> None: ...
 
     def _access_passed(self, request: Any) -> None: ...
 
@@ -84,8 +88,15 @@ def _decide(conn: ClientConnection, request: Request, access: Access, *, refetch
                             KEYS.sets)
     if isinstance(decision, Grant):
         rate = access.rate
-        if rate is not None and _rate_limited(conn, request, access, rate, client, decision):
+        if access.spec.ext_auth is not None or (rate is not None
+                                                and rate.spec.type == "Global"):
+            conn.context.spawn(_finish(conn, request, access, client, decision))
             return True
+        if rate is not None:
+            keys = rate.keys(client, request.headers, decision.claims)
+            allowed, levels = local_buckets().take_all(keys, rate.limits, time.monotonic())
+            if _judged(conn, access, rate, allowed, levels):
+                return True
         _apply(request, decision)
         return False
     if isinstance(decision, Refusal):
@@ -112,18 +123,6 @@ async def _fetch_and_resume(conn: ClientConnection, request: Request, access: Ac
         conn._access_passed(request)
 
 
-def _rate_limited(conn: ClientConnection, request: Request, access: Access,
-                  rate: RateLimiter, client: str, grant: Grant) -> bool:
-    """Count the request against the rule's limits; True when refused (429) or
-    suspended (a Global limit asks Redis)."""
-    keys = rate.keys(client, request.headers, grant.claims)
-    if rate.spec.type == "Global":
-        conn.context.spawn(_ask_redis(conn, request, access, rate, keys, grant))
-        return True
-    allowed, levels = local_buckets().take_all(keys, rate.limits, time.monotonic())
-    return _judged(conn, access, rate, allowed, levels)
-
-
 def _judged(conn: ClientConnection, access: Access, rate: RateLimiter, allowed: bool,
             levels: list[float]) -> bool:
     verdict = rate.verdict(allowed, levels)
@@ -137,26 +136,56 @@ def _judged(conn: ClientConnection, access: Access, rate: RateLimiter, allowed: 
     return True
 
 
-async def _ask_redis(conn: ClientConnection, request: Request, access: Access,
-                     rate: RateLimiter, keys: list[bytes], grant: Grant) -> None:
-    try:
-        allowed, levels = await redis_limits().take_all(access.name, keys, rate.limits)
-    except RedisUnavailable:
+async def _finish(conn: ClientConnection, request: Request, access: Access, client: str,
+                  grant: Grant) -> None:
+    """The checks that wait for a service: external auth, then a Global rate limit."""
+    ext = access.spec.ext_auth
+    if ext is not None:
+        verdict: Allowed | Denied | None = None
+        try:
+            verdict = await ask_ext_auth(ext, request.method, request.target, request.headers,
+                                         client, conn.context.scheme, request.host)
+        except ExtAuthUnavailable:
+            if conn.current is not request or conn.closed:
+                return
+            if ext.failure_mode == "Closed":
+                _refuse(conn, access, Refusal(
+                    503, "the authorization service is unavailable", "extAuth", "unavailable"))
+                return
         if conn.current is not request or conn.closed:
             return
-        if rate.spec.failure_mode == "Closed":
-            _refuse(conn, access, Refusal(
-                503, "the rate limit cannot be checked (its Redis is unavailable)",
-                "rateLimit", "redis-unavailable"))
+        if isinstance(verdict, Denied):
+            count_refusal(access.name, "extAuth", str(verdict.status))
+            conn._fail_request(verdict.status, "refused by the authorization service",
+                               extra_headers=verdict.headers, body=verdict.body)
             return
-        _apply(request, grant)
-        conn._access_passed(request)
-        return
-    if conn.current is not request or conn.closed:
-        return
-    if not _judged(conn, access, rate, allowed, levels):
-        _apply(request, grant)
-        conn._access_passed(request)
+        if verdict is not None:
+            grant.drop.update(verdict.drop)
+            grant.add.extend(verdict.add)
+    rate = access.rate
+    if rate is not None:
+        keys = rate.keys(client, request.headers, grant.claims)
+        if rate.spec.type == "Global":
+            try:
+                allowed, levels = await redis_limits().take_all(access.name, keys,
+                                                                rate.limits)
+            except RedisUnavailable:
+                if conn.current is not request or conn.closed:
+                    return
+                if rate.spec.failure_mode == "Closed":
+                    _refuse(conn, access, Refusal(
+                        503, "the rate limit cannot be checked (its Redis is unavailable)",
+                        "rateLimit", "redis-unavailable"))
+                    return
+                allowed, levels = True, []
+            if conn.current is not request or conn.closed:
+                return
+        else:
+            allowed, levels = local_buckets().take_all(keys, rate.limits, time.monotonic())
+        if levels and _judged(conn, access, rate, allowed, levels):
+            return
+    _apply(request, grant)
+    conn._access_passed(request)
 
 
 def _refuse(conn: ClientConnection, access: Access, refusal: Refusal) -> None:

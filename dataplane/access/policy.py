@@ -199,7 +199,7 @@ class Access:
         spec = self.spec
         names = [("ipRules", spec.ip_rules), ("apiKey", spec.api_key),
                  ("basicAuth", spec.basic_auth), ("jwt", spec.jwt),
-                 ("rateLimit", spec.rate_limit)]
+                 ("extAuth", spec.ext_auth), ("rateLimit", spec.rate_limit)]
         return [name for name, value in names if value is not None]
 
 
