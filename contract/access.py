@@ -10,6 +10,7 @@ Secret is missing arrives empty and refuses every request: it fails closed.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -147,3 +148,28 @@ class AccessPolicy:
     jwt: JWTAuth | None = None
     rate_limit: RateLimitPolicy | None = None
     ext_auth: ExtAuth | None = None
+
+
+def policy_problems(policy: AccessPolicy, wire_safe: Callable[[str], bool]) -> Iterator[str]:
+    """What makes a policy unfit to run: names that reach the wire must be safe there,
+    numbers must be positive. The compiler's output meets these by construction."""
+    names: list[str] = []
+    if policy.api_key is not None:
+        names += [*policy.api_key.headers, policy.api_key.forward_client_id_header or "x"]
+    if policy.basic_auth is not None:
+        names.append(policy.basic_auth.forward_username_header or "x")
+    if policy.jwt is not None:
+        names += [mapping.header for mapping in policy.jwt.claim_to_headers]
+    if policy.ext_auth is not None:
+        names += [*policy.ext_auth.headers_to_ext_auth, *policy.ext_auth.headers_to_backend]
+        if not wire_safe(policy.ext_auth.url) or policy.ext_auth.timeout <= 0:
+            yield "external auth needs a URL and a positive timeout"
+    for name in names:
+        if not name or not wire_safe(name) or " " in name or ":" in name:
+            yield f"header name {name!r} cannot be written"
+    if policy.rate_limit is not None:
+        for limit in policy.rate_limit.limits:
+            if limit.requests < 1 or limit.per <= 0 or limit.burst < 1:
+                yield f"rate limit {limit.name!r} needs positive requests, period and burst"
+            if not limit.name or not wire_safe(limit.name) or '"' in limit.name:
+                yield f"rate limit name {limit.name!r} cannot be written in a header"
