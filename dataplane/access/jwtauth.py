@@ -16,6 +16,7 @@ policy's clock skew; `iss`, `aud` and required claims after the signature.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,10 +74,22 @@ class UnknownKey:
 Outcome = Verified | Rejected | UnknownKey
 
 
-class JWTVerifier:
-    """One rule's JWT settings, precomputed."""
+VERIFIED_CACHE = 1024
+"""Tokens whose signature, issuer and audience a rule remembers as verified."""
 
-    __slots__ = ("audiences", "algorithms", "issuer", "leeway", "required", "spec")
+
+class JWTVerifier:
+    """One rule's JWT settings, precomputed, and the tokens it verified lately.
+
+    A signature check costs hundreds of microseconds in Python and clients send the
+    same token with every request, so a verified token's claims are remembered (per
+    rule, at most `VERIFIED_CACHE`, least recently used out) together with the key
+    set that verified it: a hit skips the signature but not the clock (exp, nbf) nor
+    the required claims, and new keys (a reload, a JWKS refetch) verify afresh.
+    """
+
+    __slots__ = ("_verified", "audiences", "algorithms", "issuer", "leeway", "required",
+                 "spec")
 
     def __init__(self, spec: JWTAuth) -> None:
         self.spec = spec
@@ -85,8 +98,23 @@ class JWTVerifier:
         self.issuer = spec.issuer
         self.leeway = spec.clock_skew
         self.required = spec.required_claims
+        self._verified: OrderedDict[str, tuple[KeySet, dict[str, Any]]] = OrderedDict()
 
     def verify(self, token: str, keys: KeySet, now: float) -> Outcome:
+        hit = self._verified.get(token)
+        if hit is not None and hit[0] is keys:
+            self._verified.move_to_end(token)
+            return self._timely(hit[1], now)
+        signed = self._signed(token, keys)
+        if not isinstance(signed, Verified):
+            return signed
+        self._verified[token] = (keys, signed.claims)
+        if len(self._verified) > VERIFIED_CACHE:
+            self._verified.popitem(last=False)
+        return self._timely(signed.claims, now)
+
+    def _signed(self, token: str, keys: KeySet) -> Outcome:
+        """The claims of a token whose signature, issuer and audience hold."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError:
@@ -127,7 +155,7 @@ class JWTVerifier:
                 return Rejected("malformed", "the token cannot be verified")
         if claims is None:
             return Rejected("signature", "the token's signature does not verify")
-        return self._timely(claims, now)
+        return Verified(claims)
 
     def _timely(self, claims: dict[str, Any], now: float) -> Outcome:
         exp = claims.get("exp")

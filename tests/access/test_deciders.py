@@ -194,6 +194,15 @@ def test_clock_skew_is_the_leeway_on_expiry() -> None:
     assert isinstance(verifier(clock_skew=30.0).verify(token, KEYSET, 1040.0), Rejected)
 
 
+def test_a_remembered_token_is_verified_again_with_new_keys() -> None:
+    checker = verifier()
+    token = RSA.sign(claims())
+    assert isinstance(checker.verify(token, KEYSET, time.time()), Verified)
+    assert isinstance(checker.verify(token, KEYSET, time.time()), Verified)  # remembered
+    without_rsa = KeySet.parse(jwks(EC))  # the issuer dropped the key
+    assert not isinstance(checker.verify(token, without_rsa, time.time()), Verified)
+
+
 def test_an_unknown_kid_is_reported_for_a_refetch() -> None:
     token = rsa_key("rotated").sign(claims())
     outcome = verifier().verify(token, KEYSET, time.time())
