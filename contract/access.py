@@ -121,6 +121,9 @@ class RateLimitPolicy:
     limits: tuple[RateLimit, ...] = ()
     type: Literal["Local", "Global"] = "Local"
     failure_mode: Literal["Open", "Closed"] = "Open"
+    scope: str = ""
+    """Who owns the buckets: the Route's key for `spec.policies` (its rules share them),
+    the rule's policy name for a rule's own limits."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,8 +42,13 @@ def rules_with_access(route_key: str, route: PoliciesSpec | None,
 
     out: list[snap.Rule] = []
     for rule, own in rules:
-        policy = compile_policies(f"{route_key}/{rule.name or rule.index}", merged(route, own),
-                                  namespace, secrets, once)
+        name = f"{route_key}/{rule.name or rule.index}"
+        policy = compile_policies(name, merged(route, own), namespace, secrets, once)
+        if policy is not None and policy.rate_limit is not None:
+            # A Route's limits hold for all its rules together; a rule's for itself.
+            owned = own is not None and own.rate_limit is not None
+            policy = dataclasses.replace(policy, rate_limit=dataclasses.replace(
+                policy.rate_limit, scope=name if owned else route_key))
         out.append(rule if policy is None else dataclasses.replace(rule, access=policy))
     return tuple(out)
 

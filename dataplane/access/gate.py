@@ -167,8 +167,8 @@ async def _finish(conn: ClientConnection, request: Request, access: Access, clie
         keys = rate.keys(client, request.headers, grant.claims)
         if rate.spec.type == "Global":
             try:
-                allowed, levels = await redis_limits().take_all(access.name, keys,
-                                                                rate.limits)
+                allowed, levels = await redis_limits().take_all(
+                    rate.spec.scope or access.name, keys, rate.limits)
             except RedisUnavailable:
                 if conn.current is not request or conn.closed:
                     return

@@ -106,9 +106,10 @@ class RateLimiter:
     def __init__(self, rule_name: str, spec: RateLimitPolicy) -> None:
         self.spec = spec
         self.limits = spec.limits
-        # A bucket's identity includes the settings: a changed limit starts afresh.
+        # A bucket's identity: its owner (the Route, for limits all its rules share) and
+        # the settings, so a changed limit starts afresh.
         self.idents = tuple(
-            f"{rule_name}\x00{limit.name}\x00{limit.requests}/{limit.per}/{limit.burst}\x00"
+            f"{spec.scope or rule_name}\x00{limit.name}\x00{limit.requests}/{limit.per}/{limit.burst}\x00"
             for limit in spec.limits)
         self.policy_line = b"RateLimit-Policy: " + b", ".join(
             b'"%b";q=%d;w=%d' % (limit.name.encode("latin-1"), limit.requests,

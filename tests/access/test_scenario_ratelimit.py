@@ -59,3 +59,34 @@ async def test_workers_share_one_limit(backends, kanal) -> None:
     assert statuses.count(200) == 12, statuses
     assert statuses.count(429) == 28
     assert len(backend.received) == 12
+
+
+async def test_a_routes_limit_is_shared_by_its_rules_a_rules_is_its_own(backends,
+                                                                        kanal) -> None:
+    backend = await backends("api")
+    route = """\
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: api}
+spec:
+  policies:
+    rateLimit: {limits: [{name: route-wide, requests: 4, unit: Hour}]}
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /a}}]
+      backends: [{upstream: api}]
+    - matches: [{path: {type: PathPrefix, value: /b}}]
+      backends: [{upstream: api}]
+    - matches: [{path: {type: PathPrefix, value: /own}}]
+      policies:
+        rateLimit: {limits: [{name: own, requests: 1, unit: Hour}]}
+      backends: [{upstream: api}]
+"""
+    k = kanal({"route.yaml": route, "up.yaml": upstream_yaml("api", backend)})
+
+    async def status(path: str) -> int:
+        (answer,) = await raw_request(k.port, f"GET {path} HTTP/1.1\r\nHost: a\r\n"
+                                              "Connection: close\r\n\r\n".encode())
+        return answer.status
+
+    assert [await status(p) for p in ("/a", "/b", "/a", "/b", "/a", "/b")] == [200] * 4 + [429] * 2
+    assert [await status("/own") for _ in range(2)] == [200, 429]
