@@ -233,3 +233,50 @@ async def test_the_access_example_serves_as_documented(module_backends, module_k
     assert header_values(person.json(), "X-User") == ["ann"]
     assert (await get(k, "access.example.com", "/")).status == 401
     assert (await get(k, "access.example.com", "/partners/x")).status == 401
+
+
+def test_explain_judges_tokens_and_addresses_without_counting(site) -> None:
+    from urllib.parse import quote
+
+    k, _ = site
+
+    def refusals() -> str:
+        with urllib.request.urlopen(k.admin + "/metrics", timeout=5) as answer:
+            return "\n".join(line for line in answer.read().decode().splitlines()
+                             if line.startswith("kanal_access_refused_total"))
+
+    before = refusals()
+    bad = ISSUER.sign(claims(aud="other"))
+    query = f"url=http://jwt.test/&header={quote('Authorization:Bearer ' + bad)}"
+    with urllib.request.urlopen(f"{k.admin}/explain?{query}", timeout=5) as answer:
+        explained = json.loads(answer.read())
+    assert explained["access"]["decisions"]["jwt"] == {
+        "decision": "refuse", "status": 401, "reason": "the token is not for this audience"}
+    query = "url=http://ip.test/&header=X-Real-IP:10.0.0.66"
+    with urllib.request.urlopen(f"{k.admin}/explain?{query}", timeout=5) as answer:
+        explained = json.loads(answer.read())
+    assert explained["access"]["decisions"]["ipRules"]["decision"] == "refuse"
+    assert refusals() == before  # explaining counts nothing
+
+
+def test_bad_policies_are_named_by_file_and_field(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "r.yaml").write_text(textwrap.dedent("""\
+        apiVersion: kanal.dev/v1alpha1
+        kind: Route
+        metadata: {name: r}
+        spec:
+          policies:
+            ipRules: {allow: [10.0.0.0/33]}
+            jwt: {algorithms: [none], localJWKS: {secretName: x}}
+          rules: [{backends: [{upstream: x}], policies: {jwt: {issuer: a}}}]
+        """))
+    done = subprocess.run([sys.executable, "-m", "kanal", "validate", str(tmp_path / "r.yaml")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    out = done.stdout + done.stderr
+    assert "spec.policies.ipRules.allow[0]" in out
+    assert "spec.policies.jwt.algorithms[0]" in out
+    assert "spec.rules[0].policies.jwt: exactly one of localJWKS and remoteJWKS" in out
