@@ -13,6 +13,7 @@ process, or a platform without /proc) the table is private memory.
 from __future__ import annotations
 
 import fcntl
+import logging
 import mmap
 import os
 import tempfile
@@ -20,6 +21,8 @@ from collections.abc import Sequence
 
 from kanal.contract.access import RateLimit
 from kanal.dataplane.access.ratelimit import SLOT, BucketTable
+
+log = logging.getLogger("kanal.access")
 
 SLOTS = 1 << 16
 """Buckets held at most (2 MiB): distinct keys beyond it evict idle or old ones."""
@@ -55,7 +58,13 @@ def local_buckets() -> LocalBuckets:
     """The table of this process (made at first use)."""
     global _buckets
     if _buckets is None:
-        _buckets = LocalBuckets(os.environ.get(ENV))
+        path = os.environ.get(ENV)
+        try:
+            _buckets = LocalBuckets(path)
+        except OSError as exc:
+            log.error("the workers' shared rate-limit table %s cannot be opened (%s); this "
+                      "worker counts alone", path, exc)
+            _buckets = LocalBuckets()
     return _buckets
 
 
@@ -63,8 +72,12 @@ def share_between_workers() -> None:
     """Make the table workers started from now on share (Linux; elsewhere: per worker)."""
     if not os.path.isdir(f"/proc/{os.getpid()}/fd"):
         return
-    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    fd, path = tempfile.mkstemp(prefix="kanal-limits-", dir=folder)
-    os.ftruncate(fd, SLOTS * SLOT.size)
-    os.unlink(path)
+    folder = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    try:
+        fd, path = tempfile.mkstemp(prefix="kanal-limits-", dir=folder)
+        os.ftruncate(fd, SLOTS * SLOT.size)
+        os.unlink(path)
+    except OSError as exc:
+        log.error("no shared rate-limit table for the workers (%s): each counts alone", exc)
+        return
     os.environ[ENV] = f"/proc/{os.getpid()}/fd/{fd}"

@@ -39,7 +39,7 @@ class Issuer:
             self.runner = None
 
 
-def manifests(backend, issuer_port: int) -> dict[str, str]:
+def manifests(backend, issuer_port: int, cache: str = "1h") -> dict[str, str]:
     route = f"""\
 apiVersion: kanal.dev/v1alpha1
 kind: Route
@@ -48,7 +48,7 @@ spec:
   policies:
     jwt:
       audiences: [shop]
-      remoteJWKS: {{uri: "http://127.0.0.1:{issuer_port}/jwks", cacheDuration: 1h}}
+      remoteJWKS: {{uri: "http://127.0.0.1:{issuer_port}/jwks", cacheDuration: {cache}}}
   rules: [{{backends: [{{upstream: api}}]}}]
 """
     return {"route.yaml": route, "up.yaml": upstream_yaml("api", backend)}
@@ -117,5 +117,23 @@ async def test_a_body_sent_while_keys_are_fetched_reaches_the_backend_whole(back
         assert answer.status == 200
         assert answer.json()["body_size"] == len(body)
         assert issuer.fetches == 1
+    finally:
+        await issuer.stop()
+
+
+async def test_keys_older_than_the_cache_duration_are_refreshed_in_the_background(
+        backends, kanal) -> None:
+    backend = await backends("api")
+    issuer = Issuer()
+    await issuer.start()
+    try:
+        k = kanal(manifests(backend, issuer.port, cache="1s"))
+        token = issuer.keys[0].sign(claims())
+        assert await call(k, token) == 200
+        assert issuer.fetches == 1
+        deadline = time.monotonic() + 10
+        while issuer.fetches < 2:  # each request past the duration may start a refresh
+            assert time.monotonic() < deadline, "keys were never refreshed"
+            assert await call(k, token) == 200  # served with the held keys meanwhile
     finally:
         await issuer.stop()
