@@ -138,6 +138,8 @@ class ExtAuth:
     headers_to_backend: tuple[str, ...] = ()
     timeout: float = 1.0
     failure_mode: Literal["Open", "Closed"] = "Closed"
+    max_request_bytes: int = 0
+    """Body bytes sent along (0: none); a longer body is cut there and marked partial."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,8 @@ from kanal.dataplane.retry import FailedTry, retry_kind
 from kanal.dataplane.tlspolicy import hsts_value, tls_answer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kanal.contract.snapshot import Retries, Route
     from kanal.dataplane.balancer import EndpointState
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
@@ -493,6 +495,8 @@ class ClientConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.pause_reading()
                 self.paused_for_body = True
+        if self.body_waiter is not None and request is self.current:
+            self.body_waiter()  # an access check waits for this body (external auth)
 
     def _body_too_large(self) -> None:
         """A streamed body went past its rule's maxRequestBodySize: 413 if nothing was
@@ -512,6 +516,8 @@ class ClientConnection(asyncio.Protocol):
         if request is self.current and self.request_sent and self.upstream is not None:
             if request.chunked:
                 self.upstream.write(_CHUNK_END)
+        elif self.body_waiter is not None and request is self.current:
+            self.body_waiter()  # the body an access check waits for is complete
 
     # --- one exchange ---------------------------------------------------------------------
 
@@ -1166,6 +1172,7 @@ class ClientConnection(asyncio.Protocol):
                 limits.active_retries = max(limits.active_retries - 1, 0)
         # Back to the resting values _begin relies on.
         self.access_headers = None
+        self.body_waiter = None
         self.retries = None
         self.attempts_left = 0
         self.kept_body = None
@@ -1213,6 +1220,7 @@ class ClientConnection(asyncio.Protocol):
     last_failure: tuple[int, str] | None = None
     try_timer: asyncio.TimerHandle | None = None
     access_headers: bytes | None = None
+    body_waiter: Callable[[], None] | None = None
 
 
 def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:

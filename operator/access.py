@@ -261,6 +261,14 @@ class RateLimitSpec(_Model):
         return self
 
 
+class ExtAuthBodySpec(_Model):
+    max_request_bytes: int = Field(
+        ge=1, le=262144,
+        description="Body bytes sent to the service, at most 256 KiB; the request waits for "
+        "them (or for its end). A longer body is cut there and the service gets "
+        "X-Kanal-Auth-Partial-Body: true.")
+
+
 class ExtAuthSpec(_Model):
     """Ask an HTTP authorization service about each request (Envoy's ext_authz)."""
 
@@ -282,6 +290,8 @@ class ExtAuthSpec(_Model):
         default="Closed",
         description="When the service does not answer in time or cannot be reached: Closed "
         "(default) answers 503, Open lets the request through.")
+    body_to_ext_auth: ExtAuthBodySpec | None = Field(
+        default=None, description="Send the request body too (bounded). Default: no body.")
 
 
 class PoliciesSpec(_Model):

@@ -104,7 +104,9 @@ def compile_policies(name: str, spec: PoliciesSpec | None, namespace: str,
             headers_to_ext_auth=tuple(h.lower() for h in spec.ext_auth.headers_to_ext_auth),
             headers_to_backend=tuple(h.lower() for h in spec.ext_auth.headers_to_backend),
             timeout=parse_duration(spec.ext_auth.timeout),
-            failure_mode=spec.ext_auth.failure_mode),
+            failure_mode=spec.ext_auth.failure_mode,
+            max_request_bytes=(0 if spec.ext_auth.body_to_ext_auth is None
+                               else spec.ext_auth.body_to_ext_auth.max_request_bytes)),
     )
 
 

@@ -47,13 +47,17 @@ def _session() -> aiohttp.ClientSession:
 
 async def ask(spec: ExtAuth, method: bytes, target: bytes,
               headers: Sequence[tuple[bytes, bytes]], client: str, scheme: str,
-              host: bytes | None) -> Allowed | Denied:
+              host: bytes | None, body: bytes | None = None) -> Allowed | Denied:
     """The service's verdict on one request; raises ExtAuthUnavailable."""
     url = auth_url(spec, target)
+    sent = auth_headers(spec, headers, client, scheme, host)
+    if body is not None and len(body) > spec.max_request_bytes:
+        body = body[:spec.max_request_bytes]
+        sent.append(("X-Kanal-Auth-Partial-Body", "true"))
     try:
         async with asyncio.timeout(spec.timeout), _session().request(
-                method.decode("latin-1"), url, allow_redirects=False,
-                headers=auth_headers(spec, headers, client, scheme, host)) as answer:
+                method.decode("latin-1"), url, allow_redirects=False, data=body,
+                headers=sent) as answer:
             body = await answer.content.read(MAX_DENIAL_BODY)
             raw = [(bytes(name), bytes(value)) for name, value in answer.raw_headers]
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as exc:

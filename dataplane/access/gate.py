@@ -12,7 +12,9 @@ goes on where `_begin` stopped once the policy lets the request through.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from kanal.dataplane import headers as hdrs
@@ -32,6 +34,9 @@ class Request(Protocol):
     """What the gate reads and rewrites of `kanal.dataplane.proxy.Request`."""
 
     method: bytes
+    complete: bool
+    body: list[bytes]
+    body_size: int
     headers: list[tuple[bytes, bytes]]
     target: bytes
     cookie: bytes | None
@@ -48,6 +53,7 @@ class ClientConnection(Protocol):
     peer: str
     closed: bool
     access_headers: bytes | None
+    body_waiter: Callable[[], None] | None
 
     @property
     def current(self) -> Any: ...
@@ -123,6 +129,33 @@ async def _fetch_and_resume(conn: ClientConnection, request: Request, access: Ac
         conn._access_passed(request)
 
 
+async def _body_for_auth(conn: ClientConnection, request: Request, limit: int) -> bytes:
+    """The body's first `limit` bytes, waiting for them (or the body's end) while the
+    connection buffers the body as it does for a request not yet sent."""
+
+    def enough() -> bool:
+        return request.complete or request.body_size >= limit
+
+    if not enough():
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def wake() -> None:
+            if enough() and not waiter.done():
+                waiter.set_result(None)
+
+        conn.body_waiter = wake
+        try:
+            # A body that stalls is answered 408 by the connection's sweep; this bound
+            # only ends the wait then.
+            await asyncio.wait_for(waiter, conn.context.body_idle_timeout + 1)
+        except TimeoutError:
+            pass
+        finally:
+            if conn.body_waiter is wake:
+                conn.body_waiter = None
+    return b"".join(request.body)
+
+
 def _judged(conn: ClientConnection, access: Access, rate: RateLimiter, allowed: bool,
             levels: list[float]) -> bool:
     verdict = rate.verdict(allowed, levels)
@@ -142,9 +175,14 @@ async def _finish(conn: ClientConnection, request: Request, access: Access, clie
     ext = access.spec.ext_auth
     if ext is not None:
         verdict: Allowed | Denied | None = None
+        body = None
+        if ext.max_request_bytes:
+            body = await _body_for_auth(conn, request, ext.max_request_bytes)
+            if conn.current is not request or conn.closed:
+                return
         try:
             verdict = await ask_ext_auth(ext, request.method, request.target, request.headers,
-                                         client, conn.context.scheme, request.host)
+                                         client, conn.context.scheme, request.host, body)
         except ExtAuthUnavailable:
             if conn.current is not request or conn.closed:
                 return

@@ -26,8 +26,14 @@ class AuthService:
         async def check(request: web.Request) -> web.Response:
             self.asked.append({"method": request.method, "path": request.path_qs,
                                "headers": dict(request.headers)})
+            body = await request.read()
+            self.asked[-1]["body"] = body
             if request.path.startswith("/hang"):
                 await asyncio.sleep(5)
+            if request.path.startswith("/body"):
+                if body.startswith(b"let-me-in"):
+                    return web.Response(status=204)
+                return web.Response(status=403, text="no")
             if request.headers.get("Authorization") == "Bearer good":
                 return web.Response(status=200, headers={"X-Auth-User": "ann",
                                                          "X-Not-Copied": "1"})
@@ -46,7 +52,7 @@ class AuthService:
             await self.runner.cleanup()
 
 
-def route(name: str, url: str, failure_mode: str = "Closed") -> str:
+def route(name: str, url: str, failure_mode: str = "Closed", extra: str = "") -> str:
     return f"""\
 apiVersion: kanal.dev/v1alpha1
 kind: Route
@@ -59,7 +65,7 @@ spec:
       headersToBackend: [X-Auth-User]
       timeout: 300ms
       failureMode: {failure_mode}
-  rules: [{{backends: [{{upstream: app}}]}}]
+{extra}  rules: [{{backends: [{{upstream: app}}]}}]
 """
 
 
@@ -75,6 +81,8 @@ async def setup(backends, kanal):
         "hang.yaml": route("hang", f"http://127.0.0.1:{auth.port}/hang"),
         "deadopen.yaml": route("deadopen", dead, "Open"),
         "deadclosed.yaml": route("deadclosed", dead, "Closed"),
+        "body.yaml": route("body", f"http://127.0.0.1:{auth.port}/body",
+                           extra="      bodyToExtAuth: {maxRequestBytes: 16}\n"),
     }
     k = kanal(files)
     yield k, auth, app
@@ -130,3 +138,49 @@ async def test_a_dead_service_is_failure_mode(setup) -> None:
     assert len(app.received) == 1
     assert (await get(k, "deadclosed.test")).status == 503
     assert k.log().count("is unavailable") == 1  # once per service and outage
+
+
+async def test_the_body_is_sent_bounded_and_reaches_the_backend_whole(setup) -> None:
+    k, auth, app = setup
+    import asyncio as aio
+
+    reader, writer = await aio.open_connection("127.0.0.1", k.port)
+    body = b"let-me-in" + b"x" * 5000
+    writer.write(b"POST /up HTTP/1.1\r\nHost: body.test\r\nContent-Length: %d\r\n\r\n"
+                 % len(body))
+    await writer.drain()
+    writer.write(body)
+    await writer.drain()
+    from tests.conftest import read_response
+
+    answer = await aio.wait_for(read_response(reader), 10)
+    writer.close()
+    assert answer.status == 200
+    assert answer.json()["body_size"] == len(body)
+    (asked,) = auth.asked
+    assert asked["body"] == body[:16]
+    assert asked["headers"]["X-Kanal-Auth-Partial-Body"] == "true"  # type: ignore[index]
+
+    refused = await raw_request(k.port, b"POST /up HTTP/1.1\r\nHost: body.test\r\n"
+                                        b"Content-Length: 5\r\n\r\nnope!")
+    assert refused[0].status == 403
+    assert len(app.received) == 1
+
+
+async def test_a_short_chunked_body_is_sent_when_it_ends(setup) -> None:
+    import asyncio as aio
+
+    from tests.conftest import read_response
+
+    k, auth, app = setup
+    reader, writer = await aio.open_connection("127.0.0.1", k.port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: body.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"9\r\nlet-me-in\r\n")
+    await writer.drain()
+    writer.write(b"0\r\n\r\n")  # the end arrives on its own
+    await writer.drain()
+    answer = await aio.wait_for(read_response(reader), 10)
+    writer.close()
+    assert answer.status == 200
+    assert auth.asked[-1]["body"] == b"let-me-in"
+    assert "X-Kanal-Auth-Partial-Body" not in auth.asked[-1]["headers"]  # type: ignore[operator]
