@@ -727,8 +727,9 @@ class RouteSpec(KanalModel):
     )
     policies: PoliciesSpec | None = Field(
         default=None,
-        description="Access policies for every rule (IP rules, API keys, basic auth, JWT); "
-        "a rule's own `policies` replace them kind by kind. Default: none.",
+        description="Access policies for every rule (IP rules, API keys, basic auth, JWT, "
+        "external auth, rate limits); a rule's own `policies` replace them kind by kind. "
+        "Default: none.",
     )
 
     @model_validator(mode="after")
