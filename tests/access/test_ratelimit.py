@@ -86,3 +86,14 @@ def test_headers_follow_the_ietf_draft_and_name_only_this_requests_buckets() -> 
     refused = rate.verdict(allowed, levels)
     assert not refused.allowed and refused.retry_after == 12 and refused.limit == "per-client"
     assert b'"per-client";r=0;t=12' in refused.headers
+
+
+def test_counts_survive_a_reload_unless_the_limit_changed() -> None:
+    buckets = table()
+    before = limiter(PER_CLIENT)
+    for _ in range(5):
+        assert run(buckets, before, "a", 0.0)
+    reloaded = limiter(PER_CLIENT)  # a new configuration, the same limit: same buckets
+    assert not run(buckets, reloaded, "a", 0.0)
+    changed = limiter(RateLimit("per-client", 6, 60.0, 6, RateLimitKey(client_address=True)))
+    assert run(buckets, changed, "a", 0.0)  # new settings start afresh
