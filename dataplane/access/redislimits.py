@@ -7,8 +7,8 @@ again, so Redis holds only buckets in use. A request's keys share one hash tag (
 rule), so they live on one shard of a Redis Cluster.
 
 The server is `KANAL_REDIS_URL` (`redis://host:6379/0`, `rediss://` for TLS), read
-by each dataplane process. A call that fails or takes longer than `CALL_TIMEOUT` is an
-outage: the policy's `failureMode` decides (Open lets requests through, Closed answers
+by each dataplane process. A call that fails or takes longer than twice `CALL_TIMEOUT`
+is an outage: the policy's `failureMode` decides (Open lets requests through, Closed answers
 503), the first failure is logged once and so is the recovery, and
 `kanal_ratelimit_redis_failures_total` counts the calls that failed.
 """
@@ -27,7 +27,10 @@ from kanal.dataplane.access import counters
 log = logging.getLogger("kanal.access")
 
 ENV = "KANAL_REDIS_URL"
-CALL_TIMEOUT = 0.25
+CALL_TIMEOUT = 0.5
+"""Bound of a connect or a reply; a whole call (waiting for a pooled connection
+included) is bounded by twice that."""
+MAX_CONNECTIONS = 32
 
 _SCRIPT = """
 local now_t = redis.call('TIME')
@@ -75,9 +78,12 @@ class RedisLimits:
     def _connect(self, url: str) -> None:
         import redis.asyncio as aioredis
 
-        self._client = aioredis.Redis.from_url(
-            url, socket_timeout=CALL_TIMEOUT, socket_connect_timeout=CALL_TIMEOUT,
-            health_check_interval=0)
+        # A burst of requests shares MAX_CONNECTIONS connections (they wait for one,
+        # within the call's bound) instead of opening one each.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=CALL_TIMEOUT * 2,
+            socket_timeout=CALL_TIMEOUT, socket_connect_timeout=CALL_TIMEOUT)
+        self._client = aioredis.Redis(connection_pool=pool)
         self._script = self._client.register_script(_SCRIPT)
 
     async def take_all(self, tag: str, keys: Sequence[bytes], limits: Sequence[RateLimit]

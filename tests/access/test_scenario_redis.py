@@ -89,12 +89,12 @@ async def get(k) -> int:
 async def test_two_dataplanes_hold_one_limit(backends, kanal, redis_server, monkeypatch) -> None:
     monkeypatch.setenv("KANAL_REDIS_URL", redis_server.url)
     backend = await backends("api")
-    files = manifests(backend, "{name: all, requests: 15, unit: Hour}")
+    files = manifests(backend, "{name: all, requests: 50, unit: Hour}")
     first, second = kanal(files), kanal(files, "--workers", "2")
-    statuses = await asyncio.gather(*(get(k) for _ in range(20) for k in (first, second)))
-    assert statuses.count(200) == 15, statuses
-    assert statuses.count(429) == 25
-    assert len(backend.received) == 15
+    statuses = await asyncio.gather(*(get(k) for _ in range(60) for k in (first, second)))
+    assert statuses.count(200) == 50, statuses
+    assert statuses.count(429) == 70
+    assert len(backend.received) == 50
 
 
 async def test_failure_mode_decides_during_an_outage_logged_once(backends, kanal, redis_server,
