@@ -2,13 +2,15 @@
 
 /explain lists the policies of the rule that would take a request and, for the headers
 given (`header=Authorization:Bearer ...`), what each would decide on its own; the IP
-rules judge the address given as `header=X-Real-IP:ADDRESS`, if any. Nothing here
-counts a refusal or fetches keys: explaining is read-only.
+rules and client-keyed rate limits judge the address given as
+`header=X-Real-IP:ADDRESS`, if any. Nothing here counts a refusal, takes a token,
+fetches keys or asks a service: explaining is read-only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +18,8 @@ from typing import Any
 from kanal.contract.access import AccessPolicy
 from kanal.dataplane.access.jwks import KEYS
 from kanal.dataplane.access.policy import Access, Grant, NeedKeys
+from kanal.dataplane.access.ratelimit import RateLimiter
+from kanal.dataplane.access.sharedlimits import local_buckets
 from kanal.dataplane.router import RouteTable
 
 
@@ -55,7 +59,23 @@ def explain_access(table: RouteTable, answer: dict[str, Any], host: str, method:
         else:
             decisions[name] = {"decision": "refuse", "status": decision.status,
                                "reason": decision.reason}
+    rate = access.rate
+    if rate is not None:
+        decisions["rateLimit"] = _rate_decision(rate, client, raw)
     return {**answer, "access": {"policies": access.describe(), "decisions": decisions}}
+
+
+def _rate_decision(rate: RateLimiter, client: str | None,
+                   headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """What the local buckets would say now (claims are not known here: keys by a claim
+    read as a request without it)."""
+    if rate.spec.type == "Global":
+        return {"decision": "counted in Redis: not judged here"}
+    keys = rate.keys(client or "", headers, None)
+    levels = local_buckets().table.peek(keys, rate.limits, time.monotonic())
+    return {"decision": "allow" if all(level >= 1.0 for level in levels) else "refuse",
+            "remaining": {limit.name: math.floor(level)
+                          for limit, level in zip(rate.limits, levels, strict=True)}}
 
 
 def redact_access(route: dict[str, Any]) -> None:

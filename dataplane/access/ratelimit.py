@@ -67,6 +67,23 @@ class BucketTable:
         SLOT.pack_into(buffer, offset, key, burst, now)
         return offset
 
+    def peek(self, keys: Sequence[bytes], limits: Sequence[RateLimit], now: float
+             ) -> list[float]:
+        """The tokens each key's bucket holds now, taking and claiming nothing."""
+        levels = []
+        for key, limit in zip(keys, limits, strict=True):
+            tokens = float(limit.burst)
+            start = int.from_bytes(key[:8], "little") % self.slots
+            for probe in range(PROBES):
+                offset = ((start + probe) % self.slots) * SLOT.size
+                slot_key, held, last = SLOT.unpack_from(self.buffer, offset)
+                if slot_key == key:
+                    rate = limit.requests / limit.per
+                    tokens = min(tokens, held + max(now - last, 0.0) * rate)
+                    break
+            levels.append(tokens)
+        return levels
+
     def take_all(self, keys: Sequence[bytes], limits: Sequence[RateLimit], now: float
                  ) -> tuple[bool, list[float]]:
         """Take a token from each key's bucket if every one has a token; the tokens

@@ -4,6 +4,8 @@ several, counting exactly how many requests of a burst reach the backend."""
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 
 from tests.conftest import raw_request, upstream_yaml
 
@@ -48,6 +50,13 @@ async def test_per_client_and_overall_limits_with_headers(backends, kanal) -> No
     # Another client has its own bucket, but the overall one has 2 tokens left.
     assert [(await get(k, "10.0.0.2")).status for _ in range(3)] == [200, 200, 429]
     assert len(backend.received) == 5
+
+    # /explain reads the buckets without taking from them.
+    for _ in range(2):
+        with urllib.request.urlopen(f"{k.admin}/explain?url=http://a/&header=X-Real-IP:10.0.0.3",
+                                    timeout=5) as answer:
+            decision = json.loads(answer.read())["access"]["decisions"]["rateLimit"]
+        assert decision == {"decision": "refuse", "remaining": {"per-client": 3, "overall": 0}}
 
 
 async def test_workers_share_one_limit(backends, kanal) -> None:
