@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kanal.contract.access import AccessPolicy
 from kanal.contract.plain import from_plain, to_plain
 
 PathMatchType = Literal["Exact", "PathPrefix", "RegularExpression"]
@@ -141,6 +142,7 @@ class Rule:
     retries: Retries | None = None
     max_request_body_size: int | None = None
     allow_websocket: bool = True
+    access: AccessPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from kanal.contract.access import policy_problems
 from kanal.contract.snapshot import Snapshot, content_version
 
 _WIRE_UNSAFE = frozenset("\r\n\x00")
@@ -60,6 +61,9 @@ def _problems(snapshot: Snapshot) -> Iterator[str]:
                 for header in match.headers:
                     if not header.name or not wire_safe(header.name):
                         yield f"{where}: header name {header.name!r} cannot be matched"
+            if rule.access is not None:
+                yield from (f"{where}: {problem}" for problem in
+                            policy_problems(rule.access, wire_safe))
             if rule.session_affinity is not None and not _token(
                     rule.session_affinity.cookie_name):
                 yield f"{where}: cookie name {rule.session_affinity.cookie_name!r} is not a token"

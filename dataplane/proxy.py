@@ -27,6 +27,7 @@ import httptools
 
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane import http1
+from kanal.dataplane.access import gate as access_gate
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.http1 import (
     KEEPALIVE_TIMEOUT,
@@ -40,6 +41,8 @@ from kanal.dataplane.retry import FailedTry, retry_kind
 from kanal.dataplane.tlspolicy import hsts_value, tls_answer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kanal.contract.snapshot import Retries, Route
     from kanal.dataplane.balancer import EndpointState
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
@@ -492,6 +495,8 @@ class ClientConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.pause_reading()
                 self.paused_for_body = True
+        if self.body_waiter is not None and request is self.current:
+            self.body_waiter()  # an access check waits for this body (external auth)
 
     def _body_too_large(self) -> None:
         """A streamed body went past its rule's maxRequestBodySize: 413 if nothing was
@@ -511,6 +516,8 @@ class ClientConnection(asyncio.Protocol):
         if request is self.current and self.request_sent and self.upstream is not None:
             if request.chunked:
                 self.upstream.write(_CHUNK_END)
+        elif self.body_waiter is not None and request is self.current:
+            self.body_waiter()  # the body an access check waits for is complete
 
     # --- one exchange ---------------------------------------------------------------------
 
@@ -617,6 +624,17 @@ class ClientConnection(asyncio.Protocol):
         timeout = rule.timeout
         if timeout:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
+        if selection.access is not None and access_gate.admit(self, request, selection.access):
+            return  # refused, or waiting for the policy (_access_passed goes on)
+        self.head = self._request_head(request, config)
+        if request.expect_continue and not request.complete and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._attempt(request, None)
+
+    def _access_passed(self, request: Request) -> None:
+        """The rule's access policy let a suspended request through: on as `_begin` does."""
+        config = self.context.config
+        assert config is not None
         self.head = self._request_head(request, config)
         if request.expect_continue and not request.complete and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -909,6 +927,9 @@ class ClientConnection(asyncio.Protocol):
             lines.append(b"Set-Cookie: " + self.set_cookie)
         if self.hsts is not None:
             lines.append(b"Strict-Transport-Security: " + self.hsts)
+        if self.access_headers is not None:
+            lines.append(self.access_headers)  # set by an access policy (RateLimit)
+            self.access_headers = None
         if not request.complete:
             # The client is still sending a body the upstream did not wait for; the
             # connection cannot be reused for another request once this one ends.
@@ -1087,7 +1108,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _fail_request(
         self, status: int, reason: str, *, close: bool = False, location: bytes | None = None,
-        overloaded: bool = False,
+        overloaded: bool = False, extra_headers: bytes = b"", body: bytes | None = None,
     ) -> None:
         """Answer the current request with an error of the proxy's own."""
         request = self.current or self.parsing
@@ -1105,14 +1126,17 @@ class ClientConnection(asyncio.Protocol):
             return
         if status >= 500 or status == 404:
             log.debug("%s %s: %d %s", request.method, request.target, status, reason)
-        body = f"kanal: {status} {reason}\n".encode()
+        relayed = body is not None  # an answer relayed as its author sent it (external auth)
+        body = f"kanal: {status} {reason}\n".encode() if body is None else body
         keep = not close and request.keep_alive and request.complete and not self.close_after
         extra = b"Retry-After: 1\r\n" if status == 503 else b""
         if overloaded:
             extra += b"X-Kanal-Overloaded: true\r\n"
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
-        head = http1.error_head(status, len(body), keep_alive=keep, extra=extra)
+        extra += extra_headers
+        head = (http1.relayed_head if relayed else http1.error_head)(
+            status, len(body), keep_alive=keep, extra=extra)
         self._write(head + (b"" if request.method == b"HEAD" else body))
         if self.current is request:
             self._record(request, status)
@@ -1149,6 +1173,8 @@ class ClientConnection(asyncio.Protocol):
                 limits = self.upstream_runtime.limits
                 limits.active_retries = max(limits.active_retries - 1, 0)
         # Back to the resting values _begin relies on.
+        self.access_headers = None
+        self.body_waiter = None
         self.retries = None
         self.attempts_left = 0
         self.kept_body = None
@@ -1195,6 +1221,8 @@ class ClientConnection(asyncio.Protocol):
     resent_stale: bool = False
     last_failure: tuple[int, str] | None = None
     try_timer: asyncio.TimerHandle | None = None
+    access_headers: bytes | None = None
+    body_waiter: Callable[[], None] | None = None
 
 
 def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:

@@ -32,6 +32,7 @@ from datetime import UTC
 from typing import Any, TypeVar
 
 from kanal.contract import snapshot as snap
+from kanal.operator.accesscompile import rules_with_access
 from kanal.operator.conditions import (
     ACCEPTED,
     REASON_ACCEPTED,
@@ -257,6 +258,11 @@ def _secret_values(
     return tuple(found) if len(found) == len(wanted) else None
 
 
+def _secret_data(index: _Index, namespace: str, name: str) -> dict[str, str] | None:
+    secret = index.secret(namespace, name)
+    return None if secret is None else secret.values()
+
+
 # --------------------------------------------------------------------------- upstreams
 
 
@@ -440,6 +446,10 @@ def _compile_route(route: Route, index: _Index, emitted_upstreams: set[str]
     except ValueError as exc:
         return None, _rejected("Route", route.key, REASON_INVALID, str(exc), generation)
     _check_backends(rules, index, emitted_upstreams, problems)
+    if spec.policies is not None or any(rule.policies is not None for rule in spec.rules):
+        rules = rules_with_access(route.key, spec.policies, list(zip(rules, (
+            rule.policies for rule in spec.rules), strict=True)), namespace,
+            lambda name: _secret_data(index, namespace, name), problems.add)
     tls = None
     if spec.tls is not None:
         pair = _secret_values(index, namespace, spec.tls.secret_name,

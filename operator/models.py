@@ -38,6 +38,7 @@ from pydantic.alias_generators import to_camel
 
 from kanal.contract.names import wildcard_public_suffix
 from kanal.contract.patterns import PatternError, compile_pattern
+from kanal.operator.access import PoliciesSpec
 from kanal.operator.durations import Duration, PositiveDuration, parse_duration
 
 GROUP = "kanal.dev"
@@ -659,6 +660,11 @@ class RuleSpec(KanalModel):
         description="Whether valid WebSocket upgrades open a tunnel to the backend (default "
         "true); false answers them 403. Other upgrades are never tunnelled.",
     )
+    policies: PoliciesSpec | None = Field(
+        default=None,
+        description="Access policies of this rule; each kind set here replaces the Route's. "
+        "Default: the Route's policies.",
+    )
 
 
 class HstsSpec(KanalModel):
@@ -718,6 +724,12 @@ class RouteSpec(KanalModel):
         min_length=1, max_length=64,
         description="The rules, at least one and at most 64. The most specific match wins "
         "(Gateway API precedence); ties go to the older Route, then to the name.",
+    )
+    policies: PoliciesSpec | None = Field(
+        default=None,
+        description="Access policies for every rule (IP rules, API keys, basic auth, JWT, "
+        "external auth, rate limits); a rule's own `policies` replace them kind by kind. "
+        "Default: none.",
     )
 
     @model_validator(mode="after")
