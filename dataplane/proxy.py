@@ -42,6 +42,8 @@ from kanal.dataplane.tlspolicy import hsts_value, tls_answer
 if TYPE_CHECKING:
     from kanal.contract.snapshot import Retries, Route
     from kanal.dataplane.balancer import EndpointState
+    from kanal.dataplane.compress import Encoder
+    from kanal.dataplane.filters import Exchange, OwnAnswer
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
 
 log = logging.getLogger("kanal.proxy")
@@ -517,6 +519,7 @@ class ClientConnection(asyncio.Protocol):
     def _begin(self, request: Request) -> None:
         self.current = request
         self.body_limit = None
+        self.exchange = None
         self.route_key = ""
         self.upstream_key = ""
         self.response_started = False
@@ -572,6 +575,12 @@ class ClientConnection(asyncio.Protocol):
         if route_tls is not None or context.scheme == "https":
             if self._tls_policy(request, selection.route, host_text):
                 return
+        filters = selection.filters
+        if filters is not None:
+            exchange = self.exchange = filters.begin(request, scheme=context.scheme, peer=self.peer)
+            if exchange.answer is not None:
+                self._fail_request(exchange.answer.status, exchange.answer.reason, own=exchange.answer)
+                return
         rule = selection.rule
         if request.upgrade and not rule.allow_websocket:
             self._fail_request(403, f"{selection.route_key}: WebSocket upgrades are not allowed "
@@ -593,6 +602,8 @@ class ClientConnection(asyncio.Protocol):
             self._fail_request(503, f"route {selection.route_key} has no backend with weight above 0")
             return
         self.upstream_key = backend
+        if filters is not None:
+            filters.backend_chosen(exchange, request, backend)
         upstream = config.upstreams.get(backend)
         if upstream is None:
             self._fail_request(503, f"upstream {backend} does not exist")
@@ -888,14 +899,19 @@ class ClientConnection(asyncio.Protocol):
             headers = [(name, value) for name, value in headers if name.lower() not in named]
         no_body = conn.no_body or request.method == b"HEAD"
         conn.no_body = no_body
+        length = conn.content_length
+        exchange = self.exchange
+        if exchange is not None:
+            headers, length, self.encoder = exchange.response_head(
+                status, headers, length, no_body=no_body, chunked_ok=request.http11)
         # After an answer that refuses an upgrade, the client may already be speaking
         # the new protocol: nothing more on this connection can be read as HTTP.
         close = not request.keep_alive or self.close_after or request.upgrade
         lines = [status_line(status)]
         for name, value in headers:
             lines.append(name + b": " + value)
-        if conn.content_length is not None and not conn.chunked:
-            lines.append(b"Content-Length: " + conn.content_length)
+        if length is not None and not conn.chunked:
+            lines.append(b"Content-Length: " + length)
         elif no_body:
             pass
         elif request.http11:
@@ -922,6 +938,10 @@ class ClientConnection(asyncio.Protocol):
 
     def response_body(self, chunk: bytes) -> None:
         if self.response_chunked:
+            if self.encoder is not None:
+                chunk = self.encoder.compress(chunk)
+                if not chunk:
+                    return
             self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
             self._write(chunk)
@@ -932,6 +952,11 @@ class ClientConnection(asyncio.Protocol):
             conn.abort()
             return
         if self.response_chunked:
+            if self.encoder is not None:
+                tail = self.encoder.finish()
+                self.encoder = None
+                if tail:
+                    self._write(b"%x\r\n%b\r\n" % (len(tail), tail))
             self._write(_CHUNK_END)
         self.upstream = None
         if request.complete:
@@ -1085,7 +1110,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _fail_request(
         self, status: int, reason: str, *, close: bool = False, location: bytes | None = None,
-        overloaded: bool = False,
+        overloaded: bool = False, own: OwnAnswer | None = None,
     ) -> None:
         """Answer the current request with an error of the proxy's own."""
         request = self.current or self.parsing
@@ -1110,8 +1135,11 @@ class ClientConnection(asyncio.Protocol):
             extra += b"X-Kanal-Overloaded: true\r\n"
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
-        head = http1.error_head(status, len(body), keep_alive=keep, extra=extra)
-        self._write(head + (b"" if request.method == b"HEAD" else body))
+        if own is not None:  # an answer a filter gives (redirect, direct response, preflight)
+            self._write(own.encode(keep_alive=keep, head_only=request.method == b"HEAD"))
+        else:
+            head = http1.error_head(status, len(body), keep_alive=keep, extra=extra)
+            self._write(head + (b"" if request.method == b"HEAD" else body))
         if self.current is request:
             self._record(request, status)
         self.current = None
@@ -1193,6 +1221,8 @@ class ClientConnection(asyncio.Protocol):
     resent_stale: bool = False
     last_failure: tuple[int, str] | None = None
     try_timer: asyncio.TimerHandle | None = None
+    exchange: Exchange | None = None
+    encoder: Encoder | None = None
 
 
 def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:

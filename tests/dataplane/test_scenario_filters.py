@@ -1,0 +1,187 @@
+"""Scenario: Route filters through `kanal run`, seen on the wire by clients and backends.
+
+Requests are raw bytes and the backend records exactly what it receives, so each
+filter is checked where a user notices it: the headers and path the backend gets, the
+headers, status and body the client gets, and requests that never reach the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.conftest import header_values, raw_request, read_response, upstream_yaml
+
+ROUTE = r"""
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: web, namespace: default}
+spec:
+  hostnames: [filters.test]
+  rules:
+    - name: headers
+      matches: [{path: {type: PathPrefix, value: /hdr}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{name: X-Env, value: prod}]
+            add: [{name: X-Client, value: "${client_address} ${request_id} ${route_name} ${host}"}]
+            remove: [X-Secret]
+        - type: ResponseHeaderModifier
+          responseHeaderModifier:
+            set: [{name: X-Served-By, value: "${route_name}"}]
+            remove: [X-Backend]
+      backends: [{upstream: echo}]
+    - name: rewrite
+      matches: [{path: {type: PathPrefix, value: /api}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite:
+            hostname: internal.svc
+            path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}
+      backends: [{upstream: echo}]
+    - name: regex
+      matches: [{path: {type: RegularExpression, value: "/users/([0-9]+)/profile"}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplaceRegexMatch, replaceRegexMatch: "/profiles/\\1"}}
+      backends: [{upstream: echo}]
+    - name: moved
+      matches: [{path: {type: PathPrefix, value: /old}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect:
+            scheme: https
+            hostname: new.test
+            statusCode: 301
+            path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}
+    - name: robots
+      matches: [{path: {type: Exact, value: /robots.txt}}]
+      filters:
+        - type: DirectResponse
+          directResponse:
+            statusCode: 200
+            headers: [{name: Cache-Control, value: max-age=60}]
+            body: "User-agent: *\nDisallow: /\n"
+    - name: cors
+      matches: [{path: {type: PathPrefix, value: /cors}}]
+      filters:
+        - type: CORS
+          cors:
+            allowOrigins: ["https://app.example.com", "https://*.shop.test"]
+            allowMethods: [GET, PUT]
+            allowHeaders: [X-Token]
+            exposeHeaders: [X-Total]
+            allowCredentials: true
+            maxAge: 600
+      backends: [{upstream: echo}]
+"""
+
+
+@pytest.fixture(scope="module")
+def echo(module_backends):
+    return module_backends("echo")
+
+
+@pytest.fixture(scope="module")
+def k(module_kanal, echo):
+    return module_kanal({"echo.yaml": upstream_yaml("echo", echo), "route.yaml": ROUTE})
+
+
+async def send(k, head: str, body: bytes = b""):
+    (answer,) = await raw_request(k.port, head.encode() + b"\r\n" + body)
+    return answer
+
+
+async def send_head(k, head: str):
+    reader, writer = await asyncio.open_connection("127.0.0.1", k.port)
+    try:
+        writer.write(head.encode())
+        async with asyncio.timeout(10):
+            return await read_response(reader, head_request=True)
+    finally:
+        writer.close()
+
+
+async def test_request_and_response_headers_are_changed(k, echo) -> None:
+    answer = await send(k, "GET /hdr HTTP/1.1\r\nHost: Filters.test:80\r\nX-Env: dev\r\n"
+                           "X-Secret: s3cret\r\nX-Request-Id: req-7\r\n")
+    assert answer.status == 200
+    record = answer.json()
+    assert header_values(record, "X-Env") == ["prod"]
+    assert header_values(record, "X-Secret") == []
+    assert header_values(record, "X-Client") == ["127.0.0.1 req-7 default/web filters.test"]
+    assert answer.header("X-Served-By") == "default/web"
+    assert answer.header("X-Backend") is None
+
+
+async def test_url_rewrite_changes_host_and_prefix_on_whole_segments(k, echo) -> None:
+    answer = await send(k, "GET /api/orders/7?full=1 HTTP/1.1\r\nHost: filters.test\r\n")
+    record = answer.json()
+    assert record["path"] == "/v2/orders/7?full=1"
+    assert header_values(record, "Host") == ["internal.svc"]
+    assert header_values(record, "X-Forwarded-Host") == ["filters.test"]
+    answer = await send(k, "GET /api HTTP/1.1\r\nHost: filters.test\r\n")
+    assert answer.json()["path"] == "/v2"
+
+
+async def test_regex_rewrite_uses_the_matchs_groups(k, echo) -> None:
+    answer = await send(k, "GET /users/42/profile?tab=1 HTTP/1.1\r\nHost: filters.test\r\n")
+    assert answer.json()["path"] == "/profiles/42?tab=1"
+
+
+async def test_redirect_never_reaches_the_backend(k, echo) -> None:
+    before = len(echo.received)
+    answer = await send(k, "GET /old/page?x=1 HTTP/1.1\r\nHost: filters.test:8080\r\n")
+    assert answer.status == 301
+    assert answer.header("Location") == "https://new.test/new/page?x=1"
+    assert len(echo.received) == before
+
+
+async def test_direct_response(k, echo) -> None:
+    before = len(echo.received)
+    answer = await send(k, "GET /robots.txt HTTP/1.1\r\nHost: filters.test\r\n")
+    assert (answer.status, answer.body) == (200, b"User-agent: *\nDisallow: /\n")
+    assert answer.header("Cache-Control") == "max-age=60"
+    assert answer.header("Content-Type") == "text/plain; charset=utf-8"
+    head = await send_head(k, "HEAD /robots.txt HTTP/1.1\r\nHost: filters.test\r\n\r\n")
+    assert head.body == b""
+    assert head.status == 200 and head.header("Content-Length") == "26"
+    assert len(echo.received) == before
+
+
+async def test_cors_preflight_is_answered_by_the_proxy(k, echo) -> None:
+    before = len(echo.received)
+    allowed = await send(k, "OPTIONS /cors/items HTTP/1.1\r\nHost: filters.test\r\n"
+                            "Origin: https://app.example.com\r\n"
+                            "Access-Control-Request-Method: PUT\r\n"
+                            "Access-Control-Request-Headers: x-token\r\n")
+    assert allowed.status == 204
+    assert allowed.header("Access-Control-Allow-Origin") == "https://app.example.com"
+    assert allowed.header("Access-Control-Allow-Credentials") == "true"
+    assert allowed.header("Access-Control-Allow-Methods") == "GET, PUT"
+    assert allowed.header("Access-Control-Max-Age") == "600"
+    other = await send(k, "OPTIONS /cors/items HTTP/1.1\r\nHost: filters.test\r\n"
+                          "Origin: https://evil.example\r\n"
+                          "Access-Control-Request-Method: PUT\r\n")
+    assert other.status == 204
+    assert not [name for name, _ in other.headers if name.lower().startswith("access-control")]
+    assert len(echo.received) == before
+
+
+async def test_cors_on_actual_requests(k, echo) -> None:
+    answer = await send(k, "GET /cors/items HTTP/1.1\r\nHost: filters.test\r\n"
+                           "Origin: https://a.shop.test\r\n")
+    assert answer.status == 200
+    assert answer.header("Access-Control-Allow-Origin") == "https://a.shop.test"
+    assert answer.header("Access-Control-Expose-Headers") == "X-Total"
+    other = await send(k, "GET /cors/items HTTP/1.1\r\nHost: filters.test\r\n"
+                          "Origin: https://shop.test.evil\r\n")
+    assert other.status == 200
+    assert other.header("Access-Control-Allow-Origin") is None
+
+
+async def test_a_rule_without_filters_is_untouched(k, echo) -> None:
+    answer = await send(k, "GET /hdr-not HTTP/1.1\r\nHost: other.test\r\n")
+    assert answer.status == 404
