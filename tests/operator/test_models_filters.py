@@ -110,3 +110,14 @@ def test_filters_compile_to_the_snapshot() -> None:
         set=(snap.HeaderValue("X-A", "${host}"),), remove=("X-B",)))
     assert compiled[1].request_mirror == snap.RequestMirror("shop/shadow", 10, 65536)
     assert compiled[2].compression == snap.Compression()
+
+
+def test_the_filters_example_is_valid() -> None:
+    from pathlib import Path
+
+    from kanal.operator.manifests import load_manifests
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    manifests, problems = load_manifests([str(examples)])
+    assert problems == []
+    assert "Route default/shop-filters" in [m.subject for m in manifests]
