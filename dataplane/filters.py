@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from kanal.contract.snapshot import (
     Compression,
@@ -268,13 +268,14 @@ class _Stage:
     response: list[HeaderOps] = field(default_factory=list)
     cors: CorsPolicy | None = None
     compression: CompressionPolicy | None = None
-    names: list[str] = field(default_factory=list)
+    order: list[tuple[str, _Step | None]] = field(default_factory=list)
+    """Every filter in the order written, with its request step if it has one."""
 
 
 def _stage(filters: tuple[Filter, ...], rule: Rule) -> _Stage:
     stage = _Stage()
     for item in filters:
-        stage.names.append(item.type)
+        count = len(stage.steps)
         if item.request_header_modifier is not None:
             stage.steps.append(_RequestHeaders(item.request_header_modifier))
         elif item.response_header_modifier is not None:
@@ -294,6 +295,7 @@ def _stage(filters: tuple[Filter, ...], rule: Rule) -> _Stage:
             stage.compression = CompressionPolicy.compile(item.compression)
         else:
             raise ValueError(f"filter {item.type} carries no settings")
+        stage.order.append((item.type, stage.steps[-1] if len(stage.steps) > count else None))
     return stage
 
 
@@ -321,9 +323,45 @@ class RuleFilters:
         return cls(route.key, _stage(rule.filters, rule), backends,
                    rng or random.Random(), new_id or (lambda: uuid.uuid4().hex))
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.rule_stage.names)
+    def explain(self, *, method: str, host: str, target: str, headers: Mapping[str, str],
+                scheme: str) -> dict[str, Any]:
+        """What the filters would do to a request, as /explain shows it.
+
+        The filters that would run, in order (an answer ends them), the answer if one
+        is given, else the request as the backend would get it: method, Host, path and
+        the headers that change (per backend where backends have filters of their own).
+        """
+        request = _ExplainedRequest(method.encode("latin-1"), target.encode("latin-1"),
+                                    host.encode("latin-1") if host else None,
+                                    [(name.encode("latin-1"), value.encode("latin-1"))
+                                     for name, value in headers.items() if name != "host"])
+        before = list(request.headers)
+        exchange = Exchange(self, request, scheme, "(client address)")
+        exchange.values = _Values(request, self.route_key, "(client address)",
+                                  lambda: "(a fresh id)")
+        ran: list[str] = []
+        for name, step in self.rule_stage.order:
+            ran.append(name)
+            answer = step.run(request, exchange) if step is not None else None
+            if answer is not None:
+                answer = exchange.own_answer(answer)
+                return {"filters": ran, "answer": {
+                    "status": answer.status, "reason": answer.reason,
+                    "headers": _texts(answer.headers)}, "request": None}
+        result: dict[str, Any] = {"filters": ran, "answer": None,
+                                  "request": _rewritten(request, before, host)}
+        backends: dict[str, Any] = {}
+        for upstream, stage in self.backends.items():
+            copy = _ExplainedRequest(request.method, request.target, request.host,
+                                     list(request.headers))
+            for _, step in stage.order:
+                if step is not None:
+                    step.run(copy, exchange)
+            backends[upstream] = {"filters": [name for name, _ in stage.order],
+                                  "request": _rewritten(copy, before, host)}
+        if backends:
+            result["backends"] = backends
+        return result
 
     def begin(self, request: RequestView, *, scheme: str, peer: str) -> Exchange:
         """Run the rule's request steps; the exchange's `answer` is set if one answered."""
@@ -343,6 +381,35 @@ class RuleFilters:
         exchange.backend_stage = stage
         for step in stage.steps:
             step.run(request, exchange)
+
+
+@dataclass(slots=True)
+class _ExplainedRequest:
+    method: bytes
+    target: bytes
+    host: bytes | None
+    headers: list[tuple[bytes, bytes]]
+
+
+def _texts(headers: Headers) -> list[list[str]]:
+    return [[name.decode("latin-1"), value.decode("latin-1")] for name, value in headers]
+
+
+def _rewritten(request: _ExplainedRequest, before: Headers, host: str) -> dict[str, Any]:
+    """The request as the backend would get it, and the headers that changed."""
+    after = request.headers
+    new_host = next((value.decode("latin-1") for name, value in after
+                     if name.lower() == b"host"), host)
+    old = {name.lower() for name, _ in before}
+    now = {name.lower() for name, _ in after}
+    return {
+        "method": request.method.decode("latin-1"),
+        "host": new_host,
+        "target": request.target.decode("latin-1"),
+        "headers_added": _texts([pair for pair in after
+                                 if pair not in before and pair[0].lower() != b"host"]),
+        "headers_removed": sorted(name.decode("latin-1") for name in old - now),
+    }
 
 
 class Exchange:

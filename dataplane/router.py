@@ -566,7 +566,14 @@ class RouteTable:
                 entry = _describe_candidate(c, None)
                 entry.update(result="no match", reasons=[reason])
                 entries.append(entry)
-        return _explanation(self, host, method, path, query, as_sent, decoded, chosen, entries)
+        result = _explanation(self, host, method, path, query, as_sent, decoded, chosen, entries)
+        filters = chosen.selection.filters if chosen is not None else None
+        if filters is not None:
+            # What the rule's filters would do: in order, and the rewritten request.
+            result["filters"] = filters.explain(
+                method=method, host=host, target=path + (f"?{query}" if query else ""),
+                headers=headers, scheme="http")
+        return result
 
     def _labelled_levels(self, host: str) -> Iterable[tuple[str, _Level]]:
         """The candidate groups for a normalized host with the hostname each matched by."""

@@ -185,3 +185,32 @@ async def test_cors_on_actual_requests(k, echo) -> None:
 async def test_a_rule_without_filters_is_untouched(k, echo) -> None:
     answer = await send(k, "GET /hdr-not HTTP/1.1\r\nHost: other.test\r\n")
     assert answer.status == 404
+
+
+def explain(k, query: str) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{k.admin}/explain?{query}", timeout=5) as answer:
+        return json.loads(answer.read())
+
+
+def test_explain_lists_the_filters_and_the_rewritten_request(k) -> None:
+    found = explain(k, "url=http://filters.test/hdr/x%3Fa%3D1&header=X-Secret:1")
+    assert found["rule"]["name"] == "headers"
+    filters = found["filters"]
+    assert filters["filters"] == ["RequestHeaderModifier", "ResponseHeaderModifier"]
+    request = filters["request"]
+    assert request["host"] == "filters.test" and request["method"] == "GET"
+    assert ["X-Env", "prod"] in request["headers_added"]
+    assert request["headers_removed"] == ["x-secret"]
+    rewritten = explain(k, "url=http://filters.test/api/orders")["filters"]["request"]
+    assert (rewritten["host"], rewritten["target"]) == ("internal.svc", "/v2/orders")
+
+
+def test_explain_shows_the_answer_of_a_redirect(k) -> None:
+    found = explain(k, "url=http://filters.test/old/a")["filters"]
+    assert found["filters"] == ["RequestRedirect"] and found["request"] is None
+    assert found["answer"]["status"] == 301
+    assert found["answer"]["headers"] == [["Location", "https://new.test/new/a"]]
+    assert "filters" not in explain(k, "url=http://other.test/")
