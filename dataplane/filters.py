@@ -73,6 +73,14 @@ class OwnAnswer:
         return head if head_only or self.status in (204, 304) else head + self.body
 
 
+class BodyCopy(Protocol):
+    """A request's copy for RequestMirror, fed the body as it arrives (dataplane/mirror.py)."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def complete(self) -> None: ...
+
+
 class _Values:
     """The variables' values for one request, computed on first use."""
 
@@ -415,8 +423,8 @@ def _rewritten(request: _ExplainedRequest, before: Headers, host: str) -> dict[s
 class Exchange:
     """What the filters keep of one request until its answer."""
 
-    __slots__ = ("accept_encoding", "answer", "backend_stage", "filters", "mirrors", "origin",
-                 "ranged", "rng", "scheme", "values")
+    __slots__ = ("accept_encoding", "answer", "backend_stage", "copy", "filters", "mirrors",
+                 "origin", "ranged", "rng", "scheme", "values")
 
     def __init__(self, filters: RuleFilters, request: RequestView, scheme: str,
                  peer: str) -> None:
@@ -427,6 +435,7 @@ class Exchange:
         self.answer: OwnAnswer | None = None
         self.backend_stage: _Stage | None = None
         self.mirrors: list[RequestMirror] = []
+        self.copy: BodyCopy | None = None
         self.origin: bytes | None = None
         self.accept_encoding: bytes | None = None
         self.ranged = False

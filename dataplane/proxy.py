@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import httptools
 
 from kanal.dataplane import headers as hdrs
-from kanal.dataplane import http1
+from kanal.dataplane import http1, mirror
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.http1 import (
     KEEPALIVE_TIMEOUT,
@@ -474,6 +474,9 @@ class ClientConnection(asyncio.Protocol):
         request = self.parsing
         if request is None:
             return
+        exchange = self.exchange
+        if exchange is not None and exchange.copy is not None and request is self.current:
+            exchange.copy.feed(body)  # a RequestMirror's copy of the body
         if request is self.current and self.request_sent and self.upstream is not None:
             if self.body_limit is not None:
                 request.body_size += len(body)
@@ -510,6 +513,10 @@ class ClientConnection(asyncio.Protocol):
             return
         request.complete = True
         self.parsing = None
+        exchange = self.exchange
+        if exchange is not None and exchange.copy is not None and request is self.current:
+            exchange.copy.complete()  # the RequestMirror copies go out
+            exchange.copy = None
         if request is self.current and self.request_sent and self.upstream is not None:
             if request.chunked:
                 self.upstream.write(_CHUNK_END)
@@ -627,6 +634,11 @@ class ClientConnection(asyncio.Protocol):
         if timeout:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
         self.head = self._request_head(request, config)
+        if filters is not None and exchange.mirrors and not request.upgrade:
+            exchange.copy = mirror.start(
+                context, config, exchange.mirrors, self.head, body=request.body,
+                complete=request.complete, chunked=request.chunked,
+                head_only=request.method == b"HEAD")
         if request.expect_continue and not request.complete and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._attempt(request, None)

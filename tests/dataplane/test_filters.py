@@ -284,3 +284,15 @@ def test_cors_answer_to_a_disallowed_origin_drops_the_backends_cors_headers() ->
 def test_an_applications_own_options_request_is_not_a_preflight() -> None:
     request = Req(method=b"OPTIONS", headers=[(b"Origin", b"https://app.example.com")])
     assert cors_filters().begin(request, scheme="http", peer="").answer is None
+
+
+def test_mirror_percent_samples_requests() -> None:
+    from kanal.contract.snapshot import RequestMirror
+
+    filters = compiled(Filter("RequestMirror", request_mirror=RequestMirror("shop/shadow", 25)),
+                       Filter("RequestMirror", request_mirror=RequestMirror("shop/all")))
+    picked = [[m.upstream for m in filters.begin(Req(), scheme="http", peer="").mirrors]
+              for _ in range(400)]
+    assert all("shop/all" in p for p in picked)
+    shadowed = sum("shop/shadow" in p for p in picked)
+    assert 60 < shadowed < 140  # 25% of 400, seeded

@@ -11,7 +11,13 @@ import asyncio
 
 import pytest
 
-from tests.conftest import header_values, raw_request, read_response, upstream_yaml
+from tests.conftest import (
+    async_wait_until,
+    header_values,
+    raw_request,
+    read_response,
+    upstream_yaml,
+)
 
 ROUTE = r"""
 apiVersion: kanal.dev/v1alpha1
@@ -64,6 +70,20 @@ spec:
             statusCode: 200
             headers: [{name: Cache-Control, value: max-age=60}]
             body: "User-agent: *\nDisallow: /\n"
+    - name: mirror
+      matches: [{path: {type: PathPrefix, value: /mirror}}]
+      filters:
+        - type: RequestMirror
+          requestMirror: {upstream: shadow, maxBodySize: 1Ki}
+        - type: RequestMirror
+          requestMirror: {upstream: silent}
+      backends: [{upstream: echo}]
+    - name: mirror-none
+      matches: [{path: {type: PathPrefix, value: /unmirrored}}]
+      filters:
+        - type: RequestMirror
+          requestMirror: {upstream: shadow, percent: 0}
+      backends: [{upstream: echo}]
     - name: cors
       matches: [{path: {type: PathPrefix, value: /cors}}]
       filters:
@@ -85,8 +105,72 @@ def echo(module_backends):
 
 
 @pytest.fixture(scope="module")
-def k(module_kanal, echo):
-    return module_kanal({"echo.yaml": upstream_yaml("echo", echo), "route.yaml": ROUTE})
+def shadow(module_backends):
+    return module_backends("shadow")
+
+
+class Silent:
+    """A mirror backend that accepts connections, reads everything and never answers."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.received = bytearray()
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.port = self.server.getsockname()[1]
+        self.connections: list = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections.append(conn)
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn) -> None:
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            self.received += data
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self.connections:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def silent():
+    server = Silent()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def k(module_kanal, echo, shadow, silent):
+    silent_yaml = f"""
+apiVersion: kanal.dev/v1alpha1
+kind: Upstream
+metadata: {{name: silent}}
+spec:
+  endpoints: [{{address: 127.0.0.1, port: {silent.port}}}]
+"""
+    return module_kanal({"echo.yaml": upstream_yaml("echo", echo),
+                         "shadow.yaml": upstream_yaml("shadow", shadow),
+                         "silent.yaml": silent_yaml, "route.yaml": ROUTE})
 
 
 async def send(k, head: str, body: bytes = b""):
@@ -214,3 +298,64 @@ def test_explain_shows_the_answer_of_a_redirect(k) -> None:
     assert found["answer"]["status"] == 301
     assert found["answer"]["headers"] == [["Location", "https://new.test/new/a"]]
     assert "filters" not in explain(k, "url=http://other.test/")
+
+
+def metric(k, line_start: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{k.admin}/metrics", timeout=5) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_mirror_copies_arrive_while_the_client_gets_the_first_backends_answer(
+        k, echo, shadow, silent) -> None:
+    answer = await send(k, "POST /mirror/orders?x=1 HTTP/1.1\r\nHost: filters.test\r\n"
+                           "Content-Length: 11\r\nX-Tag: m1\r\n", b"hello world")
+    # The silent mirror never answers: the client's answer came from echo regardless.
+    assert answer.status == 200 and answer.json()["backend"] == "echo"
+    assert answer.json()["body_size"] == 11
+
+    def copied() -> list:
+        return [r for r in shadow.received if header_values(r, "X-Tag") == ["m1"]]
+
+    await async_wait_until(lambda: _true(bool(copied())))
+    (copy,) = copied()
+    assert (copy["method"], copy["path"], copy["body_size"]) == ("POST", "/mirror/orders?x=1", 11)
+    await async_wait_until(lambda: _true(b"X-Tag: m1" in silent.received))
+    await async_wait_until(lambda: _true(
+        metric(k, 'kanal_upstream_events_total{event="mirrored",upstream="default/shadow"}') >= 1))
+
+
+async def test_chunked_bodies_are_mirrored_and_large_ones_are_not(k, echo, shadow) -> None:
+    answer = await send(k, "POST /mirror/c HTTP/1.1\r\nHost: filters.test\r\n"
+                           "Transfer-Encoding: chunked\r\nX-Tag: m2\r\n",
+                        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    assert answer.status == 200 and answer.json()["body_size"] == 11
+    await async_wait_until(lambda: _true(any(
+        header_values(r, "X-Tag") == ["m2"] and r["body_size"] == 11 for r in shadow.received)))
+    big = b"x" * 4096  # over the shadow mirror's maxBodySize of 1Ki
+    answer = await send(k, "POST /mirror/big HTTP/1.1\r\nHost: filters.test\r\n"
+                           f"Content-Length: {len(big)}\r\nX-Tag: m3\r\n", big)
+    assert answer.status == 200 and answer.json()["body_size"] == 4096
+    await async_wait_until(lambda: _true(metric(
+        k, 'kanal_upstream_events_total{event="mirror_skipped",upstream="default/shadow"}') >= 1))
+    assert not [r for r in shadow.received if header_values(r, "X-Tag") == ["m3"]]
+
+
+async def test_percent_zero_mirrors_nothing(k, echo, shadow) -> None:
+    for _ in range(5):
+        answer = await send(k, "GET /unmirrored HTTP/1.1\r\nHost: filters.test\r\nX-Tag: m4\r\n")
+        assert answer.status == 200
+    # A mirrored request would have been sent before its answer; the shadow has none.
+    marker = await send(k, "GET /mirror/marker HTTP/1.1\r\nHost: filters.test\r\nX-Tag: m5\r\n")
+    assert marker.status == 200
+    await async_wait_until(lambda: _true(any(header_values(r, "X-Tag") == ["m5"]
+                                             for r in shadow.received)))
+    assert not [r for r in shadow.received if header_values(r, "X-Tag") == ["m4"]]
+
+
+async def _true(value: bool) -> bool:
+    return value
