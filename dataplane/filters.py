@@ -322,13 +322,22 @@ class RuleFilters:
 
     @classmethod
     def build(cls, route: Route, rule: Rule, *, rng: random.Random | None = None,
-              new_id: Callable[[], str] | None = None) -> RuleFilters | None:
-        """The compiled filters of `rule`, or None when neither it nor a backend has any."""
-        if not rule.filters and not any(backend.filters for backend in rule.backends):
+              new_id: Callable[[], str] | None = None,
+              compress_all: bool = False) -> RuleFilters | None:
+        """The compiled filters of `rule`, or None when neither it nor a backend has any.
+
+        `compress_all` (the listener's --compression) gives a rule without a Compression
+        filter one with the defaults.
+        """
+        if (not rule.filters and not compress_all
+                and not any(backend.filters for backend in rule.backends)):
             return None
         backends = {backend.upstream: _stage(backend.filters, rule)
                     for backend in rule.backends if backend.filters}
-        return cls(route.key, _stage(rule.filters, rule), backends,
+        stage = _stage(rule.filters, rule)
+        if compress_all and stage.compression is None:
+            stage.compression = CompressionPolicy.compile(Compression())
+        return cls(route.key, stage, backends,
                    rng or random.Random(), new_id or (lambda: uuid.uuid4().hex))
 
     def explain(self, *, method: str, host: str, target: str, headers: Mapping[str, str],
@@ -356,6 +365,8 @@ class RuleFilters:
                 return {"filters": ran, "answer": {
                     "status": answer.status, "reason": answer.reason,
                     "headers": _texts(answer.headers)}, "request": None}
+        if self.rule_stage.compression is not None and "Compression" not in ran:
+            ran.append("Compression (--compression)")
         result: dict[str, Any] = {"filters": ran, "answer": None,
                                   "request": _rewritten(request, before, host)}
         backends: dict[str, Any] = {}

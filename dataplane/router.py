@@ -393,11 +393,13 @@ class RouteTable:
         snapshot: Snapshot,
         gateway: Gateway | str = "ingress",
         rng: random.Random | None = None,
+        compress_all: bool = False,
     ) -> RouteTable:
         """Compile the routes of `snapshot` that serve `gateway`.
 
         `rng`, if given, starts each Split at a random point of its cycle so frequent
         reloads do not keep restarting every split on its first backend.
+        `compress_all` gives every rule without a Compression filter one (--compression).
         """
         regexes: dict[str, UserPattern] = {}
         compiled: list[tuple[Route, tuple[_Candidate, ...]]] = []
@@ -406,7 +408,7 @@ class RouteTable:
         any_group: list[_Candidate] = []
         routes = [route for route in snapshot.routes if gateway in route.gateways]
         for route_pos, route in enumerate(routes):
-            candidates = tuple(_compile_route(route_pos, route, regexes, rng))
+            candidates = tuple(_compile_route(route_pos, route, regexes, rng, compress_all))
             compiled.append((route, candidates))
             for hostname in _hostnames(route):
                 if hostname == "*":
@@ -600,11 +602,12 @@ def _hostnames(route: Route) -> list[str]:
 
 
 def _compile_route(
-    route_pos: int, route: Route, regexes: dict[str, UserPattern], rng: random.Random | None
+    route_pos: int, route: Route, regexes: dict[str, UserPattern], rng: random.Random | None,
+    compress_all: bool = False,
 ) -> Iterable[_Candidate]:
     for rule_pos, rule in enumerate(route.rules):
         selection = Selection(route.key, rule, Split.from_rule(rule, rng), route,
-                              RuleFilters.build(route, rule, rng=rng))
+                              RuleFilters.build(route, rule, rng=rng, compress_all=compress_all))
         matches = rule.matches or (Match(),)  # no matches: the rule takes every request
         for match_index, match in enumerate(matches):
             yield _Candidate(

@@ -90,9 +90,8 @@ def origin():
     pool.close()
 
 
-@pytest.fixture(scope="module")
-def k(module_kanal, origin):
-    manifests = f"""
+def manifests(origin: int) -> str:
+    return f"""
 apiVersion: kanal.dev/v1alpha1
 kind: Upstream
 metadata: {{name: origin}}
@@ -117,7 +116,16 @@ spec:
   hostnames: [plain.test]
   rules: [{{backends: [{{upstream: origin}}]}}]
 """
-    return module_kanal({"site.yaml": manifests})
+
+
+@pytest.fixture(scope="module")
+def k(module_kanal, origin):
+    return module_kanal({"site.yaml": manifests(origin)})
+
+
+@pytest.fixture(scope="module")
+def k_all(module_kanal, origin):
+    return module_kanal({"site.yaml": manifests(origin)}, "--compression")
 
 
 async def get(k, path: str, accept: str | None = "gzip", *, host: str = "compress.test",
@@ -233,3 +241,11 @@ async def test_a_large_stream_compresses_with_bounded_memory(k) -> None:
         writer.close()
     assert decoded == total
     assert peak - before < 32 * MiB, f"proxy memory grew by {(peak - before) // MiB} MiB"
+
+
+async def test_the_compression_flag_compresses_every_rule(k_all) -> None:
+    answer = await get(k_all, "/text?size=20000", "gzip", host="plain.test")
+    assert answer.header("Content-Encoding") == "gzip"
+    assert gzip.decompress(answer.body) == text(20000)
+    small = await get(k_all, "/text?size=100", "gzip", host="plain.test")
+    assert small.header("Content-Encoding") is None and small.body == text(100)
