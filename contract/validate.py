@@ -120,6 +120,8 @@ def _one_filter(item: Filter) -> Iterator[str]:
             yield f"header name {header.name!r} is not a token"
         if not wire_safe(header.value):
             yield f"header {header.name} value holds CR, LF or NUL"
+        elif not header.value.isascii():
+            yield f"header {header.name} value is not ASCII"
         try:
             parse_template(header.value)
         except TemplateError as exc:

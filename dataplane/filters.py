@@ -176,6 +176,8 @@ class _Rewrite:
             # so X-Forwarded-Host still says what the client asked for.
             request.headers = [pair for pair in request.headers if pair[0].lower() != b"host"]
             request.headers.append((b"Host", hostname))
+            if request.host is None:  # an HTTP/1.0 request without Host: this is its Host
+                request.host = hostname
         if self.path is not None:
             path, sep, query = request.target.partition(b"?")
             new_path = self.path.rewrite(path.decode("latin-1")).encode("latin-1")

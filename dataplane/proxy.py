@@ -586,6 +586,8 @@ class ClientConnection(asyncio.Protocol):
         if filters is not None:
             exchange = self.exchange = filters.begin(request, scheme=context.scheme, peer=self.peer)
             if exchange.answer is not None:
+                if not request.chunked and request.content_length in (None, b"0"):
+                    request.complete = True  # no body follows: the connection stays open
                 self._fail_request(exchange.answer.status, exchange.answer.reason, own=exchange.answer)
                 return
         rule = selection.rule

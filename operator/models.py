@@ -606,6 +606,9 @@ _REQUEST_PROTECTED = _FRAMING_HEADERS | {"host", "x-forwarded-for", "x-forwarded
 def _header_value(value: str) -> str:
     if not wire_safe(value):
         raise ValueError("must not contain CR, LF or NUL (they would split the header)")
+    if not all(" " <= char <= "~" or char == "\t" for char in value):
+        raise ValueError("must hold only visible ASCII, spaces and tabs (percent-encode the "
+                         "rest)")
     try:
         parse_template(value)
     except TemplateError as exc:

@@ -359,3 +359,15 @@ async def test_percent_zero_mirrors_nothing(k, echo, shadow) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_the_proxys_own_answers_keep_the_connection_open(k, echo) -> None:
+    answers = await raw_request(k.port, (
+        b"GET /old/x HTTP/1.1\r\nHost: filters.test\r\n\r\n"
+        b"OPTIONS /cors/y HTTP/1.1\r\nHost: filters.test\r\nOrigin: https://app.example.com\r\n"
+        b"Access-Control-Request-Method: GET\r\n\r\n"
+        b"GET /robots.txt HTTP/1.1\r\nHost: filters.test\r\n\r\n"
+        b"GET /api/z HTTP/1.1\r\nHost: filters.test\r\n\r\n"), responses=4)
+    assert [a.status for a in answers] == [301, 204, 200, 200]
+    assert [a.header("Connection") for a in answers[:3]] == ["keep-alive"] * 3
+    assert answers[3].json()["path"] == "/v2/z"

@@ -121,3 +121,9 @@ def test_the_filters_example_is_valid() -> None:
     manifests, problems = load_manifests([str(examples)])
     assert problems == []
     assert "Route default/shop-filters" in [m.subject for m in manifests]
+
+
+def test_header_values_are_ascii() -> None:
+    found = route_errors(rules=[rule(headers_filter(set=[{"name": "X-A", "value": "caf\u00e9 \u65e5"}]))])
+    assert found[0][0] == "spec.rules[0].filters[0].requestHeaderModifier.set[0].value"
+    assert "visible ASCII" in found[0][1]
