@@ -423,10 +423,12 @@ def _rewritten(request: _ExplainedRequest, before: Headers, host: str) -> dict[s
                      if name.lower() == b"host"), host)
     old = {name.lower() for name, _ in before}
     now = {name.lower() for name, _ in after}
+    path, _, query = request.target.decode("latin-1").partition("?")
     return {
         "method": request.method.decode("latin-1"),
         "host": new_host,
-        "target": request.target.decode("latin-1"),
+        "path": path,
+        "query": query,
         "headers_added": _texts([pair for pair in after
                                  if pair not in before and pair[0].lower() != b"host"]),
         "headers_removed": sorted(name.decode("latin-1") for name in old - now),

@@ -289,7 +289,7 @@ def test_explain_lists_the_filters_and_the_rewritten_request(k) -> None:
     assert ["X-Env", "prod"] in request["headers_added"]
     assert request["headers_removed"] == ["x-secret"]
     rewritten = explain(k, "url=http://filters.test/api/orders")["filters"]["request"]
-    assert (rewritten["host"], rewritten["target"]) == ("internal.svc", "/v2/orders")
+    assert (rewritten["host"], rewritten["path"]) == ("internal.svc", "/v2/orders")
 
 
 def test_explain_shows_the_answer_of_a_redirect(k) -> None:
