@@ -128,22 +128,40 @@ def _render(value: tuple[Part, ...] | bytes, values: _Values) -> bytes:
 
 
 class HeaderOps:
-    """A HeaderModifier: remove, then set (replacing every copy), then add."""
+    """A HeaderModifier: remove, then set (replacing every copy), then add.
 
-    __slots__ = ("drop", "put")
+    `add` appends its value to the header's list as Gateway API's example writes it
+    (`my-header: foo` plus `bar` is `my-header: foo,bar`), or adds the header when the
+    message has none. `Set-Cookie`, which cannot be joined (RFC 9110 5.3), gets a line
+    of its own.
+    """
+
+    __slots__ = ("add", "drop", "set")
 
     def __init__(self, spec: HeaderModifier) -> None:
         self.drop = frozenset(
             [name.lower().encode("latin-1") for name in spec.remove]
             + [h.name.lower().encode("latin-1") for h in spec.set])
-        self.put = tuple((h.name.encode("latin-1"), _template(h.value))
-                         for h in (*spec.set, *spec.add))
+        self.set = tuple((h.name.encode("latin-1"), _template(h.value)) for h in spec.set)
+        self.add = tuple((h.name.encode("latin-1"), h.name.lower().encode("latin-1"),
+                          _template(h.value)) for h in spec.add)
 
     def apply(self, headers: Headers, values: _Values) -> Headers:
         drop = self.drop
         out = [pair for pair in headers if pair[0].lower() not in drop] if drop else headers
-        for name, value in self.put:
+        for name, value in self.set:
             out.append((name, _render(value, values)))
+        for name, lower, value in self.add:
+            rendered = _render(value, values)
+            if lower != b"set-cookie":
+                for index in range(len(out) - 1, -1, -1):
+                    if out[index][0].lower() == lower:
+                        out[index] = (out[index][0], out[index][1] + b"," + rendered)
+                        break
+                else:
+                    out.append((name, rendered))
+            else:
+                out.append((name, rendered))
         return out
 
 

@@ -640,8 +640,8 @@ class HeaderModifierSpec(KanalModel):
         description="Headers to set, replacing any value the message had.")
     add: list[HTTPHeaderSpec] = Field(
         default_factory=list, max_length=32,
-        description="Headers to add, keeping values the message had (a list header gets "
-        "one more value).")
+        description="Headers to add, keeping values the message had: `foo` plus `bar` "
+        "is `foo,bar` (Set-Cookie gets a line of its own).")
     remove: list[HeaderName] = Field(
         default_factory=list, max_length=32,
         description="Names of headers to remove (case-insensitive).")

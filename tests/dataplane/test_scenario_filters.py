@@ -371,3 +371,10 @@ async def test_the_proxys_own_answers_keep_the_connection_open(k, echo) -> None:
     assert [a.status for a in answers] == [301, 204, 200, 200]
     assert [a.header("Connection") for a in answers[:3]] == ["keep-alive"] * 3
     assert answers[3].json()["path"] == "/v2/z"
+
+
+async def test_add_appends_to_a_header_the_request_has(k, echo) -> None:
+    answer = await send(k, "GET /hdr HTTP/1.1\r\nHost: filters.test\r\nX-Client: edge-1\r\n"
+                           "X-Request-Id: r2\r\n")
+    assert header_values(answer.json(), "X-Client") == [
+        "edge-1,127.0.0.1 r2 default/web filters.test"]
