@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import (
     async_wait_until,
+    free_port,
     header_values,
     raw_request,
     read_response,
@@ -77,6 +78,12 @@ spec:
           requestMirror: {upstream: shadow, maxBodySize: 1Ki}
         - type: RequestMirror
           requestMirror: {upstream: silent}
+      backends: [{upstream: echo}]
+    - name: mirror-dead
+      matches: [{path: {type: PathPrefix, value: /dead-mirror}}]
+      filters:
+        - type: RequestMirror
+          requestMirror: {upstream: dead}
       backends: [{upstream: echo}]
     - name: mirror-none
       matches: [{path: {type: PathPrefix, value: /unmirrored}}]
@@ -168,7 +175,14 @@ metadata: {{name: silent}}
 spec:
   endpoints: [{{address: 127.0.0.1, port: {silent.port}}}]
 """
-    return module_kanal({"echo.yaml": upstream_yaml("echo", echo),
+    dead_yaml = f"""
+apiVersion: kanal.dev/v1alpha1
+kind: Upstream
+metadata: {{name: dead}}
+spec:
+  endpoints: [{{address: 127.0.0.1, port: {free_port()}}}]
+"""
+    return module_kanal({"echo.yaml": upstream_yaml("echo", echo), "dead.yaml": dead_yaml,
                          "shadow.yaml": upstream_yaml("shadow", shadow),
                          "silent.yaml": silent_yaml, "route.yaml": ROUTE})
 
@@ -378,3 +392,11 @@ async def test_add_appends_to_a_header_the_request_has(k, echo) -> None:
                            "X-Request-Id: r2\r\n")
     assert header_values(answer.json(), "X-Client") == [
         "edge-1,127.0.0.1 r2 default/web filters.test"]
+
+
+async def test_a_mirror_that_cannot_be_reached_is_counted_and_changes_nothing(k, echo) -> None:
+    for _ in range(2):
+        answer = await send(k, "GET /dead-mirror HTTP/1.1\r\nHost: filters.test\r\n")
+        assert answer.status == 200 and answer.json()["backend"] == "echo"
+    await async_wait_until(lambda: _true(metric(
+        k, 'kanal_upstream_events_total{event="mirror_failed",upstream="default/dead"}') >= 2))
