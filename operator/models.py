@@ -870,15 +870,27 @@ class FilterSpec(KanalModel):
     response_header_modifier: HeaderModifierSpec | None = Field(
         default=None, description="For ResponseHeaderModifier: changes to the answer's headers.")
     url_rewrite: URLRewriteSpec | None = Field(
-        default=None, alias="urlRewrite", description="For URLRewrite.")
+        default=None, alias="urlRewrite",
+        description="For URLRewrite: change the request before it is forwarded (its Host "
+        "and path).")
     request_redirect: RequestRedirectSpec | None = Field(
-        default=None, description="For RequestRedirect.")
+        default=None,
+        description="For RequestRedirect: answer with a redirect instead of forwarding.")
     request_mirror: RequestMirrorSpec | None = Field(
-        default=None, description="For RequestMirror.")
-    cors: CORSSpec | None = Field(default=None, description="For CORS.")
+        default=None,
+        description="For RequestMirror: send a copy of requests to another Upstream, "
+        "fire-and-forget.")
+    cors: CORSSpec | None = Field(
+        default=None,
+        description="For CORS: which browser origins may read the answers; preflights are "
+        "answered by the proxy.")
     direct_response: DirectResponseSpec | None = Field(
-        default=None, description="For DirectResponse.")
-    compression: CompressionSpec | None = Field(default=None, description="For Compression.")
+        default=None,
+        description="For DirectResponse: a fixed answer from the proxy.")
+    compression: CompressionSpec | None = Field(
+        default=None,
+        description="For Compression (optional): compress answers (br, zstd, gzip) for "
+        "clients that accept it.")
 
     @model_validator(mode="after")
     def _check(self) -> FilterSpec:

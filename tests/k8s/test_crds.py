@@ -225,3 +225,9 @@ def test_kubectl_explain_prints_the_descriptions(crds: Cluster) -> None:
     backends = " ".join(crds.kubectl("explain", "route.spec.rules.backends.weight")
                         .stdout.split())
     assert "Relative share of requests, 0-1000000 (default 1)" in backends
+    filters = " ".join(crds.kubectl("explain", "route.spec.rules.filters.requestHeaderModifier.set.value")
+                       .stdout.split())
+    assert "${client_address}" in filters and "${request_id}" in filters
+    redirect = " ".join(crds.kubectl("explain", "route.spec.rules.filters.requestRedirect")
+                        .stdout.split())
+    assert "statusCode" in redirect and "answer with a redirect" in redirect
