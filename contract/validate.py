@@ -106,6 +106,13 @@ def filter_problems(where: str, rule: Rule) -> Iterator[str]:
                 yield f"{where}: {label}: {item.type}: {problem}"
 
 
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive",
+                      "upgrade", "te", "trailer", "proxy-connection", "host"})
+"""Headers a filter may never write: the proxy frames each message (and sets Host
+through URLRewrite); a second Content-Length or Transfer-Encoding would let a request
+be read two ways."""
+
+
 def _one_filter(item: Filter) -> Iterator[str]:
     headers: list[HeaderValue] = []
     names: list[str] = []
@@ -129,6 +136,8 @@ def _one_filter(item: Filter) -> Iterator[str]:
     for name in names:
         if not _token(name):
             yield f"header name {name!r} is not a token"
+    for name in sorted({h.name.lower() for h in headers} & _FRAMING):
+        yield f"header {name} is the proxy's to write"
     rewrite, redirect = item.url_rewrite, item.request_redirect
     for hostname in (rewrite.hostname if rewrite else None,
                      redirect.hostname if redirect else None):

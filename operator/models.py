@@ -598,7 +598,8 @@ BACKEND_FILTER_TYPES = ("RequestHeaderModifier", "ResponseHeaderModifier", "URLR
 # Headers the proxy frames or sets itself: a filter that changed them would break the
 # framing of a message or lie about the client.
 _FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive",
-                              "upgrade", "te", "trailer", "proxy-connection"})
+                              "upgrade", "te", "trailer", "proxy-connection",
+                              "proxy-authorization", "proxy-authenticate"})
 _REQUEST_PROTECTED = _FRAMING_HEADERS | {"host", "x-forwarded-for", "x-forwarded-proto",
                                          "x-forwarded-host", "x-real-ip", "forwarded", "expect"}
 

@@ -34,3 +34,14 @@ def test_good_filters_pass() -> None:
     good = snap.Filter("DirectResponse", direct_response=snap.DirectResponse(
         200, (snap.HeaderValue("Content-Type", "text/plain"),), "ok"))
     assert validate(snapshot_with(good)) == []
+
+
+def test_framing_headers_are_the_proxys() -> None:
+    smuggle = snap.Filter("RequestHeaderModifier", request_header_modifier=snap.HeaderModifier(
+        add=(snap.HeaderValue("Content-Length", "0"), snap.HeaderValue("Transfer-Encoding",
+                                                                         "chunked"))))
+    assert validate(snapshot_with(smuggle)) == [
+        "route a/r rule 0: filters: RequestHeaderModifier: header content-length is the "
+        "proxy's to write",
+        "route a/r rule 0: filters: RequestHeaderModifier: header transfer-encoding is the "
+        "proxy's to write"]
