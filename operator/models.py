@@ -824,7 +824,7 @@ class DirectResponseSpec(KanalModel):
     @model_validator(mode="after")
     def _check(self) -> DirectResponseSpec:
         for header in self.headers:
-            if header.name.lower() in _FRAMING_HEADERS:
+            if header.name.lower() in _FRAMING_HEADERS | {"host"}:
                 raise ValueError(f"headers: {header.name} is set by the proxy")
         return self
 
@@ -907,7 +907,7 @@ class FilterSpec(KanalModel):
         if self.request_header_modifier is not None:
             problem = self.request_header_modifier.protected(_REQUEST_PROTECTED)
         elif self.response_header_modifier is not None:
-            problem = self.response_header_modifier.protected(_FRAMING_HEADERS)
+            problem = self.response_header_modifier.protected(_FRAMING_HEADERS | {"host"})
         if problem is not None:
             raise ValueError(problem)
         return self

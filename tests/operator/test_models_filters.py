@@ -127,3 +127,13 @@ def test_header_values_are_ascii() -> None:
     found = route_errors(rules=[rule(headers_filter(set=[{"name": "X-A", "value": "caf\u00e9 \u65e5"}]))])
     assert found[0][0] == "spec.rules[0].filters[0].requestHeaderModifier.set[0].value"
     assert "visible ASCII" in found[0][1]
+
+
+def test_what_the_dataplane_refuses_the_models_refuse() -> None:
+    """A manifest the models accept never makes a Snapshot the dataplane refuses."""
+    for kind, settings in (
+            ("ResponseHeaderModifier", {"responseHeaderModifier": {"set": [
+                {"name": "Host", "value": "x"}]}}),
+            ("DirectResponse", {"directResponse": {"headers": [
+                {"name": "Transfer-Encoding", "value": "chunked"}]}})):
+        assert route_errors(rules=[rule({"type": kind, **settings})]), kind
