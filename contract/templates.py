@@ -57,12 +57,3 @@ def parse_template(text: str) -> tuple[Part, ...]:
         parts.append(("".join(literal), False))
     return tuple(parts)
 
-
-def variables_in(text: str) -> tuple[str, ...]:
-    """The variables a value uses (TemplateError if it cannot be read)."""
-    return tuple(name for name, variable in parse_template(text) if variable)
-
-
-def render(parts: tuple[Part, ...], values: dict[str, str]) -> str:
-    """A value with its variables replaced by `values`."""
-    return "".join(values[text] if variable else text for text, variable in parts)

@@ -33,7 +33,7 @@ from kanal.contract.snapshot import (
     Rule,
     URLRewrite,
 )
-from kanal.contract.templates import Part, parse_template, render
+from kanal.contract.templates import Part, parse_template
 from kanal.dataplane import compress
 from kanal.dataplane.cors import CorsPolicy, without_cors
 from kanal.dataplane.http1 import status_line
@@ -82,35 +82,37 @@ class BodyCopy(Protocol):
 
 
 class _Values:
-    """The variables' values for one request, computed on first use."""
+    """The variables' values for one request, each computed when first used (a fresh
+    request id costs a random draw: only a request whose filters use it pays it)."""
 
-    __slots__ = ("_request", "_route", "_peer", "_values", "_new_id")
+    __slots__ = ("_new_id", "_peer", "_request", "_request_id", "_route")
 
     def __init__(self, request: RequestView, route: str, peer: str,
                  new_id: Callable[[], str]) -> None:
         self._request = request
         self._route = route
         self._peer = peer
-        self._values: dict[str, str] | None = None
         self._new_id = new_id
+        self._request_id: str | None = None
 
-    def get(self) -> dict[str, str]:
-        values = self._values
-        if values is None:
-            request = self._request
-            request_id = None
-            for name, value in request.headers:
-                if name.lower() == b"x-request-id":
-                    request_id = value.decode("latin-1")
+    def value(self, name: str) -> str:
+        if name == "client_address":
+            return self._peer
+        if name == "route_name":
+            return self._route
+        if name == "host":
+            host = self._request.host
+            return split_host_port(host.decode("latin-1"))[0] if host is not None else ""
+        request_id = self._request_id
+        if request_id is None:
+            for header, text in self._request.headers:
+                if header.lower() == b"x-request-id":
+                    request_id = text.decode("latin-1")
                     break
-            host = request.host.decode("latin-1") if request.host is not None else ""
-            values = self._values = {
-                "client_address": self._peer,
-                "request_id": request_id if request_id is not None else self._new_id(),
-                "route_name": self._route,
-                "host": split_host_port(host)[0],
-            }
-        return values
+            else:
+                request_id = self._new_id()
+            self._request_id = request_id
+        return request_id
 
 
 def _template(value: str) -> tuple[Part, ...] | bytes:
@@ -124,7 +126,8 @@ def _template(value: str) -> tuple[Part, ...] | bytes:
 def _render(value: tuple[Part, ...] | bytes, values: _Values) -> bytes:
     if isinstance(value, bytes):
         return value
-    return render(value, values.get()).encode("latin-1")
+    return "".join(values.value(text) if variable else text
+                   for text, variable in value).encode("latin-1")
 
 
 class HeaderOps:
@@ -330,12 +333,16 @@ def _stage(filters: tuple[Filter, ...], rule: Rule) -> _Stage:
 class RuleFilters:
     """The filters of one rule and of its backends, compiled."""
 
-    __slots__ = ("backends", "rng", "route_key", "rule_stage", "new_id")
+    __slots__ = ("backends", "new_id", "reads_answer_headers", "rng", "route_key", "rule_stage")
 
     def __init__(self, route_key: str, rule_stage: _Stage, backends: dict[str, _Stage],
                  rng: random.Random, new_id: Callable[[], str]) -> None:
         self.route_key = route_key
         self.rule_stage = rule_stage
+        # CORS and compression read Origin, Accept-Encoding and Range: only then are
+        # the request's headers scanned for them.
+        self.reads_answer_headers = (rule_stage.cors is not None
+                                     or rule_stage.compression is not None)
         self.backends = backends
         self.rng = rng
         self.new_id = new_id
@@ -472,6 +479,8 @@ class Exchange:
         self.origin: bytes | None = None
         self.accept_encoding: bytes | None = None
         self.ranged = False
+        if not filters.reads_answer_headers:
+            return
         for name, value in request.headers:
             lower = name.lower()
             if lower == b"origin":
