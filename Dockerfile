@@ -4,7 +4,12 @@
 FROM python:3.11-slim AS build
 WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY pyproject.toml README.md ./
+# mypyc compiles the dataplane's hot modules into the wheel (setup.py): a C compiler
+# is needed here only, not in the image that runs it.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md ./
 COPY kanal/ kanal/
 COPY operator/ operator/
 COPY dataplane/ dataplane/

@@ -651,7 +651,7 @@ def report(targets: list[Target], meta: dict[str, Any]) -> str:
     lines.append("")
     if "nginx" in sums:
         n = sums["nginx"]
-        for name in ("kanal", "haproxy"):
+        for name in ("kanal", "kanal-b", "haproxy"):
             if name in sums:
                 s = sums[name]
                 lines.append(
@@ -664,6 +664,13 @@ def report(targets: list[Target], meta: dict[str, Any]) -> str:
             lines.append("kanal / nginx: n/a (kanal not measured in this run)")
     else:
         lines.append("kanal / nginx: n/a (nginx not measured in this run)")
+    if "kanal" in sums and "kanal-b" in sums:
+        a, b = sums["kanal"], sums["kanal-b"]
+        lines.append(
+            f"kanal-b / kanal: rps 100 B {ratio(b['rps_100'], a['rps_100'])}, "
+            f"rps 16 KiB {ratio(b['rps_16k'], a['rps_16k'])}, "
+            f"CPU per request 100 B {ratio(b['cpu_100'], a['cpu_100'])}, "
+            f"16 KiB {ratio(b['cpu_16k'], a['cpu_16k'])}, p50 at c1 {ratio(b['p50'], a['p50'])}")
     lines += ["", "raw rounds (rps 100 B | rps 16 KiB | CPU µs/req 100 B | p50/p99 µs):"]
     for t in targets:
         per = []
@@ -689,6 +696,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="command prefix for Kanal (default 'kanal': runs `kanal run DIR "
                          "--listen .. --admin .. --workers N`); with {dir} {listen} {port} "
                          "{admin} {backend} {workers} placeholders, the whole command line")
+    ap.add_argument("--compare", metavar="KANAL_CMD",
+                    help="a second Kanal command (same forms as --kanal-cmd) measured in the "
+                         "same run as `kanal-b`, e.g. another checkout or a pure build")
     ap.add_argument("--kanal-workers", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10, help="throughput run, whole seconds")
@@ -796,6 +806,17 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
                             args.kanal_workers)
         log(f"kanal command: {shlex.join(cmd)}")
         t.proc = procs.start("kanal", [*pin_proxy, *cmd], t.logfile)
+        targets.append(t)
+    if args.compare:
+        # A second Kanal (another build, branch or stand-in) measured in the same run,
+        # interleaved with the first: what a lever gives, before and after.
+        port, admin = free_port(), free_port()
+        t = Target("kanal-b", f"Kanal (compare: {args.compare}), --workers {args.kanal_workers}",
+                   port, admin=admin, logfile=tmp / "kanal-b.log")
+        cmd = kanal_command(args.compare, kanal_manifests(tmp, bport), port, admin, bport,
+                            args.kanal_workers)
+        log(f"compare command: {shlex.join(cmd)}")
+        t.proc = procs.start("kanal-b", [*pin_proxy, *cmd], t.logfile)
         targets.append(t)
     for t in targets:
         if t is not backend:

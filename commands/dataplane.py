@@ -17,7 +17,13 @@ import os
 import sys
 from pathlib import Path
 
-from kanal.commands.options import add_listener_flags, host_port, limit_flags, port
+from kanal.commands.options import (
+    add_listener_flags,
+    host_port,
+    limit_flags,
+    port,
+    positive_seconds,
+)
 
 log = logging.getLogger("kanal.dataplane")
 
@@ -93,7 +99,11 @@ async def serve(args: argparse.Namespace) -> int:
     runtime.compress_all = options.compression
     # The kept configuration is in place before any listener opens.
     subscriber.load_state(runtime)
-    return await run_dataplane(options, subscriber.run, runtime)
+    from kanal.dataplane.splitreport import SplitReporter
+
+    # Weighted splits are reported for the Routes' SplitObserved condition.
+    reporter = SplitReporter(subscriber, interval=args.split_report_interval)
+    return await run_dataplane(options, reporter.feed(subscriber.run), runtime)
 
 
 def pod_namespace(flag: str | None) -> str:
@@ -144,4 +154,9 @@ def add_dataplane_parser(
                              "breaking (off by default; needs --app-port)")
     parser.add_argument("--app-port", type=port, default=None, metavar="N",
                         help="sidecar: the port the app listens on, on 127.0.0.1")
+    parser.add_argument("--split-report-interval", type=positive_seconds, default=10.0,
+                        metavar="SECONDS",
+                        help="how often the observed shares of weighted rules are reported "
+                             "to the control plane, for the Routes' SplitObserved condition "
+                             "(default 10; only when they changed)")
     return parser

@@ -4,8 +4,8 @@ Each worker is a full `kanal run` of its own that reads the same files (so every
 worker compiles the same Snapshot, with the same version) and binds the listening
 port with SO_REUSEPORT, so the kernel spreads connections over them. Each worker
 serves its admin endpoints on a private loopback port; this process serves `--admin`
-for the whole group: `/ready` when every worker is ready, `/config` and `/explain`
-from a worker, and `/metrics` summed over the workers.
+for the whole group: `/ready` when every worker is ready, `/config`, `/explain` and
+the dashboard from a worker, and `/metrics` summed over the workers.
 
 A worker that dies is started again, after a pause that grows while it keeps dying;
 one that cannot bind a listening address (exit code `EXIT_CANNOT_BIND`) is not: the
@@ -30,6 +30,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from kanal.commands.options import EXIT_CANNOT_BIND, limit_argv
+from kanal.commands.splitmerge import merged_split_samples
 
 log = logging.getLogger("kanal.supervisor")
 
@@ -87,8 +88,10 @@ class Worker:
 def merge_metrics(texts: Iterable[str]) -> str:
     """Sum the workers' Prometheus samples that share a name and labels.
 
-    `kanal_config_info` is an info gauge: the workers' series are kept, not summed.
+    `kanal_config_info` is an info gauge: the workers' series are kept, not summed;
+    split shares are weighted by the workers' windows (`kanal.commands.splitmerge`).
     """
+    texts = list(texts)
     families: dict[str, tuple[str, str]] = {}
     samples: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
     for text in texts:
@@ -101,6 +104,7 @@ def merge_metrics(texts: Iterable[str]) -> str:
                     samples[key] = 1.0
                 else:
                     samples[key] = samples.get(key, 0.0) + sample.value
+    samples.update(merged_split_samples(texts))
     lines: list[str] = []
     for name, (kind, documentation) in families.items():
         lines.append(f"# HELP {name} {documentation}")
@@ -183,6 +187,8 @@ def group_admin_app(workers: list[Worker]) -> web.Application:
     app.router.add_get("/config", forward)
     app.router.add_get("/explain", forward)
     app.router.add_get("/metrics", metrics)
+    for path in ("/", "/ui", "/ui/tables", "/ui/state.json"):
+        app.router.add_get(path, forward)  # the dashboard of the first worker that answers
     app.on_cleanup.append(close_session)
     return app
 

@@ -1,4 +1,4 @@
-"""The dataplane's admin endpoints: /live, /ready, /config, /explain, /metrics."""
+"""The dataplane's admin endpoints: /live, /ready, /config, /explain, /metrics, and the dashboard (/ui)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from kanal.dataplane.dashboard import add_dashboard
 from kanal.dataplane.metrics import MetricsCollector
 from kanal.dataplane.runtime import Config, Runtime
+from kanal.dataplane.splitfeed import split_ticker, watch_splits
+from kanal.dataplane.splitwatch import SplitCollector, explain_with_split, routes_with_status
 
 
 def config_document(config: Config) -> dict[str, Any]:
@@ -88,6 +91,7 @@ def parse_explain_query(query: Any) -> tuple[str, str, str, str, dict[str, str]]
 
 def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None) -> web.Application:
     registry: Any = None  # prometheus_client's, made at the first scrape (lazy import)
+    splits = watch_splits(runtime)  # observed shares of weighted rules
 
     async def live(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -100,7 +104,9 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
     async def config(_: web.Request) -> web.Response:
         if runtime.config is None:
             return web.json_response({"version": None, "routes": [], "upstreams": []}, status=503)
-        return web.json_response(config_document(runtime.config), dumps=_dumps)
+        document = config_document(runtime.config)
+        routes_with_status(document["routes"], splits)
+        return web.json_response(document, dumps=_dumps)
 
     async def explain(request: web.Request) -> web.Response:
         if runtime.config is None:
@@ -110,7 +116,7 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         answer = runtime.config.table.explain(host, method, path, query, headers)
-        answer = {"version": runtime.config.version, **answer}
+        answer = explain_with_split({"version": runtime.config.version, **answer}, splits)
         return web.json_response(answer, dumps=_dumps)
 
     async def metrics(_: web.Request) -> web.Response:
@@ -121,6 +127,7 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
         if registry is None:
             registry = CollectorRegistry(auto_describe=True)
             registry.register(MetricsCollector(runtime.metrics))
+            registry.register(SplitCollector(splits))
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -130,6 +137,8 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
     app.router.add_get("/config", config)
     app.router.add_get("/explain", explain)
     app.router.add_get("/metrics", metrics)
+    app.cleanup_ctx.append(split_ticker(splits))
+    add_dashboard(app, runtime, splits)  # /ui and /
     return app
 
 

@@ -16,6 +16,7 @@ import http
 import re
 
 from kanal.dataplane import headers as hdrs
+from kanal.dataplane.headers import CONNECTION_PROTECTED as CONNECTION_PROTECTED
 
 MAX_TARGET = 8 * 1024
 """Longest request target accepted (414 beyond), as nginx's large header buffers."""
@@ -40,7 +41,6 @@ SINGLETON_HEADERS = frozenset({
 """Request fields defined to appear once (RFC 9110): a second copy is refused (400), as
 a backend might read the other copy than the one the proxy routed or checked on."""
 
-CONNECTION_PROTECTED = hdrs.CONNECTION_PROTECTED
 
 
 def status_line(status: int) -> bytes:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from kanal.dataplane.headers import HOP_BY_HOP, RESPONSE_DROPPED, connection_tokens
 from kanal.dataplane.http1 import MAX_RESPONSE_HEAD, final_coding_is_chunked
@@ -26,10 +27,12 @@ if TYPE_CHECKING:
     from kanal.dataplane.balancer import EndpointState
 
 
+@mypyc_attr(native_class=False)  # mypyc cannot subclass built-in exceptions natively
 class UpstreamConnectError(ConnectionError):
     """The endpoint could not be reached (refused, unreachable, TLS failure)."""
 
 
+@mypyc_attr(native_class=False)
 class UpstreamConnectTimeout(UpstreamConnectError, asyncio.TimeoutError):
     """Connecting took longer than the Upstream's connect timeout.
 

@@ -518,6 +518,14 @@ class RouteTable:
                 return c.selection
         return None
 
+    def selections(self) -> list[Selection]:
+        """Every rule's Selection once, in Snapshot order (for split verification)."""
+        found: dict[int, Selection] = {}
+        for _route, candidates in self._compiled:
+            for c in candidates:
+                found.setdefault(id(c.selection), c.selection)
+        return list(found.values())
+
     # -- explaining ---------------------------------------------------------------
 
     def explain(

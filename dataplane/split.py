@@ -17,6 +17,11 @@ namespace and name. A token still naming a backend of the rule with weight > 0 i
 honoured; otherwise the client is placed by SWRR and handed a new token. A weight
 change therefore moves only new clients, and a flip to weight 0 drains old ones too.
 
+Split verification: a rule with more than one distinct backend counts each choice
+(`chosen`, one dict increment in `choose`) so `kanal.dataplane.splitwatch` can show the
+observed share next to the declared weight, a 100/0 blue/green included. A rule with
+one backend answers from `_single` before any of that, and counts nothing.
+
 Pure: no I/O, no clocks; the only randomness (the starting offset in the cycle, so
 that frequent reloads do not starve a small canary) comes from an injected rng.
 """
@@ -124,6 +129,7 @@ class Split:
         "_weights",
         "affinity",
         "backends",
+        "chosen",
     )
 
     def __init__(
@@ -140,13 +146,23 @@ class Split:
             keys.append(backend.upstream)
             raw.append(backend.weight)
         self._keys = keys
+        # Choices per Upstream key since this Split was built, for split verification:
+        # only kept where there is a choice to verify (more than one distinct backend).
+        self.chosen: dict[str, int] | None = (
+            dict.fromkeys(keys, 0) if len(set(keys)) > 1 else None
+        )
         weights = _reduced_weights(tuple(raw))
         self._weights = list(weights)
         self._total = total = sum(weights)
         self._current = [0] * len(weights)
         self._position = 0
         live = [key for key, weight in zip(keys, weights, strict=True) if weight > 0]
-        self._single: str | None = live[0] if live and live.count(live[0]) == len(live) else None
+        # The shortcut for a rule with one backend; a weighted rule whose weights leave
+        # one live backend (100/0) goes through its one-step schedule, so it is counted.
+        self._single: str | None = (
+            live[0] if self.chosen is None and live and live.count(live[0]) == len(live)
+            else None
+        )
         self._schedule: tuple[str, ...] = ()
         if self._single is None and 0 < total <= _MAX_SCHEDULE:
             self._schedule = tuple(keys[i] for i in _cycle(weights))
@@ -195,14 +211,26 @@ class Split:
         its choice is returned for the caller to set (see `set_cookie_header`).
         """
         if self.affinity is None:
-            return self.next(), None
+            single = self._single
+            if single is not None:
+                return single, None
+            key = self.next()
+            chosen = self.chosen
+            if chosen is not None and key is not None:
+                chosen[key] += 1
+            return key, None
+        chosen = self.chosen
         if cookie_value:
             kept = self._by_token.get(cookie_value)
             if kept is not None:
+                if chosen is not None:
+                    chosen[kept] += 1
                 return kept, None
         key = self.next()
         if key is None:
             return None, None
+        if chosen is not None:
+            chosen[key] += 1
         return key, self._token_of[key]
 
     def token(self, upstream_key: str) -> str:

@@ -11,6 +11,9 @@ Dataplanes subscribe; the control plane never has to find them (as with Envoy's 
          503 while no Snapshot exists yet or while this replica shuts down.
     POST /v1/ack  {"dataplane": ID, "version": V, "ok": true|false, "error": "..."}
          204; the dataplane applied V (ok) or refused it (error says why).
+    POST /v1/report  {"dataplane": ID, "version": V, "splits": [observation, ...]}
+         204; what the dataplane's weighted rules did lately (kanal.contract.splits),
+         kept with the dataplane for the Routes' SplitObserved condition.
 
 Every request carries `Authorization: Bearer <token>`, checked by the `authenticate`
 coroutine the Publisher is given (Kubernetes TokenReview in a cluster, or
@@ -39,8 +42,9 @@ from typing import Any
 from aiohttp import web
 
 from kanal.contract.plain import to_plain
-from kanal.contract.protocol import ACK_PATH, SNAPSHOT_PATH, VERSION_HEADER
+from kanal.contract.protocol import ACK_PATH, REPORT_PATH, SNAPSHOT_PATH, VERSION_HEADER
 from kanal.contract.snapshot import Snapshot, content_version
+from kanal.contract.splits import SplitObservation
 
 log = logging.getLogger("kanal.publisher")
 
@@ -72,6 +76,8 @@ class DataplaneStatus:
     polling: int = 0
     """Long polls this dataplane holds open right now."""
     peer: str | None = None
+    splits: tuple[SplitObservation, ...] = ()
+    """What its weighted rules did lately, from its last split report."""
     _seen_mono: float = field(default=0.0, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -180,6 +186,8 @@ class Publisher:
         self.wall_clock = wall_clock
         self.on_ack: list[AckListener] = []
         self.on_forget: list[Callable[[str], None]] = []
+        self.on_report: list[Callable[[str], None]] = []
+        """Called with a dataplane's id when it reported its splits."""
         self.rejected = 0
         """Requests refused for want of a valid token."""
         self._current: _Published | None = None
@@ -235,6 +243,7 @@ class Publisher:
         app = web.Application()
         app.router.add_get(SNAPSHOT_PATH, self._get_snapshot)
         app.router.add_post(ACK_PATH, self._post_ack)
+        app.router.add_post(REPORT_PATH, self._post_report)
 
         async def on_startup(_: web.Application) -> None:
             self._closing = False  # served again after a stop
@@ -336,6 +345,28 @@ class Publisher:
             )
         plane = self._seen(dataplane_id, request)
         self._record(plane, version, ok, error if not ok else None)
+        return web.Response(status=204)
+
+    async def _post_report(self, request: web.Request) -> web.Response:
+        if not await self._authorized(request):
+            return self._unauthorized()
+        try:
+            data = await request.json()
+            dataplane_id = data["dataplane"]
+            raw = data["splits"]
+            if not (isinstance(dataplane_id, str) and dataplane_id and isinstance(raw, list)):
+                raise TypeError("bad field types")
+            splits = tuple(SplitObservation.from_dict(item) for item in raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            return web.Response(
+                status=400, text=f"400: expected JSON {{dataplane, version, splits}}: {exc}\n")
+        plane = self._seen(dataplane_id, request)
+        plane.splits = splits
+        for listener in list(self.on_report):
+            try:
+                listener(plane.id)
+            except Exception:
+                log.exception("an on_report listener failed")
         return web.Response(status=204)
 
     # ------------------------------------------------------------------ bookkeeping

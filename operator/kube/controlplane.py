@@ -36,6 +36,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from kanal.contract.splits import route_conditions
 from kanal.operator.compiler import CompileResult
 from kanal.operator.kube.auth import TokenReviewAuthenticator
 from kanal.operator.kube.builder import DEFAULT_CAP, DEFAULT_HOLDOFF, Debouncer
@@ -217,6 +218,7 @@ class ControlPlane:
         self.publisher = Publisher(authenticate, poll_timeout=self.options.poll_timeout)
         self.publisher.on_ack.append(self._on_ack)
         self.publisher.on_forget.append(lambda _: self.status_refresher.poke())
+        self.publisher.on_report.append(lambda _: self.status_refresher.poke())
         self.metrics = Metrics(self.publisher)
         self.status = StatusWriter(self.client, self.store)
         election = self.options.leader_election
@@ -364,8 +366,17 @@ class ControlPlane:
         assert self.result is not None
         if not self.leading:
             return
-        patched = await self.status.write(self.result, self.programmed())
+        patched = await self.status.write(self.result, self.programmed(),
+                                          self.split_conditions())
         self.metrics.status_patches.inc(patched)
+
+    def split_conditions(self) -> dict[str, dict[str, Any]]:
+        """Each weighted Route's SplitObserved condition, from the split reports of this
+        replica's dataplanes (with leader election: the leader's)."""
+        if self.publisher is None or self.publisher.current is None:
+            return {}
+        return route_conditions(self.publisher.current,
+                                ((plane.id, plane.splits) for plane in self.publisher.dataplanes()))
 
     def programmed(self) -> Programmed | None:
         if self.publisher is None or self.publisher.current is None:

@@ -3,7 +3,9 @@
 For every Route, Upstream and EgressPolicy the store holds, the wanted `status` is the
 compiler's conditions (`Accepted`, `ResolvedRefs`; rejected objects get
 `conditions.rejected_status`), each with `observedGeneration`, plus `status.endpoints`
-on Upstreams and `Programmed` on Routes ("N of M dataplanes at version V").
+on Upstreams and `Programmed` on Routes ("N of M dataplanes at version V"), and
+`SplitObserved` on accepted Routes with a weighted rule that dataplanes reported on
+(`kanal.contract.splits`: "declared 90/10, observed 89.7/10.3 over the last N requests").
 
 A condition keeps its `lastTransitionTime` while its `status` stays the same (a new
 message or reason alone is not a transition). An object is patched only when what it
@@ -100,8 +102,10 @@ def _condition(type_: str, status: str, reason: str, message: str,
 
 
 def wanted_status(status: ObjectStatus, programmed: Programmed | None,
-                  generation: int | None) -> dict[str, Any]:
-    """The `status` body for one object, without transition times."""
+                  generation: int | None,
+                  split: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The `status` body for one object, without transition times (`split`: the
+    Route's SplitObserved condition, if its dataplanes reported one)."""
     conditions = [condition.to_dict() for condition in status.conditions]
     if status.kind == "Route":
         accepted = status.condition(ACCEPTED)
@@ -110,6 +114,9 @@ def wanted_status(status: ObjectStatus, programmed: Programmed | None,
                                          "the Route is not accepted", generation))
         elif programmed is not None:
             conditions.append(programmed.condition(generation))
+        if split is not None and accepted is not None and accepted.status == "True":
+            conditions.append(_condition(split["type"], split["status"], split["reason"],
+                                         split["message"], generation))
     body: dict[str, Any] = {"conditions": conditions}
     if status.endpoints is not None:
         body["endpoints"] = status.endpoints.to_dict()
@@ -162,8 +169,11 @@ class StatusWriter:
         """Compare with the statuses the watch shows, not with what this writer wrote."""
         self._written.clear()
 
-    async def write(self, result: CompileResult, programmed: Programmed | None) -> int:
+    async def write(self, result: CompileResult, programmed: Programmed | None,
+                    splits: Mapping[str, Mapping[str, Any]] | None = None) -> int:
         """Patch every object whose status differs; returns how many were patched.
+
+        `splits`: the SplitObserved condition of each Route (by key) that has one.
 
         Objects deleted meanwhile are skipped. Other API errors are raised after every
         object has been tried, so the caller retries later.
@@ -179,7 +189,8 @@ class StatusWriter:
                 continue
             await self._maybe_warn(entry, status)
             try:
-                if await self._write_one(entry, status, programmed):
+                split = splits.get(entry.key) if splits and entry.kind == "Route" else None
+                if await self._write_one(entry, status, programmed, split):
                     patched += 1
             except KubeError as exc:
                 if exc.status == 404:
@@ -195,10 +206,11 @@ class StatusWriter:
         return patched
 
     async def _write_one(self, entry: KanalEntry, status: ObjectStatus,
-                         programmed: Programmed | None) -> bool:
+                         programmed: Programmed | None,
+                         split: Mapping[str, Any] | None = None) -> bool:
         identity = (entry.kind, entry.key)
         uid = entry.ref.get("metadata", {}).get("uid")
-        wanted = wanted_status(status, programmed, entry.generation)
+        wanted = wanted_status(status, programmed, entry.generation, split)
         written = self._written.get(identity)
         known: Mapping[str, Any] | None = entry.status
         if written is not None and written[0] == uid:

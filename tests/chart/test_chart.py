@@ -13,7 +13,10 @@ What is checked, and why:
   webhooks follow the values;
 - the webhook TLS is consistent (Helm's CA signs the serving certificate for the
   Service's name, and is the webhooks' caBundle; or cert-manager does it all);
-- bad values fail `helm template` with a message that names the key.
+- bad values fail `helm template` with a message that names the key;
+- monitoring: the ServiceMonitor reaches the dataplanes' admin port through a Service of
+  its own (never the public one), and the Grafana dashboard is valid JSON whose queries
+  name only metrics the dataplane exports.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from __future__ import annotations
 import base64
 import datetime
 import functools
+import json
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -32,6 +37,7 @@ import yaml
 from tests.chart.conftest import (
     CHART,
     NAMESPACE,
+    REPO,
     VALUE_SETS,
     Helm,
     Rendered,
@@ -43,7 +49,8 @@ SETS = list(VALUE_SETS)
 RenderFn = Callable[[str], Rendered]
 
 # Kinds from other projects' CRDs the chart may render (cert-manager mode).
-EXTERNAL_KINDS = {("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate")}
+EXTERNAL_KINDS = {("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate"),
+                  ("monitoring.coreos.com/v1", "ServiceMonitor")}
 
 HARDENED = {
     "runAsNonRoot": True,
@@ -157,7 +164,10 @@ def test_every_document_validates_against_the_kubernetes_schemas(rendered: Rende
     for doc in rendered.docs:
         kinds.add(doc["kind"])
         if (doc["apiVersion"], doc["kind"]) in EXTERNAL_KINDS:
-            assert rendered.values["webhook"]["certManager"]["enabled"], doc
+            if doc["kind"] == "ServiceMonitor":
+                assert rendered.values["serviceMonitor"]["enabled"], doc
+            else:
+                assert rendered.values["webhook"]["certManager"]["enabled"], doc
             continue
         validate_kubernetes(doc, rendered.name)
     assert {"CustomResourceDefinition", "Deployment", "Service", "ServiceAccount",
@@ -538,6 +548,8 @@ def test_namespaced_mode_scopes_the_validating_webhook(render: RenderFn) -> None
     ("operator.replica=3", "/operator", "replica"),
     ("watchNamespaces[0]=Not_A_Namespace", "/watchNamespaces/0", "does not match"),
     ("rbac.namespaced=true", "/watchNamespaces", "minItems"),
+    ("serviceMonitor.interval=often", "/serviceMonitor/interval", "does not match"),
+    ("grafanaDashboard.enabled=yes", "/grafanaDashboard/enabled", "boolean"),
 ])
 def test_bad_values_fail_and_name_the_key(helm: Helm, setting: str, named: str, says: str) -> None:
     # --show-only: the schema is checked before anything renders; skip the CA generation.
@@ -552,3 +564,85 @@ def test_the_values_file_documents_every_key_the_schema_allows(helm: Helm) -> No
     """values.yaml itself satisfies the schema (so the defaults are legal)."""
     result = helm.template("--values", str(CHART / "values.yaml"))
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- monitoring
+
+
+def test_the_service_monitor_scrapes_the_dataplanes_admin_port(rendered: Rendered) -> None:
+    monitors = rendered.of_kind("ServiceMonitor")
+    wanted = rendered.values["serviceMonitor"]
+    if not (wanted["enabled"] and rendered.values["dataplane"]["enabled"]):
+        assert not monitors
+        assert not [d for d in rendered.of_kind("Service")
+                    if d["metadata"]["name"].endswith("-metrics")]
+        return
+    (monitor,) = monitors
+    (service,) = [d for d in rendered.of_kind("Service")
+                  if d["metadata"]["name"].endswith("-dataplane-metrics")]
+    labels = service["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert wanted["labels"].items() <= monitor["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["interval"]) == (
+        "admin", "/metrics", wanted["interval"])
+    # The Service selects the dataplane pods and names their admin port...
+    pod = deployment(rendered, "dataplane")["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    (container,) = pod["spec"]["containers"]
+    admin = {p["name"]: p["containerPort"] for p in container["ports"]}["admin"]
+    assert (port["name"], port["targetPort"], port["port"]) == ("admin", "admin", admin)
+    assert args_of(container)["--admin"] == f"0.0.0.0:{admin}"
+    # ...which the public Service never exposes.
+    public = rendered.one("Service", "-dataplane")
+    assert "admin" not in {p["name"] for p in public["spec"]["ports"]}
+    assert service["spec"]["type"] == "ClusterIP"
+
+
+def _exported_metric_names() -> set[str]:
+    """Every metric family the dataplane exposes, as Prometheus names them."""
+    names: set[str] = set()
+    for source in (REPO / "dataplane").glob("*.py"):
+        text = source.read_text()
+        for kind, name in re.findall(r'(Counter|Gauge|Histogram)MetricFamily\(\s*"(kanal_\w+)"',
+                                     text):
+            if kind == "Counter":
+                names.add(name + "_total")
+            elif kind == "Histogram":
+                names.update(name + suffix for suffix in ("_bucket", "_sum", "_count"))
+            else:
+                names.add(name)
+    return names
+
+
+def test_the_grafana_dashboard_queries_metrics_the_dataplane_exports(rendered: Rendered) -> None:
+    maps = [d for d in rendered.of_kind("ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    wanted = rendered.values["grafanaDashboard"]
+    if not wanted["enabled"]:
+        assert not maps
+        return
+    (config_map,) = maps
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["namespace"] == (wanted["namespace"] or NAMESPACE)
+    (document,) = config_map["data"].values()
+    dashboard = json.loads(document)
+    assert dashboard["uid"] and dashboard["title"] == "Kanal"
+    exported = _exported_metric_names()
+    assert {"kanal_requests_total", "kanal_split_observed_share",
+            "kanal_split_choices_total"} <= exported
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), ids
+    assert {v["name"] for v in dashboard["templating"]["list"]} >= {"datasource"}
+    queried: set[str] = set()
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
+            queried.update(re.findall(r"\bkanal_\w+", target["expr"]))
+    assert queried <= exported, queried - exported
+    # The questions it must answer: traffic, errors, latency, and the split.
+    assert {"kanal_requests_total", "kanal_request_duration_seconds_bucket",
+            "kanal_split_choices_total", "kanal_split_declared_share"} <= queried

@@ -436,7 +436,9 @@ async def test_a_body_over_the_rules_limit_is_413(edge) -> None:
                      b"Transfer-Encoding: chunked\r\n\r\n")
         for _ in range(3):
             writer.write(b"200\r\n" + b"x" * 512 + b"\r\n")
-        await writer.drain()
+        with contextlib.suppress(ConnectionResetError):
+            # The proxy may answer and close before the last chunk is even sent.
+            await writer.drain()
         async with asyncio.timeout(10):
             answer = await read_response(reader)
     finally:
@@ -446,13 +448,13 @@ async def test_a_body_over_the_rules_limit_is_413(edge) -> None:
 
 async def test_a_rule_can_refuse_websocket_upgrades(edge) -> None:
     port, recorder = edge
-    before = len(recorder.heads)
     status, _ = await status_of(
         port, b"GET /ws HTTP/1.1\r\nHost: limits.test\r\nConnection: Upgrade\r\n"
               b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
               b"Sec-WebSocket-Version: 13\r\n\r\n")
     assert status == 403
-    assert len(recorder.heads) == before
+    # (Not a count of all heads: an earlier test's request may still be on its way.)
+    assert not [h for h in received(recorder, b"GET /ws ") if b"Host: limits.test" in h]
 
 
 async def test_deadlines_and_the_connection_cap(kanal, backends) -> None:
