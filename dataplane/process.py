@@ -46,6 +46,7 @@ class DataplaneOptions:
     head_timeout: float = HEAD_TIMEOUT  # a client's whole request head, from its first byte
     body_idle_timeout: float = BODY_IDLE_TIMEOUT  # between two bytes of a request body
     max_connections: int | None = None  # client connections per listener (None: no cap)
+    compression: bool = False  # every rule without a Compression filter compresses
 
     def configure(self, context: ProxyContext) -> ProxyContext:
         """Give a listener's context the limits these options set."""

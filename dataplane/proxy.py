@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from kanal.dataplane import headers as hdrs
-from kanal.dataplane import http1
+from kanal.dataplane import http1, mirror
 from kanal.dataplane.access import gate as access_gate
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.http1 import (
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
     from kanal.contract.snapshot import Retries, Route
     from kanal.dataplane.balancer import EndpointState
+    from kanal.dataplane.compress import Encoder
+    from kanal.dataplane.filters import Exchange, OwnAnswer
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
 
 log = logging.getLogger("kanal.proxy")
@@ -475,6 +477,9 @@ class ClientConnection(asyncio.Protocol):
         request = self.parsing
         if request is None:
             return
+        exchange = self.exchange
+        if exchange is not None and exchange.copy is not None and request is self.current:
+            exchange.copy.feed(body)  # a RequestMirror's copy of the body
         if request is self.current and self.request_sent and self.upstream is not None:
             if self.body_limit is not None:
                 request.body_size += len(body)
@@ -513,6 +518,10 @@ class ClientConnection(asyncio.Protocol):
             return
         request.complete = True
         self.parsing = None
+        exchange = self.exchange
+        if exchange is not None and exchange.copy is not None and request is self.current:
+            exchange.copy.complete()  # the RequestMirror copies go out
+            exchange.copy = None
         if request is self.current and self.request_sent and self.upstream is not None:
             if request.chunked:
                 self.upstream.write(_CHUNK_END)
@@ -524,6 +533,7 @@ class ClientConnection(asyncio.Protocol):
     def _begin(self, request: Request) -> None:
         self.current = request
         self.body_limit = None
+        self.exchange = None
         self.route_key = ""
         self.upstream_key = ""
         self.response_started = False
@@ -581,6 +591,14 @@ class ClientConnection(asyncio.Protocol):
         if route_tls is not None or context.scheme == "https":
             if self._tls_policy(request, selection.route, host_text):
                 return
+        filters = selection.filters
+        if filters is not None:
+            exchange = self.exchange = filters.begin(request, scheme=context.scheme, peer=self.peer)
+            if exchange.answer is not None:
+                if not request.chunked and request.content_length in (None, b"0"):
+                    request.complete = True  # no body follows: the connection stays open
+                self._fail_request(exchange.answer.status, exchange.answer.reason, own=exchange.answer)
+                return
         rule = selection.rule
         if request.upgrade and not rule.allow_websocket:
             self._fail_request(403, f"{selection.route_key}: WebSocket upgrades are not allowed "
@@ -602,6 +620,8 @@ class ClientConnection(asyncio.Protocol):
             self._fail_request(503, f"route {selection.route_key} has no backend with weight above 0")
             return
         self.upstream_key = backend
+        if filters is not None:
+            filters.backend_chosen(exchange, request, backend)
         upstream = config.upstreams.get(backend)
         if upstream is None:
             self._fail_request(503, f"upstream {backend} does not exist")
@@ -626,16 +646,22 @@ class ClientConnection(asyncio.Protocol):
             self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
         if selection.access is not None and access_gate.admit(self, request, selection.access):
             return  # refused, or waiting for the policy (_access_passed goes on)
-        self.head = self._request_head(request, config)
-        if request.expect_continue and not request.complete and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._attempt(request, None)
+        self._access_passed(request)
 
     def _access_passed(self, request: Request) -> None:
-        """The rule's access policy let a suspended request through: on as `_begin` does."""
-        config = self.context.config
+        """The request may go on (no policy, or its policy let it through, at once or
+        after waiting): render its head, start its mirrors, send it."""
+        context = self.context
+        config = context.config
         assert config is not None
         self.head = self._request_head(request, config)
+        exchange = self.exchange
+        if exchange is not None and exchange.mirrors and not request.upgrade:
+            # Only requests that passed their policies are copied.
+            exchange.copy = mirror.start(
+                context, config, exchange.mirrors, self.head, body=request.body,
+                complete=request.complete, chunked=request.chunked,
+                head_only=request.method == b"HEAD")
         if request.expect_continue and not request.complete and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._attempt(request, None)
@@ -908,14 +934,19 @@ class ClientConnection(asyncio.Protocol):
             headers = [(name, value) for name, value in headers if name.lower() not in named]
         no_body = conn.no_body or request.method == b"HEAD"
         conn.no_body = no_body
+        length = conn.content_length
+        exchange = self.exchange
+        if exchange is not None:
+            headers, length, self.encoder = exchange.response_head(
+                status, headers, length, no_body=no_body, chunked_ok=request.http11)
         # After an answer that refuses an upgrade, the client may already be speaking
         # the new protocol: nothing more on this connection can be read as HTTP.
         close = not request.keep_alive or self.close_after or request.upgrade
         lines = [status_line(status)]
         for name, value in headers:
             lines.append(name + b": " + value)
-        if conn.content_length is not None and not conn.chunked:
-            lines.append(b"Content-Length: " + conn.content_length)
+        if length is not None and not conn.chunked:
+            lines.append(b"Content-Length: " + length)
         elif no_body:
             pass
         elif request.http11:
@@ -945,6 +976,10 @@ class ClientConnection(asyncio.Protocol):
 
     def response_body(self, chunk: bytes) -> None:
         if self.response_chunked:
+            if self.encoder is not None:
+                chunk = self.encoder.compress(chunk)
+                if not chunk:
+                    return
             self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
             self._write(chunk)
@@ -955,6 +990,11 @@ class ClientConnection(asyncio.Protocol):
             conn.abort()
             return
         if self.response_chunked:
+            if self.encoder is not None:
+                tail = self.encoder.finish()
+                self.encoder = None
+                if tail:
+                    self._write(b"%x\r\n%b\r\n" % (len(tail), tail))
             self._write(_CHUNK_END)
         self.upstream = None
         if request.complete:
@@ -1109,6 +1149,7 @@ class ClientConnection(asyncio.Protocol):
     def _fail_request(
         self, status: int, reason: str, *, close: bool = False, location: bytes | None = None,
         overloaded: bool = False, extra_headers: bytes = b"", body: bytes | None = None,
+        own: OwnAnswer | None = None,
     ) -> None:
         """Answer the current request with an error of the proxy's own."""
         request = self.current or self.parsing
@@ -1135,9 +1176,12 @@ class ClientConnection(asyncio.Protocol):
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
         extra += extra_headers
-        head = (http1.relayed_head if relayed else http1.error_head)(
-            status, len(body), keep_alive=keep, extra=extra)
-        self._write(head + (b"" if request.method == b"HEAD" else body))
+        if own is not None:  # an answer a filter gives (redirect, direct response, preflight)
+            self._write(own.encode(keep_alive=keep, head_only=request.method == b"HEAD"))
+        else:
+            head = (http1.relayed_head if relayed else http1.error_head)(
+                status, len(body), keep_alive=keep, extra=extra)
+            self._write(head + (b"" if request.method == b"HEAD" else body))
         if self.current is request:
             self._record(request, status)
         self.current = None
@@ -1223,6 +1267,8 @@ class ClientConnection(asyncio.Protocol):
     try_timer: asyncio.TimerHandle | None = None
     access_headers: bytes | None = None
     body_waiter: Callable[[], None] | None = None
+    exchange: Exchange | None = None
+    encoder: Encoder | None = None
 
 
 def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:

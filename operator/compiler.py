@@ -51,6 +51,7 @@ from kanal.operator.conditions import (
     ObjectStatus,
 )
 from kanal.operator.durations import parse_duration
+from kanal.operator.filtercompile import compile_filters, mirrored_upstreams
 from kanal.operator.models import (
     EgressPolicy,
     EgressRuleSpec,
@@ -480,8 +481,7 @@ def _check_backends(rules: Sequence[snap.Rule], index: _Index, emitted: set[str]
                     problems: _Problems) -> None:
     reported: set[str] = set()
     for rule in rules:
-        for backend in rule.backends:
-            key = backend.upstream
+        for key in [b.upstream for b in rule.backends] + mirrored_upstreams(rule):
             if key in emitted or key in reported:
                 continue
             reported.add(key)
@@ -499,7 +499,8 @@ def _compile_rule(position: int, rule: RuleSpec, namespace: str) -> snap.Rule:
         index=position,
         name=rule.name,
         matches=matches,
-        backends=tuple(snap.Backend(f"{namespace}/{b.upstream}", b.weight)
+        backends=tuple(snap.Backend(f"{namespace}/{b.upstream}", b.weight,
+                                    compile_filters(b.filters, namespace))
                        for b in rule.backends),
         session_affinity=None if affinity is None else snap.SessionAffinity(
             cookie_name=affinity.cookie.name, ttl=parse_duration(affinity.cookie.ttl)),
@@ -512,6 +513,7 @@ def _compile_rule(position: int, rule: RuleSpec, namespace: str) -> snap.Rule:
         max_request_body_size=(None if rule.max_request_body_size is None
                                else parse_byte_size(rule.max_request_body_size)),
         allow_websocket=rule.allow_websocket,
+        filters=compile_filters(rule.filters, namespace),
     )
 
 
