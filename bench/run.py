@@ -303,7 +303,39 @@ def nginx_temp_paths(tmp: Path, name: str) -> str:
 """
 
 
-def backend_conf(tmp: Path, port: int) -> Path:
+# --filters: the same work asked of every proxy. `headers` sets a request header from the
+# client address and a response header; `compression` gzips text answers from 1 KiB
+# (the backend then serves text/plain and wrk sends Accept-Encoding: gzip).
+FILTERS = ("none", "headers", "compression")
+NGINX_FILTERS = {
+    "none": "",
+    "headers": "proxy_set_header X-Client $remote_addr;\n            "
+               "add_header X-Served-By bench always;",
+    "compression": "gzip on; gzip_proxied any; gzip_types text/plain; "
+                   "gzip_min_length 1024; gzip_comp_level 6;",
+}
+HAPROXY_FILTERS = {
+    "none": "",
+    "headers": "    http-request set-header X-Client %[src]\n"
+               "    http-response set-header X-Served-By bench\n",
+    "compression": "    compression algo gzip\n    compression type text/plain\n",
+}
+KANAL_FILTERS = {
+    "none": "",
+    "headers": """      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: X-Client, value: "${client_address}"}]}
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {set: [{name: X-Served-By, value: bench}]}
+""",
+    "compression": """      filters:
+        - type: Compression
+          compression: {algorithms: [gzip], contentTypes: [text/plain], minSize: 1Ki}
+""",
+}
+
+
+def backend_conf(tmp: Path, port: int, filters: str = "none") -> Path:
     www = tmp / "backend" / "www"
     www.mkdir(parents=True, exist_ok=True)
     (www / "16k").write_bytes(body_bytes(BODY_LARGE))
@@ -312,7 +344,7 @@ def backend_conf(tmp: Path, port: int) -> Path:
 http {{
     access_log off;
     {nginx_temp_paths(tmp, "backend")}
-    default_type application/octet-stream;
+    default_type {"text/plain" if filters == "compression" else "application/octet-stream"};
     sendfile on;
     tcp_nopush off;
     tcp_nodelay on;
@@ -333,7 +365,7 @@ http {{
     return path
 
 
-def nginx_proxy_conf(tmp: Path, port: int, backend: int) -> Path:
+def nginx_proxy_conf(tmp: Path, port: int, backend: int, filters: str = "none") -> Path:
     conf = nginx_common(tmp, "nginx") + f"""
 http {{
     access_log off;
@@ -353,6 +385,7 @@ http {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            {NGINX_FILTERS[filters]}
         }}
     }}
 }}
@@ -362,7 +395,7 @@ http {{
     return path
 
 
-def haproxy_conf(tmp: Path, port: int, backend: int) -> Path:
+def haproxy_conf(tmp: Path, port: int, backend: int, filters: str = "none") -> Path:
     d = tmp / "haproxy"
     d.mkdir(parents=True, exist_ok=True)
     conf = f"""
@@ -384,14 +417,14 @@ frontend bench
     default_backend backend
 
 backend backend
-    server b1 127.0.0.1:{backend}
+{HAPROXY_FILTERS[filters]}    server b1 127.0.0.1:{backend}
 """
     path = d / "haproxy.cfg"
     path.write_text(conf)
     return path
 
 
-def kanal_manifests(tmp: Path, backend: int) -> Path:
+def kanal_manifests(tmp: Path, backend: int, filters: str = "none") -> Path:
     d = tmp / "kanal" / "manifests"
     d.mkdir(parents=True, exist_ok=True)
     (d / "bench.yaml").write_text(f"""\
@@ -414,7 +447,7 @@ spec:
         - path: {{type: PathPrefix, value: /}}
       backends:
         - {{upstream: bench-backend, weight: 1}}
-""")
+""" + KANAL_FILTERS[filters])
     return d
 
 
@@ -534,6 +567,8 @@ class Runner:
                f"-c{conns}", f"-d{duration}s", "--timeout", "5s", "-s", str(self.lua)]
         if latency:
             cmd.append("--latency")
+        if self.args.filters == "compression":
+            cmd += ["-H", "Accept-Encoding: gzip"]
         cmd.append(f"http://127.0.0.1:{port}{path}")
         res = parse_wrk(self.procs.run("wrk", cmd, timeout=duration + 30))
         if res["errors"]:
@@ -681,6 +716,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-install", action="store_true",
                     help="do not apt-get install missing nginx/haproxy/wrk")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    ap.add_argument("--filters", choices=FILTERS, default="none",
+                    help="the same work for every proxy: none (default), headers (a request "
+                         "header from the client address and a response header) or "
+                         "compression (gzip of text answers from 1 KiB)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.latency_duration = 1, 3, 3
@@ -733,7 +772,7 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
     bport = free_port()
     backend = Target("backend", "backend alone (no proxy), nginx 1 worker", bport, is_proxy=False,
                      logfile=tmp / "backend.log")
-    bconf = backend_conf(tmp, bport)
+    bconf = backend_conf(tmp, bport, args.filters)
     backend.proc = procs.start("backend", [*pin_load, nginx, "-p", str(tmp / "backend"),
                                            "-e", str(tmp / "backend" / "error.log"),
                                            "-c", str(bconf)], backend.logfile)
@@ -746,7 +785,7 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
         port = free_port()
         t = Target("nginx", "nginx `proxy_pass`, upstream keepalive 64", port,
                    logfile=tmp / "nginx.log")
-        conf = nginx_proxy_conf(tmp, port, bport)
+        conf = nginx_proxy_conf(tmp, port, bport, args.filters)
         t.proc = procs.start("nginx", [*pin_proxy, nginx, "-p", str(tmp / "nginx"),
                                        "-e", str(tmp / "nginx" / "error.log"),
                                        "-c", str(conf)], t.logfile)
@@ -755,14 +794,15 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
         port = free_port()
         t = Target("haproxy", "HAProxy nbthread 1, http-reuse always", port,
                    logfile=tmp / "haproxy.log")
-        conf = haproxy_conf(tmp, port, bport)
+        conf = haproxy_conf(tmp, port, bport, args.filters)
         t.proc = procs.start("haproxy", [*pin_proxy, haproxy, "-db", "-f", str(conf)], t.logfile)
         targets.append(t)
     if "kanal" in args.targets:
         port, admin = free_port(), free_port()
         t = Target("kanal", f"Kanal, --workers {args.kanal_workers}", port, admin=admin,
                    logfile=tmp / "kanal.log")
-        cmd = kanal_command(args.kanal_cmd, kanal_manifests(tmp, bport), port, admin, bport,
+        cmd = kanal_command(args.kanal_cmd, kanal_manifests(tmp, bport, args.filters), port,
+                            admin, bport,
                             args.kanal_workers)
         log(f"kanal command: {shlex.join(cmd)}")
         t.proc = procs.start("kanal", [*pin_proxy, *cmd], t.logfile)

@@ -98,6 +98,7 @@ async def serve(args: argparse.Namespace) -> int:
     # A sidecar's mesh routes answer to every spelling of a Service's name, relative
     # to its namespace (kanal.dataplane.mesh); so does its forward listener.
     runtime = Runtime(gateway=gateway, namespace=namespace if args.mode == "sidecar" else None)
+    runtime.compress_all = options.compression
     # The kept configuration is in place before any listener opens.
     subscriber.load_state(runtime)
     from kanal.dataplane.splitreport import SplitReporter

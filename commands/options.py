@@ -51,6 +51,9 @@ def add_listener_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
                         help="client connections each listener holds at most; one more is "
                              "answered 503 and closed (default: no cap)")
+    parser.add_argument("--compression", action="store_true",
+                        help="compress answers of every Route rule without a Compression "
+                             "filter, with its defaults (br, zstd, gzip; text types; 1Ki)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     add_observability_flags(parser)
@@ -60,7 +63,8 @@ def limit_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The DataplaneOptions fields the limit flags set."""
     return {"head_timeout": args.request_head_timeout,
             "body_idle_timeout": args.request_body_timeout,
-            "max_connections": args.max_connections}
+            "max_connections": args.max_connections,
+            "compression": args.compression}
 
 
 def limit_argv(args: argparse.Namespace) -> list[str]:
@@ -69,6 +73,8 @@ def limit_argv(args: argparse.Namespace) -> list[str]:
             "--request-body-timeout", repr(args.request_body_timeout)]
     if args.max_connections is not None:
         argv += ["--max-connections", str(args.max_connections)]
+    if args.compression:
+        argv.append("--compression")
     return argv
 
 

@@ -165,6 +165,7 @@ async def serve(args: argparse.Namespace) -> int:
     )
     source = FileSource(args.paths)
     runtime = Runtime(gateway=options.gateway)
+    runtime.compress_all = options.compression
     # The first configuration is in place before any listener opens.
     _reload(source, runtime, apply_snapshot)
 

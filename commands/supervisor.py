@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kanal.commands.options import EXIT_CANNOT_BIND, limit_argv, observability_argv
 from kanal.commands.splitmerge import merged_split_samples
+from kanal.dataplane.access.sharedlimits import share_between_workers
 
 log = logging.getLogger("kanal.supervisor")
 
@@ -209,6 +210,7 @@ async def supervise(args: argparse.Namespace) -> int:
               f"{exc.strerror or exc}", file=sys.stderr)
         await runner.cleanup()
         return EXIT_CANNOT_BIND
+    share_between_workers()  # local rate limits count for the whole group
     for worker in workers:
         await worker.start()
     log.info("admin for %d workers on http://%s:%d", len(workers), *args.admin)

@@ -8,6 +8,7 @@ that needs them is refused when the configuration is loaded.
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 import re2  # type: ignore[import-untyped]
@@ -39,3 +40,28 @@ def compile_pattern(pattern: str) -> UserPattern:
             reason = reason.decode("utf-8", "replace")
         raise PatternError(f"{reason} (RE2 syntax: no backreferences or lookaround)") from None
     return compiled
+
+
+_GROUP_REFERENCE = re.compile(r"\\(?:(\d+)|g<([^>]*)>)")
+
+
+def substitution_problem(substitution: str, pattern: str) -> str | None:
+    """Why `substitution` (`\\1`, `\\g<name>`) cannot use `pattern`'s groups, or None.
+
+    For a URL rewrite's ReplaceRegexMatch: a reference to a group the pattern lacks is
+    refused when the configuration is loaded, not met by a request.
+    """
+    try:
+        compiled = compile_pattern(pattern)
+    except PatternError as exc:
+        return str(exc)
+    groups: int = getattr(compiled, "groups", 0)
+    names: dict[str, int] = getattr(compiled, "groupindex", {})
+    for number, name in _GROUP_REFERENCE.findall(substitution):
+        if number:
+            if int(number) > groups:
+                return (f"\\{number} names a group the pattern {pattern!r} does not have "
+                        f"(it has {groups})")
+        elif name not in names:
+            return f"\\g<{name}> names no group of the pattern {pattern!r}"
+    return None

@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kanal.contract.access import AccessPolicy
 from kanal.contract.plain import from_plain, to_plain
 
 PathMatchType = Literal["Exact", "PathPrefix", "RegularExpression"]
@@ -115,6 +116,7 @@ class Match:
 class Backend:
     upstream: str
     weight: int = 1
+    filters: tuple[Filter, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,8 @@ class Rule:
     retries: Retries | None = None
     max_request_body_size: int | None = None
     allow_websocket: bool = True
+    access: AccessPolicy | None = None
+    filters: tuple[Filter, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,3 +231,107 @@ def content_version(snapshot: Snapshot) -> str:
     content = dataclasses.replace(snapshot, version="").to_dict()
     text = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- filters
+#
+# `filters` on a rule or a backend, in Gateway API HTTPRoute's names and shapes (plus
+# DirectResponse and Compression, where Gateway API stops). One `Filter` carries its
+# type and the settings of that type; the dataplane compiles a rule's list once per
+# Snapshot (dataplane/filters.py).
+
+FilterType = Literal["RequestHeaderModifier", "ResponseHeaderModifier", "URLRewrite",
+                     "RequestRedirect", "RequestMirror", "CORS", "DirectResponse", "Compression"]
+PathModifierType = Literal["ReplaceFullPath", "ReplacePrefixMatch", "ReplaceRegexMatch"]
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderValue:
+    """A header to set or add; `value` may hold `${variable}`s (contract/templates.py)."""
+
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderModifier:
+    set: tuple[HeaderValue, ...] = ()
+    add: tuple[HeaderValue, ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PathModifier:
+    """`value` is the full path, the prefix's replacement, or the regex substitution."""
+
+    type: PathModifierType
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class URLRewrite:
+    hostname: str | None = None
+    path: PathModifier | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRedirect:
+    scheme: str | None = None
+    hostname: str | None = None
+    port: int | None = None
+    path: PathModifier | None = None
+    status_code: int = 302
+    keep_query: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RequestMirror:
+    upstream: str
+    percent: int = 100
+    max_body_size: int = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class CORS:
+    allow_origins: tuple[str, ...] = ()
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    max_age: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status_code: int = 200
+    headers: tuple[HeaderValue, ...] = ()
+    body: str = ""
+
+
+DEFAULT_COMPRESSIBLE = (
+    "text/html", "text/plain", "text/css", "text/javascript", "text/xml", "text/csv",
+    "application/javascript", "application/json", "application/xml", "application/wasm",
+    "image/svg+xml",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Compression:
+    algorithms: tuple[str, ...] = ("br", "zstd", "gzip")
+    content_types: tuple[str, ...] = DEFAULT_COMPRESSIBLE
+    min_size: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """One filter: its type, and the settings of that type (the others are None)."""
+
+    type: FilterType
+    request_header_modifier: HeaderModifier | None = None
+    response_header_modifier: HeaderModifier | None = None
+    url_rewrite: URLRewrite | None = None
+    request_redirect: RequestRedirect | None = None
+    request_mirror: RequestMirror | None = None
+    cors: CORS | None = None
+    direct_response: DirectResponse | None = None
+    compression: Compression | None = None

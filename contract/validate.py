@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-from kanal.contract.snapshot import Snapshot, content_version
+from kanal.contract.access import policy_problems
+from kanal.contract.snapshot import Filter, HeaderValue, Rule, Snapshot, content_version
+from kanal.contract.templates import TemplateError, parse_template
 
 _WIRE_UNSAFE = frozenset("\r\n\x00")
 
@@ -60,9 +62,13 @@ def _problems(snapshot: Snapshot) -> Iterator[str]:
                 for header in match.headers:
                     if not header.name or not wire_safe(header.name):
                         yield f"{where}: header name {header.name!r} cannot be matched"
+            if rule.access is not None:
+                yield from (f"{where}: {problem}" for problem in
+                            policy_problems(rule.access, wire_safe))
             if rule.session_affinity is not None and not _token(
                     rule.session_affinity.cookie_name):
                 yield f"{where}: cookie name {rule.session_affinity.cookie_name!r} is not a token"
+            yield from filter_problems(where, rule)
     for upstream in snapshot.upstreams:
         for endpoint in upstream.endpoints:
             if not 0 < endpoint.port < 65536:
@@ -92,3 +98,65 @@ def _token(value: str) -> bool:
     """An RFC 9110 token: what a header or cookie name may be."""
     return bool(value) and all(ch.isascii() and (ch.isalnum() or ch in _TOKEN_EXTRA)
                                for ch in value)
+
+
+def filter_problems(where: str, rule: Rule) -> Iterator[str]:
+    """What a rule's filters (and its backends') would write that cannot go on the wire."""
+    lists = [("filters", rule.filters)] + [
+        (f"backend {backend.upstream} filters", backend.filters) for backend in rule.backends]
+    for label, filters in lists:
+        for item in filters:
+            for problem in _one_filter(item):
+                yield f"{where}: {label}: {item.type}: {problem}"
+
+
+_FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive",
+                      "upgrade", "te", "trailer", "proxy-connection", "host"})
+"""Headers a filter may never write: the proxy frames each message (and sets Host
+through URLRewrite); a second Content-Length or Transfer-Encoding would let a request
+be read two ways."""
+
+
+def _one_filter(item: Filter) -> Iterator[str]:
+    headers: list[HeaderValue] = []
+    names: list[str] = []
+    for modifier in (item.request_header_modifier, item.response_header_modifier):
+        if modifier is not None:
+            headers += [*modifier.set, *modifier.add]
+            names += modifier.remove
+    if item.direct_response is not None:
+        headers += item.direct_response.headers
+    for header in headers:
+        if not _token(header.name):
+            yield f"header name {header.name!r} is not a token"
+        if not wire_safe(header.value):
+            yield f"header {header.name} value holds CR, LF or NUL"
+        elif not header.value.isascii():
+            yield f"header {header.name} value is not ASCII"
+        try:
+            parse_template(header.value)
+        except TemplateError as exc:
+            yield f"header {header.name}: {exc}"
+    for name in names:
+        if not _token(name):
+            yield f"header name {name!r} is not a token"
+    for name in sorted({h.name.lower() for h in headers} & _FRAMING):
+        yield f"header {name} is the proxy's to write"
+    rewrite, redirect = item.url_rewrite, item.request_redirect
+    for hostname in (rewrite.hostname if rewrite else None,
+                     redirect.hostname if redirect else None):
+        if hostname is not None and not _visible(hostname):
+            yield f"hostname {hostname!r} is not a host name"
+    for path in (rewrite.path if rewrite else None, redirect.path if redirect else None):
+        if path is not None and path.value and not _visible(path.value):
+            yield f"path {path.value!r} must hold only visible characters"
+    if redirect is not None and redirect.status_code not in (301, 302, 303, 307, 308):
+        yield f"status code {redirect.status_code} is not a redirect"
+    if item.cors is not None:
+        cors = item.cors
+        for value in (*cors.allow_origins, *cors.allow_methods, *cors.allow_headers,
+                      *cors.expose_headers):
+            if not _visible(value):
+                yield f"value {value!r} must hold only visible characters"
+    if item.direct_response is not None and not 200 <= item.direct_response.status_code <= 599:
+        yield f"status code {item.direct_response.status_code} is out of range"

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from kanal.dataplane.access.counters import AccessCollector
+from kanal.dataplane.access.explain import explain_access, redact_access
 from kanal.dataplane.casing import camel_document
 from kanal.dataplane.dashboard import add_dashboard
 from kanal.dataplane.metrics import MetricsCollector
@@ -43,6 +45,7 @@ def config_document(config: Config) -> dict[str, Any]:
         if tls:
             # Certificates are shown by name, never with their private keys.
             route["tls"] = {k: v for k, v in tls.items() if k not in ("cert_pem", "key_pem")}
+        redact_access(route)
     return camel_document({
         "version": config.version,
         "appliedAt": config.applied_at,
@@ -118,6 +121,7 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
         except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         answer = runtime.config.table.explain(host, method, path, query, headers)
+        answer = explain_access(runtime.config.table, answer, host, method, path, query, headers)
         answer = camel_document(
             explain_with_split({"version": runtime.config.version, **answer}, splits))
         return web.json_response(answer, dumps=_dumps)
@@ -132,6 +136,7 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
             registry.register(MetricsCollector(runtime.metrics))
             registry.register(TrafficCollector(runtime))
             registry.register(SplitCollector(splits))
+            registry.register(AccessCollector())
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -67,6 +67,14 @@ def error_head(status: int, body_length: int, *, keep_alive: bool,
             + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n"))
 
 
+def relayed_head(status: int, body_length: int, *, keep_alive: bool,
+                 extra: bytes = b"") -> bytes:
+    """The head of an answer the proxy relays for another party (an external auth
+    service's refusal): that party's header lines in `extra`, framed by the proxy."""
+    return (status_line(status) + b"\r\nContent-Length: %d\r\n" % body_length + extra
+            + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n"))
+
+
 _OVERLOAD_BODY = b"kanal: 503 too many connections\n"
 TOO_MANY_CONNECTIONS = error_head(503, len(_OVERLOAD_BODY), keep_alive=False,
                                   extra=b"Retry-After: 1\r\n") + _OVERLOAD_BODY

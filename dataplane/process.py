@@ -51,6 +51,7 @@ class DataplaneOptions:
     head_timeout: float = HEAD_TIMEOUT  # a client's whole request head, from its first byte
     body_idle_timeout: float = BODY_IDLE_TIMEOUT  # between two bytes of a request body
     max_connections: int | None = None  # client connections per listener (None: no cap)
+    compression: bool = False  # every rule without a Compression filter compresses
     access_log: AccessLog | None = None  # --access-log (None: off); closed by run_dataplane
     request_ids: RequestIds | None = None  # --request-id (None: off)
     tracing: Tracing | None = None  # --tracing-endpoint (None: off); closed by run_dataplane

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from kanal.dataplane import headers as hdrs
-from kanal.dataplane import http1
+from kanal.dataplane import http1, mirror
+from kanal.dataplane.access import gate as access_gate
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.http1 import (
     KEEPALIVE_TIMEOUT,
@@ -42,8 +43,12 @@ from kanal.dataplane.retry import FailedTry, retry_kind
 from kanal.dataplane.tlspolicy import hsts_value, tls_answer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from kanal.contract.snapshot import Retries, Route, Rule
     from kanal.dataplane.balancer import EndpointState
+    from kanal.dataplane.compress import Encoder
+    from kanal.dataplane.filters import Exchange, OwnAnswer
     from kanal.dataplane.logformat import Record
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
     from kanal.dataplane.tracing import ExchangeTrace
@@ -482,6 +487,9 @@ class ClientConnection(asyncio.Protocol):
         if request is None:
             return
         request.received += len(body)
+        exchange = self.exchange
+        if exchange is not None and exchange.copy is not None and request is self.current:
+            exchange.copy.feed(body)  # a RequestMirror's copy of the body
         if request is self.current and self.request_sent and self.upstream is not None:
             if self.body_limit is not None:
                 request.body_size += len(body)
@@ -502,6 +510,8 @@ class ClientConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.pause_reading()
                 self.paused_for_body = True
+        if self.body_waiter is not None and request is self.current:
+            self.body_waiter()  # an access check waits for this body (external auth)
 
     def _body_too_large(self) -> None:
         """A streamed body went past its rule's maxRequestBodySize: 413 if nothing was
@@ -518,15 +528,22 @@ class ClientConnection(asyncio.Protocol):
             return
         request.complete = True
         self.parsing = None
+        exchange = self.exchange
+        if exchange is not None and exchange.copy is not None and request is self.current:
+            exchange.copy.complete()  # the RequestMirror copies go out
+            exchange.copy = None
         if request is self.current and self.request_sent and self.upstream is not None:
             if request.chunked:
                 self.upstream.write(_CHUNK_END)
+        elif self.body_waiter is not None and request is self.current:
+            self.body_waiter()  # the body an access check waits for is complete
 
     # --- one exchange ---------------------------------------------------------------------
 
     def _begin(self, request: Request) -> None:
         self.current = request
         self.body_limit = None
+        self.exchange = None
         self.route_key = ""
         self.upstream_key = ""
         self.response_started = False
@@ -593,6 +610,14 @@ class ClientConnection(asyncio.Protocol):
         if route_tls is not None or context.scheme == "https":
             if self._tls_policy(request, selection.route, host_text):
                 return
+        filters = selection.filters
+        if filters is not None:
+            exchange = self.exchange = filters.begin(request, scheme=context.scheme, peer=self.peer)
+            if exchange.answer is not None:
+                if not request.chunked and request.content_length in (None, b"0"):
+                    request.complete = True  # no body follows: the connection stays open
+                self._fail_request(exchange.answer.status, exchange.answer.reason, own=exchange.answer)
+                return
         rule = selection.rule
         if request.upgrade and not rule.allow_websocket:
             self._fail_request(403, f"{selection.route_key}: WebSocket upgrades are not allowed "
@@ -614,6 +639,8 @@ class ClientConnection(asyncio.Protocol):
             self._fail_request(503, f"route {selection.route_key} has no backend with weight above 0")
             return
         self.upstream_key = backend
+        if filters is not None:
+            filters.backend_chosen(exchange, request, backend)
         upstream = config.upstreams.get(backend)
         if upstream is None:
             self._fail_request(503, f"upstream {backend} does not exist")
@@ -636,7 +663,24 @@ class ClientConnection(asyncio.Protocol):
         timeout = rule.timeout
         if timeout:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
+        if selection.access is not None and access_gate.admit(self, request, selection.access):
+            return  # refused, or waiting for the policy (_access_passed goes on)
+        self._access_passed(request)
+
+    def _access_passed(self, request: Request) -> None:
+        """The request may go on (no policy, or its policy let it through, at once or
+        after waiting): render its head, start its mirrors, send it."""
+        context = self.context
+        config = context.config
+        assert config is not None
         self.head = self._request_head(request, config)
+        exchange = self.exchange
+        if exchange is not None and exchange.mirrors and not request.upgrade:
+            # Only requests that passed their policies are copied.
+            exchange.copy = mirror.start(
+                context, config, exchange.mirrors, self.head, body=request.body,
+                complete=request.complete, chunked=request.chunked,
+                head_only=request.method == b"HEAD")
         if request.expect_continue and not request.complete and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._attempt(request, None)
@@ -919,14 +963,19 @@ class ClientConnection(asyncio.Protocol):
             headers = [*without_request_id(headers), (REQUEST_ID, self.request_id)]
         no_body = conn.no_body or request.method == b"HEAD"
         conn.no_body = no_body
+        length = conn.content_length
+        exchange = self.exchange
+        if exchange is not None:
+            headers, length, self.encoder = exchange.response_head(
+                status, headers, length, no_body=no_body, chunked_ok=request.http11)
         # After an answer that refuses an upgrade, the client may already be speaking
         # the new protocol: nothing more on this connection can be read as HTTP.
         close = not request.keep_alive or self.close_after or request.upgrade
         lines = [status_line(status)]
         for name, value in headers:
             lines.append(name + b": " + value)
-        if conn.content_length is not None and not conn.chunked:
-            lines.append(b"Content-Length: " + conn.content_length)
+        if length is not None and not conn.chunked:
+            lines.append(b"Content-Length: " + length)
         elif no_body:
             pass
         elif request.http11:
@@ -938,6 +987,9 @@ class ClientConnection(asyncio.Protocol):
             lines.append(b"Set-Cookie: " + self.set_cookie)
         if self.hsts is not None:
             lines.append(b"Strict-Transport-Security: " + self.hsts)
+        if self.access_headers is not None:
+            lines.append(self.access_headers)  # set by an access policy (RateLimit)
+            self.access_headers = None
         if not request.complete:
             # The client is still sending a body the upstream did not wait for; the
             # connection cannot be reused for another request once this one ends.
@@ -952,10 +1004,15 @@ class ClientConnection(asyncio.Protocol):
         self._write(b"\r\n".join(lines))
 
     def response_body(self, chunk: bytes) -> None:
-        self.body_sent += len(chunk)
         if self.response_chunked:
+            if self.encoder is not None:
+                chunk = self.encoder.compress(chunk)
+                if not chunk:
+                    return
+            self.body_sent += len(chunk)
             self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
+            self.body_sent += len(chunk)
             self._write(chunk)
 
     def response_done(self, conn: UpstreamConnection) -> None:
@@ -964,6 +1021,12 @@ class ClientConnection(asyncio.Protocol):
             conn.abort()
             return
         if self.response_chunked:
+            if self.encoder is not None:
+                tail = self.encoder.finish()
+                self.encoder = None
+                if tail:
+                    self.body_sent += len(tail)
+                    self._write(b"%x\r\n%b\r\n" % (len(tail), tail))
             self._write(_CHUNK_END)
         self.upstream = None
         if request.complete:
@@ -1123,7 +1186,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _fail_request(
         self, status: int, reason: str, *, close: bool = False, location: bytes | None = None,
-        overloaded: bool = False,
+        overloaded: bool = False, extra_headers: bytes = b"", body: bytes | None = None,
+        own: OwnAnswer | None = None,
     ) -> None:
         """Answer the current request with an error of the proxy's own."""
         request = self.current or self.parsing
@@ -1142,18 +1206,29 @@ class ClientConnection(asyncio.Protocol):
         if status >= 500 or status == 404:
             log.debug("%s %s: %d %s", request.method.decode("latin-1") or "-",
                       request.target.decode("latin-1") or "-", status, reason)
-        body = f"kanal: {status} {reason}\n".encode()
+        relayed = body is not None  # an answer relayed as its author sent it (external auth)
+        body = f"kanal: {status} {reason}\n".encode() if body is None else body
         keep = not close and request.keep_alive and request.complete and not self.close_after
         extra = b"Retry-After: 1\r\n" if status == 503 else b""
         if overloaded:
             extra += b"X-Kanal-Overloaded: true\r\n"
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
-        if self.request_id is not None and self.current is request:
-            extra += REQUEST_ID + b": " + self.request_id + b"\r\n"
-        head = http1.error_head(status, len(body), keep_alive=keep, extra=extra)
-        self._write(head + (b"" if request.method == b"HEAD" else body))
-        self.body_sent = 0 if request.method == b"HEAD" else len(body)
+        rid = self.request_id if self.current is request else None
+        if rid is not None:
+            extra += REQUEST_ID + b": " + rid + b"\r\n"
+        extra += extra_headers
+        if own is not None:  # an answer a filter gives (redirect, direct response, preflight)
+            data = own.encode(keep_alive=keep, head_only=request.method == b"HEAD")
+            if rid is not None:  # after the status line
+                data = data.replace(b"\r\n", b"\r\n" + REQUEST_ID + b": " + rid + b"\r\n", 1)
+            self._write(data)
+            self.body_sent = 0 if request.method == b"HEAD" else len(own.body)
+        else:
+            head = (http1.relayed_head if relayed else http1.error_head)(
+                status, len(body), keep_alive=keep, extra=extra)
+            self._write(head + (b"" if request.method == b"HEAD" else body))
+            self.body_sent = 0 if request.method == b"HEAD" else len(body)
         if self.current is request:
             self._record(request, status)
         elif self.context.observing:  # a request refused before it began
@@ -1195,6 +1270,8 @@ class ClientConnection(asyncio.Protocol):
                 limits = self.upstream_runtime.limits
                 limits.active_retries = max(limits.active_retries - 1, 0)
         # Back to the resting values _begin relies on.
+        self.access_headers = None
+        self.body_waiter = None
         self.retries = None
         self.attempts_left = 0
         self.kept_body = None
@@ -1280,6 +1357,10 @@ class ClientConnection(asyncio.Protocol):
     resent_stale: bool = False
     last_failure: tuple[int, str] | None = None
     try_timer: asyncio.TimerHandle | None = None
+    access_headers: bytes | None = None
+    body_waiter: Callable[[], None] | None = None
+    exchange: Exchange | None = None
+    encoder: Encoder | None = None
     body_sent: int = 0
     route_rule: Rule | None = None
     tried: EndpointState | None = None

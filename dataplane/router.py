@@ -57,6 +57,8 @@ from urllib.parse import parse_qsl
 
 from kanal.contract.patterns import PatternError, UserPattern, compile_pattern
 from kanal.contract.snapshot import Gateway, Match, Route, Rule, Snapshot, ValueMatch
+from kanal.dataplane.access.policy import Access, compile_access
+from kanal.dataplane.filters import RuleFilters
 from kanal.dataplane.split import Split
 
 __all__ = ["RouteTable", "Selection", "normalize_host", "normalize_path", "path_views"]
@@ -92,6 +94,9 @@ class Selection:
     rule: Rule
     split: Split
     route: Route
+    access: Access | None = None
+    filters: RuleFilters | None = None
+    """The rule's compiled `filters` (and its backends'); None when it has none."""
 
 
 class _ValuePredicate:
@@ -390,11 +395,13 @@ class RouteTable:
         snapshot: Snapshot,
         gateway: Gateway | str = "ingress",
         rng: random.Random | None = None,
+        compress_all: bool = False,
     ) -> RouteTable:
         """Compile the routes of `snapshot` that serve `gateway`.
 
         `rng`, if given, starts each Split at a random point of its cycle so frequent
         reloads do not keep restarting every split on its first backend.
+        `compress_all` gives every rule without a Compression filter one (--compression).
         """
         regexes: dict[str, UserPattern] = {}
         compiled: list[tuple[Route, tuple[_Candidate, ...]]] = []
@@ -403,7 +410,7 @@ class RouteTable:
         any_group: list[_Candidate] = []
         routes = [route for route in snapshot.routes if gateway in route.gateways]
         for route_pos, route in enumerate(routes):
-            candidates = tuple(_compile_route(route_pos, route, regexes, rng))
+            candidates = tuple(_compile_route(route_pos, route, regexes, rng, compress_all))
             compiled.append((route, candidates))
             for hostname in _hostnames(route):
                 if hostname == "*":
@@ -571,7 +578,14 @@ class RouteTable:
                 entry = _describe_candidate(c, None)
                 entry.update(result="no match", reasons=[reason])
                 entries.append(entry)
-        return _explanation(self, host, method, path, query, as_sent, decoded, chosen, entries)
+        result = _explanation(self, host, method, path, query, as_sent, decoded, chosen, entries)
+        filters = chosen.selection.filters if chosen is not None else None
+        if filters is not None:
+            # What the rule's filters would do: in order, and the rewritten request.
+            result["filters"] = filters.explain(
+                method=method, host=host, target=path + (f"?{query}" if query else ""),
+                headers=headers, scheme="http")
+        return result
 
     def _labelled_levels(self, host: str) -> Iterable[tuple[str, _Level]]:
         """The candidate groups for a normalized host with the hostname each matched by."""
@@ -598,10 +612,13 @@ def _hostnames(route: Route) -> list[str]:
 
 
 def _compile_route(
-    route_pos: int, route: Route, regexes: dict[str, UserPattern], rng: random.Random | None
+    route_pos: int, route: Route, regexes: dict[str, UserPattern], rng: random.Random | None,
+    compress_all: bool = False,
 ) -> Iterable[_Candidate]:
     for rule_pos, rule in enumerate(route.rules):
-        selection = Selection(route.key, rule, Split.from_rule(rule, rng), route)
+        selection = Selection(route.key, rule, Split.from_rule(rule, rng), route,
+                              compile_access(route.key, rule),
+                              RuleFilters.build(route, rule, rng=rng, compress_all=compress_all))
         matches = rule.matches or (Match(),)  # no matches: the rule takes every request
         for match_index, match in enumerate(matches):
             yield _Candidate(

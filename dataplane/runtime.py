@@ -304,6 +304,8 @@ class Runtime:
         # Called with each new Config right after it is published (TLS certificates,
         # health checkers, egress policies: whatever else follows the configuration).
         self.on_apply: list[Callable[[Config], None]] = []
+        # --compression: rules without a Compression filter compress with its defaults.
+        self.compress_all = False
 
     def context(self, scheme: str = "http", trusted_hops: int = 0, *,
                 mesh: bool = False) -> ProxyContext:
@@ -328,7 +330,8 @@ class Runtime:
         routed = snapshot
         if self.gateway == "mesh" and self.namespace is not None:
             routed = with_mesh_aliases(snapshot, self.namespace)
-        table = RouteTable.build(routed, gateway=self.gateway, rng=self.rng)
+        table = RouteTable.build(routed, gateway=self.gateway, rng=self.rng,
+                                 compress_all=self.compress_all)
         mesh_routed: Snapshot | None = None
         mesh_table: RouteTable | None = None
         if self.mesh_namespace is not None:
@@ -336,7 +339,8 @@ class Runtime:
                 mesh_routed, mesh_table = routed, table  # a sidecar: the same table
             else:
                 mesh_routed = with_mesh_aliases(snapshot, self.mesh_namespace)
-                mesh_table = RouteTable.build(mesh_routed, gateway="mesh", rng=self.rng)
+                mesh_table = RouteTable.build(mesh_routed, gateway="mesh", rng=self.rng,
+                                              compress_all=self.compress_all)
         upstreams: dict[str, UpstreamRuntime] = {}
         previous = self.config.upstreams if self.config is not None else {}
         for spec in snapshot.upstreams:

@@ -32,6 +32,7 @@ from datetime import UTC
 from typing import Any, TypeVar
 
 from kanal.contract import snapshot as snap
+from kanal.operator.accesscompile import rules_with_access
 from kanal.operator.conditions import (
     ACCEPTED,
     REASON_ACCEPTED,
@@ -50,6 +51,7 @@ from kanal.operator.conditions import (
     ObjectStatus,
 )
 from kanal.operator.durations import parse_duration
+from kanal.operator.filtercompile import compile_filters, mirrored_upstreams
 from kanal.operator.models import (
     EgressPolicy,
     EgressRuleSpec,
@@ -257,6 +259,11 @@ def _secret_values(
     return tuple(found) if len(found) == len(wanted) else None
 
 
+def _secret_data(index: _Index, namespace: str, name: str) -> dict[str, str] | None:
+    secret = index.secret(namespace, name)
+    return None if secret is None else secret.values()
+
+
 # --------------------------------------------------------------------------- upstreams
 
 
@@ -440,6 +447,10 @@ def _compile_route(route: Route, index: _Index, emitted_upstreams: set[str]
     except ValueError as exc:
         return None, _rejected("Route", route.key, REASON_INVALID, str(exc), generation)
     _check_backends(rules, index, emitted_upstreams, problems)
+    if spec.policies is not None or any(rule.policies is not None for rule in spec.rules):
+        rules = rules_with_access(route.key, spec.policies, list(zip(rules, (
+            rule.policies for rule in spec.rules), strict=True)), namespace,
+            lambda name: _secret_data(index, namespace, name), problems.add)
     tls = None
     if spec.tls is not None:
         pair = _secret_values(index, namespace, spec.tls.secret_name,
@@ -470,8 +481,7 @@ def _check_backends(rules: Sequence[snap.Rule], index: _Index, emitted: set[str]
                     problems: _Problems) -> None:
     reported: set[str] = set()
     for rule in rules:
-        for backend in rule.backends:
-            key = backend.upstream
+        for key in [b.upstream for b in rule.backends] + mirrored_upstreams(rule):
             if key in emitted or key in reported:
                 continue
             reported.add(key)
@@ -489,7 +499,8 @@ def _compile_rule(position: int, rule: RuleSpec, namespace: str) -> snap.Rule:
         index=position,
         name=rule.name,
         matches=matches,
-        backends=tuple(snap.Backend(f"{namespace}/{b.upstream}", b.weight)
+        backends=tuple(snap.Backend(f"{namespace}/{b.upstream}", b.weight,
+                                    compile_filters(b.filters, namespace))
                        for b in rule.backends),
         session_affinity=None if affinity is None else snap.SessionAffinity(
             cookie_name=affinity.cookie.name, ttl=parse_duration(affinity.cookie.ttl)),
@@ -502,6 +513,7 @@ def _compile_rule(position: int, rule: RuleSpec, namespace: str) -> snap.Rule:
         max_request_body_size=(None if rule.max_request_body_size is None
                                else parse_byte_size(rule.max_request_body_size)),
         allow_websocket=rule.allow_websocket,
+        filters=compile_filters(rule.filters, namespace),
     )
 
 

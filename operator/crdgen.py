@@ -196,6 +196,30 @@ _SERVER_RULES: dict[str, dict[str, Any]] = {
             "message": "set exactly one of header, cookie or sourceIP: true",
         }],
     },
+    "RuleSpec": {
+        "x-kubernetes-validations": [{
+            "rule": "(has(self.backends) && size(self.backends) > 0) || (has(self.filters) && "
+                    "self.filters.exists(f, f.type == 'RequestRedirect' || "
+                    "f.type == 'DirectResponse'))",
+            "message": "at least one backend, unless a RequestRedirect or DirectResponse "
+                       "filter answers",
+            "fieldPath": ".backends",
+        }],
+    },
+    "FilterSpec": {
+        "x-kubernetes-validations": [{
+            "rule": f"(self.type == '{kind}') == has(self.{field})",
+            "message": f"{field} is set exactly when type is {kind}",
+        } for kind, field in (
+            ("RequestHeaderModifier", "requestHeaderModifier"),
+            ("ResponseHeaderModifier", "responseHeaderModifier"),
+            ("URLRewrite", "urlRewrite"), ("RequestRedirect", "requestRedirect"),
+            ("RequestMirror", "requestMirror"), ("CORS", "cors"),
+            ("DirectResponse", "directResponse"))] + [{
+            "rule": "self.type == 'Compression' || !has(self.compression)",
+            "message": "compression is only for type Compression",
+        }],
+    },
     "HealthCheckSpec": {
         "x-kubernetes-validations": [{
             "rule": "duration(has(self.timeout) ? self.timeout : '1s') <= "

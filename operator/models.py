@@ -37,7 +37,11 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from kanal.contract.names import wildcard_public_suffix
-from kanal.contract.patterns import PatternError, compile_pattern
+from kanal.contract.patterns import PatternError, compile_pattern, substitution_problem
+from kanal.contract.snapshot import DEFAULT_COMPRESSIBLE
+from kanal.contract.templates import TemplateError, parse_template
+from kanal.contract.validate import wire_safe
+from kanal.operator.access import PoliciesSpec
 from kanal.operator.durations import Duration, PositiveDuration, parse_duration
 
 GROUP = "kanal.dev"
@@ -572,6 +576,361 @@ class MatchSpec(KanalModel):
         return self
 
 
+# --------------------------------------------------------------------------- filters
+#
+# `filters` on a rule or a backend, as Gateway API's HTTPRoute writes them: a `type`
+# and the settings object named after it (`requestHeaderModifier`, `urlRewrite`, ...).
+# DirectResponse and Compression go past Gateway API in the same shape.
+
+FILTER_TYPES = ("RequestHeaderModifier", "ResponseHeaderModifier", "URLRewrite",
+                "RequestRedirect", "RequestMirror", "CORS", "DirectResponse", "Compression")
+_FILTER_FIELDS = {
+    "RequestHeaderModifier": "request_header_modifier",
+    "ResponseHeaderModifier": "response_header_modifier",
+    "URLRewrite": "url_rewrite",
+    "RequestRedirect": "request_redirect",
+    "RequestMirror": "request_mirror",
+    "CORS": "cors",
+    "DirectResponse": "direct_response",
+    "Compression": "compression",
+}
+BACKEND_FILTER_TYPES = ("RequestHeaderModifier", "ResponseHeaderModifier", "URLRewrite")
+
+# Headers the proxy frames or sets itself: a filter that changed them would break the
+# framing of a message or lie about the client.
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive",
+                              "upgrade", "te", "trailer", "proxy-connection",
+                              "proxy-authorization", "proxy-authenticate"})
+_REQUEST_PROTECTED = _FRAMING_HEADERS | {"host", "x-forwarded-for", "x-forwarded-proto",
+                                         "x-forwarded-host", "x-real-ip", "forwarded", "expect"}
+
+
+def _header_value(value: str) -> str:
+    if not wire_safe(value):
+        raise ValueError("must not contain CR, LF or NUL (they would split the header)")
+    if not all(" " <= char <= "~" or char == "\t" for char in value):
+        raise ValueError("must hold only visible ASCII, spaces and tabs (percent-encode the "
+                         "rest)")
+    try:
+        parse_template(value)
+    except TemplateError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+HeaderValueText = Annotated[str, AfterValidator(_header_value), WithJsonSchema(
+    {"type": "string", "maxLength": 4096})]
+
+
+class HTTPHeaderSpec(KanalModel):
+    """A header name and value."""
+
+    name: HeaderName = Field(description="Header name (case-insensitive).")
+    value: HeaderValueText = Field(
+        max_length=4096,
+        description="Header value. May use ${client_address}, ${request_id} (the request's "
+        "X-Request-Id, or a fresh id), ${route_name} (namespace/name) and ${host} (the "
+        "request's host without port); write $$ for a literal $.",
+    )
+
+
+class HeaderModifierSpec(KanalModel):
+    """Header changes: `remove` first, then `set` (replaces), then `add` (appends)."""
+
+    set: list[HTTPHeaderSpec] = Field(
+        default_factory=list, max_length=32,
+        description="Headers to set, replacing any value the message had.")
+    add: list[HTTPHeaderSpec] = Field(
+        default_factory=list, max_length=32,
+        description="Headers to add, keeping values the message had: `foo` plus `bar` "
+        "is `foo,bar` (Set-Cookie gets a line of its own).")
+    remove: list[HeaderName] = Field(
+        default_factory=list, max_length=32,
+        description="Names of headers to remove (case-insensitive).")
+
+    @model_validator(mode="after")
+    def _check(self) -> HeaderModifierSpec:
+        set_names = [h.name.lower() for h in self.set]
+        for name in sorted({n for n in set_names if set_names.count(n) > 1}):
+            raise ValueError(f"set: header {name} is set twice")
+        removed = {name.lower() for name in self.remove}
+        for name in sorted(removed & ({*set_names} | {h.name.lower() for h in self.add})):
+            raise ValueError(f"header {name} is both removed and set or added")
+        return self
+
+    def protected(self, forbidden: frozenset[str]) -> str | None:
+        for part, names in (("set", [h.name for h in self.set]),
+                            ("add", [h.name for h in self.add]), ("remove", self.remove)):
+            for name in names:
+                if name.lower() in forbidden:
+                    return (f"{part}: header {name} cannot be changed by a filter (the proxy "
+                            "frames the message or sets it itself)")
+        return None
+
+
+_PATH_VALUE = r"^/[!-~]*$"
+
+
+class PathModifierSpec(KanalModel):
+    """How a URLRewrite or RequestRedirect changes the path (Gateway API's HTTPPathModifier)."""
+
+    type: Literal["ReplaceFullPath", "ReplacePrefixMatch", "ReplaceRegexMatch"] = Field(
+        description="ReplaceFullPath (the whole path), ReplacePrefixMatch (the matched "
+        "PathPrefix, on whole segments) or ReplaceRegexMatch (the matched RegularExpression "
+        "path, with \\1 or \\g<name> for its groups).")
+    replace_full_path: str | None = Field(
+        default=None, max_length=1024, pattern=_PATH_VALUE,
+        description="For ReplaceFullPath: the new path.")
+    replace_prefix_match: str | None = Field(
+        default=None, max_length=1024, pattern=r"^(/[!-~]*)?$",
+        description="For ReplacePrefixMatch: what replaces the matched prefix (/foo with /xyz "
+        "makes /foo/bar /xyz/bar; empty or / makes it /bar).")
+    replace_regex_match: str | None = Field(
+        default=None, max_length=1024, pattern=_PATH_VALUE,
+        description="For ReplaceRegexMatch: the new path, with \\1 or \\g<name> for the "
+        "groups of the rule's RegularExpression path.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PathModifierSpec:
+        wanted = {"ReplaceFullPath": "replace_full_path",
+                  "ReplacePrefixMatch": "replace_prefix_match",
+                  "ReplaceRegexMatch": "replace_regex_match"}
+        for kind, name in wanted.items():
+            given = getattr(self, name) is not None
+            alias = to_camel(name)
+            if kind == self.type and not given:
+                raise ValueError(f"type {kind} needs {alias}")
+            if kind != self.type and given:
+                raise ValueError(f"{alias} is only for type {kind}, not {self.type}")
+        return self
+
+    @property
+    def value(self) -> str:
+        return (self.replace_full_path or self.replace_prefix_match or self.replace_regex_match
+                or "")
+
+
+PlainHostname = Annotated[str, AfterValidator(lambda v: _no_wildcard(_hostname(v))),
+                          _string(HOSTNAME_PATTERN, 253)]
+
+
+def _no_wildcard(value: str) -> str:
+    if value.startswith("*."):
+        raise ValueError(f"must be a host name, not a wildcard, got {value!r}")
+    return value
+
+
+class URLRewriteSpec(KanalModel):
+    """Change the request before it is forwarded (Gateway API's HTTPURLRewriteFilter)."""
+
+    hostname: PlainHostname | None = Field(
+        default=None, description="The Host the backend gets. Default: the client's.")
+    path: PathModifierSpec | None = Field(
+        default=None, description="How the path changes. Default: unchanged.")
+
+
+class RequestRedirectSpec(KanalModel):
+    """Answer with a redirect (Gateway API's HTTPRequestRedirectFilter)."""
+
+    scheme: Literal["http", "https"] | None = Field(
+        default=None, description="Scheme of the Location. Default: the request's.")
+    hostname: PlainHostname | None = Field(
+        default=None, description="Host of the Location. Default: the request's.")
+    port: Port | None = Field(
+        default=None,
+        description="Port of the Location. Default: the scheme's well-known port when "
+        "`scheme` is set, else the port the client used; a well-known port is left out.")
+    path: PathModifierSpec | None = Field(
+        default=None, description="How the path changes. Default: unchanged.")
+    status_code: Literal[301, 302, 303, 307, 308] = Field(
+        default=302, description="301, 302 (default), 303, 307 or 308.")
+    keep_query: bool = Field(
+        default=True, description="Keep the request's query string (default true).")
+
+
+class RequestMirrorSpec(KanalModel):
+    """Send a copy of requests to another Upstream; its answer is thrown away."""
+
+    upstream: ObjectName = Field(description="Name of an Upstream in the Route's namespace.")
+    percent: int = Field(
+        default=100, ge=0, le=100,
+        description="Share of requests mirrored, 0-100 (default 100).")
+    max_body_size: ByteSize = Field(
+        default="64Ki",
+        description="Largest request body mirrored (default 64Ki); a request with a larger "
+        "one is not mirrored.")
+
+
+_ORIGIN = re.compile(r"^(\*|https?://(\*\.)?[A-Za-z0-9.\-]+(:[0-9]{1,5})?|[a-z][a-z0-9+.\-]*://"
+                     r"[A-Za-z0-9.\-\[\]:]+)$")
+
+
+def _origin(value: str) -> str:
+    if not _ORIGIN.fullmatch(value):
+        raise ValueError(f"must be *, an origin like https://shop.example.com[:port] or "
+                         f"https://*.example.com, got {value!r}")
+    return value
+
+
+def _method_or_star(value: str) -> str:
+    return value if value == "*" else _method(value)
+
+
+def _header_or_star(value: str) -> str:
+    return value if value == "*" else _header_name(value)
+
+
+Origin = Annotated[str, AfterValidator(_origin), WithJsonSchema(
+    {"type": "string", "maxLength": 253})]
+MethodOrStar = Annotated[str, AfterValidator(_method_or_star), WithJsonSchema(
+    {"type": "string", "enum": ["*", *HTTP_METHODS]})]
+HeaderOrStar = Annotated[str, AfterValidator(_header_or_star), WithJsonSchema(
+    {"type": "string", "maxLength": 256})]
+
+
+class CORSSpec(KanalModel):
+    """Cross-origin requests from browsers (Gateway API's HTTPCORSFilter)."""
+
+    allow_origins: list[Origin] = Field(
+        default_factory=list, max_length=64,
+        description="Origins whose pages may read the answers: exact "
+        "(https://shop.example.com), a subdomain wildcard (https://*.example.com) or *. "
+        "Other origins get no CORS header.")
+    allow_methods: list[MethodOrStar] = Field(
+        default_factory=list, description="Methods allowed in a preflight, or *.")
+    allow_headers: list[HeaderOrStar] = Field(
+        default_factory=list, description="Request headers allowed in a preflight, or *.")
+    expose_headers: list[HeaderOrStar] = Field(
+        default_factory=list, description="Answer headers the page may read.")
+    allow_credentials: bool = Field(
+        default=False,
+        description="Allow cookies and credentials (default false); the origin is then "
+        "echoed, never *.")
+    max_age: int = Field(
+        default=5, ge=0, le=86400,
+        description="Seconds a browser may cache a preflight answer (default 5).")
+
+
+class DirectResponseSpec(KanalModel):
+    """Answer from the proxy: maintenance pages, /robots.txt, health stubs."""
+
+    status_code: int = Field(default=200, ge=200, le=599,
+                             description="Status code, 200-599 (default 200).")
+    headers: list[HTTPHeaderSpec] = Field(
+        default_factory=list, max_length=32,
+        description="Headers of the answer. Default Content-Type: text/plain; charset=utf-8.")
+    body: str = Field(default="", max_length=65536,
+                      description="The body (UTF-8 text, at most 64 KiB). Default: empty.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DirectResponseSpec:
+        for header in self.headers:
+            if header.name.lower() in _FRAMING_HEADERS | {"host"}:
+                raise ValueError(f"headers: {header.name} is set by the proxy")
+        return self
+
+
+def _default_algorithms() -> list[Literal["br", "zstd", "gzip"]]:
+    return ["br", "zstd", "gzip"]
+
+
+class CompressionSpec(KanalModel):
+    """Compress answers for clients that accept it (gzip, brotli, zstd)."""
+
+    algorithms: list[Literal["br", "zstd", "gzip"]] = Field(
+        default_factory=_default_algorithms, min_length=1,
+        description="Codings offered, preferred first when the client's q-values tie "
+        "(default br, zstd, gzip).")
+    content_types: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_COMPRESSIBLE), max_length=64,
+        description="Media types compressed (default: text, JSON, JavaScript, XML, SVG, "
+        "wasm).")
+    min_size: ByteSize = Field(
+        default="1Ki", description="Smallest answer compressed, when its length is known "
+        "(default 1Ki).")
+
+    @model_validator(mode="after")
+    def _check(self) -> CompressionSpec:
+        if len(set(self.algorithms)) != len(self.algorithms):
+            raise ValueError("algorithms: each at most once")
+        for media in self.content_types:
+            if not re.fullmatch(r"[A-Za-z0-9!#$&^_.+\-]+/[A-Za-z0-9!#$&^_.+\-]+", media):
+                raise ValueError(f"contentTypes: {media!r} is not a media type like text/html")
+        return self
+
+
+class FilterSpec(KanalModel):
+    """One filter: `type`, and the settings object of that type."""
+
+    type: Literal["RequestHeaderModifier", "ResponseHeaderModifier", "URLRewrite",
+                  "RequestRedirect", "RequestMirror", "CORS", "DirectResponse",
+                  "Compression"] = Field(
+        description="RequestHeaderModifier, ResponseHeaderModifier, URLRewrite, "
+        "RequestRedirect, RequestMirror, CORS, DirectResponse or Compression.")
+    request_header_modifier: HeaderModifierSpec | None = Field(
+        default=None, description="For RequestHeaderModifier: changes to the request's headers.")
+    response_header_modifier: HeaderModifierSpec | None = Field(
+        default=None, description="For ResponseHeaderModifier: changes to the answer's headers.")
+    url_rewrite: URLRewriteSpec | None = Field(
+        default=None, alias="urlRewrite",
+        description="For URLRewrite: change the request before it is forwarded (its Host "
+        "and path).")
+    request_redirect: RequestRedirectSpec | None = Field(
+        default=None,
+        description="For RequestRedirect: answer with a redirect instead of forwarding.")
+    request_mirror: RequestMirrorSpec | None = Field(
+        default=None,
+        description="For RequestMirror: send a copy of requests to another Upstream, "
+        "fire-and-forget.")
+    cors: CORSSpec | None = Field(
+        default=None,
+        description="For CORS: which browser origins may read the answers; preflights are "
+        "answered by the proxy.")
+    direct_response: DirectResponseSpec | None = Field(
+        default=None,
+        description="For DirectResponse: a fixed answer from the proxy.")
+    compression: CompressionSpec | None = Field(
+        default=None,
+        description="For Compression (optional): compress answers (br, zstd, gzip) for "
+        "clients that accept it.")
+
+    @model_validator(mode="after")
+    def _check(self) -> FilterSpec:
+        wanted = _FILTER_FIELDS[self.type]
+        for kind, name in _FILTER_FIELDS.items():
+            given = getattr(self, name) is not None
+            alias = "urlRewrite" if name == "url_rewrite" else to_camel(name)
+            if name == wanted and not given and kind != "Compression":
+                raise ValueError(f"type {kind} needs {alias}")
+            if name != wanted and given:
+                raise ValueError(f"{alias} is only for type {kind}, not {self.type}")
+        problem = None
+        if self.request_header_modifier is not None:
+            problem = self.request_header_modifier.protected(_REQUEST_PROTECTED)
+        elif self.response_header_modifier is not None:
+            problem = self.response_header_modifier.protected(_FRAMING_HEADERS | {"host"})
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+
+def check_filters(filters: list[FilterSpec], *, backend: bool) -> None:
+    """Rules a filter list keeps as a whole (Gateway API's, and the same for backends)."""
+    types: list[str] = [f.type for f in filters]
+    for kind in sorted({t for t in types if types.count(t) > 1 and t != "RequestMirror"}):
+        raise ValueError(f"filters: {kind} appears twice (at most once, except RequestMirror)")
+    if "RequestRedirect" in types and "URLRewrite" in types:
+        raise ValueError("filters: RequestRedirect and URLRewrite cannot be used together")
+    if "RequestRedirect" in types and "DirectResponse" in types:
+        raise ValueError("filters: RequestRedirect and DirectResponse cannot be used together")
+    if backend:
+        for name in types:
+            if name not in BACKEND_FILTER_TYPES:
+                raise ValueError(f"filters: {name} is not allowed on a backend, only "
+                                 + ", ".join(BACKEND_FILTER_TYPES))
+
+
+
 class BackendSpec(KanalModel):
     """An Upstream that takes a share of the rule's requests."""
 
@@ -581,6 +940,16 @@ class BackendSpec(KanalModel):
         description="Relative share of requests, 0-1000000 (default 1). Weight 0 is a standby "
         "(blue/green); when every backend has weight 0 the rule answers 503.",
     )
+    filters: list[FilterSpec] = Field(
+        default_factory=list, max_length=16,
+        description="Filters applied when this backend is chosen, after the rule's: "
+        "RequestHeaderModifier, ResponseHeaderModifier and URLRewrite.",
+    )
+
+    @model_validator(mode="after")
+    def _check_filters(self) -> BackendSpec:
+        check_filters(self.filters, backend=True)
+        return self
 
 
 class CookieAffinitySpec(KanalModel):
@@ -636,8 +1005,9 @@ class RuleSpec(KanalModel):
         "(default): every request, like a single PathPrefix / match.",
     )
     backends: list[BackendSpec] = Field(
-        min_length=1,
-        description="Upstreams that share the requests by weight. At least one.",
+        default_factory=list,
+        description="Upstreams that share the requests by weight. At least one, unless a "
+        "RequestRedirect or DirectResponse filter answers every request.",
     )
     session_affinity: SessionAffinitySpec | None = Field(
         default=None, description="Keep each client on the backend it first got. Default: none."
@@ -659,6 +1029,44 @@ class RuleSpec(KanalModel):
         description="Whether valid WebSocket upgrades open a tunnel to the backend (default "
         "true); false answers them 403. Other upgrades are never tunnelled.",
     )
+    policies: PoliciesSpec | None = Field(
+        default=None,
+        description="Access policies of this rule; each kind set here replaces the Route's. "
+        "Default: the Route's policies.",
+    )
+    filters: list[FilterSpec] = Field(
+        default_factory=list, max_length=16,
+        description="Filters, applied in the order written (Gateway API HTTPRoute filters): "
+        "RequestHeaderModifier, ResponseHeaderModifier, URLRewrite, RequestRedirect, "
+        "RequestMirror, CORS, DirectResponse, Compression.",
+    )
+
+    @model_validator(mode="after")
+    def _check_filters(self) -> RuleSpec:
+        check_filters(self.filters, backend=False)
+        answers = {"RequestRedirect", "DirectResponse"} & {f.type for f in self.filters}
+        if not self.backends and not answers:
+            raise ValueError("backends: at least one, unless a RequestRedirect or "
+                             "DirectResponse filter answers")
+        for item in self.filters + [f for b in self.backends for f in b.filters]:
+            modifier = (item.url_rewrite or item.request_redirect)
+            path = modifier.path if modifier is not None else None
+            if path is None:
+                continue
+            matches = [m.path or PathMatchSpec() for m in self.matches] or [PathMatchSpec()]
+            if path.type == "ReplacePrefixMatch" and not all(
+                    m.type == "PathPrefix" for m in matches):
+                raise ValueError(f"{item.type}: ReplacePrefixMatch needs PathPrefix matches only")
+            if path.type == "ReplaceRegexMatch":
+                regexes = [m.value for m in matches if m.type == "RegularExpression"]
+                if len(regexes) != len(matches):
+                    raise ValueError(f"{item.type}: ReplaceRegexMatch needs RegularExpression "
+                                     "path matches only")
+                for pattern in regexes:
+                    problem = substitution_problem(path.value, pattern)
+                    if problem is not None:
+                        raise ValueError(f"{item.type}: replaceRegexMatch: {problem}")
+        return self
 
 
 class HstsSpec(KanalModel):
@@ -718,6 +1126,12 @@ class RouteSpec(KanalModel):
         min_length=1, max_length=64,
         description="The rules, at least one and at most 64. The most specific match wins "
         "(Gateway API precedence); ties go to the older Route, then to the name.",
+    )
+    policies: PoliciesSpec | None = Field(
+        default=None,
+        description="Access policies for every rule (IP rules, API keys, basic auth, JWT, "
+        "external auth, rate limits); a rule's own `policies` replace them kind by kind. "
+        "Default: none.",
     )
 
     @model_validator(mode="after")

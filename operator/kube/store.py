@@ -39,6 +39,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from kanal.contract import snapshot as snap
+from kanal.operator.access import secret_names as policy_secret_names
 from kanal.operator.compiler import CompileResult, ServiceKey, compile_snapshot
 from kanal.operator.conditions import RESOLVED_REFS, Condition, ObjectStatus, rejected_status
 from kanal.operator.manifests import describe_validation_error
@@ -156,6 +157,9 @@ def _secret_refs(model: KanalResource) -> frozenset[NamespacedName]:
         names.extend(name for name in (tls.ca_secret_name, tls.client_cert_secret_name) if name)
     elif isinstance(model, EgressPolicy) and model.spec.auth is not None:
         names.append(model.spec.auth.basic_secret_name)
+    if isinstance(model, Route):
+        names.extend(policy_secret_names(model.spec.policies,
+                                         *(rule.policies for rule in model.spec.rules)))
     return frozenset((namespace, name) for name in names)
 
 

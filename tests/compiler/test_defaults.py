@@ -51,3 +51,23 @@ def test_rule_defaults_are_the_snapshot_defaults() -> None:
     assert rule.matches == snap.Rule(index=0).matches
     assert [b.weight for b in rule.backends] == [snap.Backend(upstream="shop/web").weight]
     assert route.gateways == snap.Route(key="x").gateways
+
+
+def test_filter_defaults_are_the_snapshot_defaults() -> None:
+    snapshot = compiled({}, {"filters": [
+        {"type": "RequestRedirect", "requestRedirect": {}},
+        {"type": "RequestMirror", "requestMirror": {"upstream": "web"}},
+        {"type": "CORS", "cors": {}},
+        {"type": "Compression", "compression": {}},
+        {"type": "ResponseHeaderModifier", "responseHeaderModifier": {}},
+    ]})
+    [route] = snapshot.routes
+    [rule] = route.rules
+    redirect, mirror, cors, compression, headers = rule.filters
+    assert redirect.request_redirect == snap.RequestRedirect()
+    assert mirror.request_mirror == snap.RequestMirror(upstream="shop/web")
+    assert cors.cors == snap.CORS()
+    assert compression.compression == snap.Compression()
+    assert headers.response_header_modifier == snap.HeaderModifier()
+    direct = compiled({}, {"filters": [{"type": "DirectResponse", "directResponse": {}}]})
+    assert direct.routes[0].rules[0].filters[0].direct_response == snap.DirectResponse()

@@ -144,6 +144,19 @@ REFUSED = {
     "unknown-protocol": (
         _upstream("u", {"endpoints": [], "protocol": "GRPC"}),
         'spec.protocol: Unsupported value: "GRPC": supported values: "HTTP", "HTTPS"'),
+    "no-backend-and-no-answering-filter": (
+        _route("r", {"rules": [{"filters": [{"type": "RequestHeaderModifier",
+                                             "requestHeaderModifier": {"remove": ["x-a"]}}]}]}),
+        "spec.rules[0].backends: Invalid value: at least one backend, unless a "
+        "RequestRedirect or DirectResponse filter answers"),
+    "filter-settings-of-another-type": (
+        _route("r", {"rules": [{"filters": [{"type": "CORS", "urlRewrite": {"hostname": "a.b"}}],
+                                "backends": [BACKEND]}]}),
+        "urlRewrite is set exactly when type is URLRewrite"),
+    "redirect-status-code": (
+        _route("r", {"rules": [{"filters": [{"type": "RequestRedirect",
+                                             "requestRedirect": {"statusCode": 200}}]}]}),
+        'spec.rules[0].filters[0].requestRedirect.statusCode: Unsupported value: 200'),
 }
 
 
@@ -212,3 +225,9 @@ def test_kubectl_explain_prints_the_descriptions(crds: Cluster) -> None:
     backends = " ".join(crds.kubectl("explain", "route.spec.rules.backends.weight")
                         .stdout.split())
     assert "Relative share of requests, 0-1000000 (default 1)" in backends
+    filters = " ".join(crds.kubectl("explain", "route.spec.rules.filters.requestHeaderModifier.set.value")
+                       .stdout.split())
+    assert "${client_address}" in filters and "${request_id}" in filters
+    redirect = " ".join(crds.kubectl("explain", "route.spec.rules.filters.requestRedirect")
+                        .stdout.split())
+    assert "statusCode" in redirect and "answer with a redirect" in redirect
