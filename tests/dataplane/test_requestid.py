@@ -107,3 +107,46 @@ def test_acceptable_ids() -> None:
     assert not acceptable(b"")
     assert not acceptable(b"a b")
     assert not acceptable(b"x" * 201)
+
+
+def test_a_filters_own_answer_carries_the_id_and_is_logged(kanal, tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import BackendThread, upstream_yaml, wait_until
+
+    pool = BackendThread()
+    try:
+        app = pool.start("app")
+        route = """\
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: web}
+spec:
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /old}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect: {hostname: new.test, statusCode: 301}
+      backends: [{upstream: app}]
+"""
+        path = tmp_path / "access.log"
+        k = kanal({"app.yaml": upstream_yaml("app", app), "route.yaml": route},
+                  "--access-log", str(path), "--access-log-fields", "status,requestId,bytesOut")
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                return None
+
+        opener = urllib.request.build_opener(NoRedirect)
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            opener.open(f"{k.url}/old/page", timeout=5)
+        assert answer.value.code == 301
+        given = answer.value.headers.get_all("X-Request-Id")
+        assert given is not None and len(given) == 1
+        assert answer.value.headers["Location"].startswith("http://new.test")
+        wait_until(lambda: path.exists() and len(path.read_text().splitlines()) == 1)
+        (line,) = [json.loads(text) for text in path.read_text().splitlines()]
+        assert line["status"] == 301 and line["requestId"] == given[0]
+    finally:
+        pool.close()
