@@ -51,6 +51,7 @@ from kanal.operator.conditions import (
 )
 from kanal.operator.durations import parse_duration
 from kanal.operator.models import (
+    CacheSpec,
     EgressPolicy,
     EgressRuleSpec,
     KanalResource,
@@ -502,6 +503,7 @@ def _compile_rule(position: int, rule: RuleSpec, namespace: str) -> snap.Rule:
         max_request_body_size=(None if rule.max_request_body_size is None
                                else parse_byte_size(rule.max_request_body_size)),
         allow_websocket=rule.allow_websocket,
+        cache=compile_cache(rule.cache),
     )
 
 
@@ -550,6 +552,7 @@ def _compile_egress_policy(policy: EgressPolicy, index: _Index
         allow_private_networks=spec.allow_private_networks,
         basic_auth=basic_auth,
         anonymize=spec.anonymize,
+        cache=compile_cache(spec.cache),
     )
     status = ObjectStatus("EgressPolicy", policy.key,
                           (_accepted(meta.generation), problems.condition(meta.generation)))
@@ -559,3 +562,19 @@ def _compile_egress_policy(policy: EgressPolicy, index: _Index
 def _egress_rule(rule: EgressRuleSpec, default_ports: tuple[int, ...]) -> snap.EgressRule:
     ports = tuple(sorted(set(rule.ports))) if rule.ports else default_ports
     return snap.EgressRule(host=rule.host.lower(), ports=ports)
+
+
+def compile_cache(spec: CacheSpec | None) -> snap.Cache | None:
+    """A `cache` section as the dataplane reads it: seconds, bytes, lower-case names."""
+    if spec is None:
+        return None
+    key = spec.key
+    return snap.Cache(
+        enabled=spec.enabled,
+        default_ttl=_optional_seconds(spec.default_ttl, zero_is_none=False),
+        statuses=tuple(sorted(set(spec.statuses))),
+        key_headers=() if key is None else tuple(name.lower() for name in key.headers),
+        key_cookies=() if key is None else tuple(key.cookies),
+        max_object_size=parse_byte_size(spec.max_object_size),
+        allow_set_cookie=spec.allow_set_cookie,
+    )

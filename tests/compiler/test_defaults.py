@@ -51,3 +51,10 @@ def test_rule_defaults_are_the_snapshot_defaults() -> None:
     assert rule.matches == snap.Rule(index=0).matches
     assert [b.weight for b in rule.backends] == [snap.Backend(upstream="shop/web").weight]
     assert route.gateways == snap.Route(key="x").gateways
+
+
+def test_cache_defaults_are_the_snapshot_defaults() -> None:
+    snapshot = compiled({}, {"cache": {}})
+    [route] = snapshot.routes
+    [rule] = route.rules
+    assert rule.cache == snap.Cache()
