@@ -27,6 +27,7 @@ import httptools
 
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane import http1
+from kanal.dataplane.cache import exchange as cache
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.http1 import (
     KEEPALIVE_TIMEOUT,
@@ -42,6 +43,7 @@ from kanal.dataplane.tlspolicy import hsts_value, tls_answer
 if TYPE_CHECKING:
     from kanal.contract.snapshot import Retries, Route
     from kanal.dataplane.balancer import EndpointState
+    from kanal.dataplane.cache.client import CacheExchange
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
 
 log = logging.getLogger("kanal.proxy")
@@ -523,6 +525,7 @@ class ClientConnection(asyncio.Protocol):
         self.request_sent = False
         self.response_chunked = False
         self.response_close = False
+        self.cache_exchange = None
         context = self.context
         config = context.config
         if config is None:
@@ -612,6 +615,8 @@ class ClientConnection(asyncio.Protocol):
             if retries.attempts and not request.upgrade:
                 self.kept_body = []
                 self.kept_size = 0
+        if selection.cache is not None and cache.begin(self, request, selection):
+            return  # answered from the cache, or waiting for a fill of the same key
         timeout = rule.timeout
         if timeout:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
@@ -882,6 +887,8 @@ class ClientConnection(asyncio.Protocol):
             self._finish_endpoint(False)
         else:
             self._finish_endpoint(True)
+        if self.cache_exchange is not None and cache.head(self, conn):
+            return  # the cache answered (a revalidated or stale entry)
         headers = conn.headers
         if conn.connection_named:
             named = conn.connection_named
@@ -921,6 +928,8 @@ class ClientConnection(asyncio.Protocol):
         self._write(b"\r\n".join(lines))
 
     def response_body(self, chunk: bytes) -> None:
+        if self.cache_exchange is not None and cache.body(self, chunk):
+            return
         if self.response_chunked:
             self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
@@ -930,6 +939,8 @@ class ClientConnection(asyncio.Protocol):
         request = self.current
         if request is None:
             conn.abort()
+            return
+        if self.cache_exchange is not None and cache.done(self, conn):
             return
         if self.response_chunked:
             self._write(_CHUNK_END)
@@ -941,6 +952,8 @@ class ClientConnection(asyncio.Protocol):
         self._end_exchange(conn.status)
 
     def upstream_failed(self, conn: UpstreamConnection, reason: str, exc: BaseException | None) -> None:
+        if self.cache_exchange is not None and cache.upstream_failed(self):
+            return  # the client had its answer from the cache
         request = self.current
         self.upstream = None
         if request is None:
@@ -1110,6 +1123,11 @@ class ClientConnection(asyncio.Protocol):
             extra += b"X-Kanal-Overloaded: true\r\n"
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
+        if self.cache_exchange is not None:
+            cache_line = cache.error(self, request, status)
+            if cache_line is None:
+                return  # a stale entry answered instead (stale-if-error)
+            extra += cache_line
         head = http1.error_head(status, len(body), keep_alive=keep, extra=extra)
         self._write(head + (b"" if request.method == b"HEAD" else body))
         if self.current is request:
@@ -1141,6 +1159,8 @@ class ClientConnection(asyncio.Protocol):
     def _exchange_over(self) -> None:
         """Release what one exchange held: its per-try timer and its retry budget."""
         self._cancel_try_timer()
+        if self.cache_exchange is not None:
+            cache.over(self)
         if self.is_retry:
             self.is_retry = False
             if self.upstream_runtime is not None:
@@ -1193,6 +1213,7 @@ class ClientConnection(asyncio.Protocol):
     resent_stale: bool = False
     last_failure: tuple[int, str] | None = None
     try_timer: asyncio.TimerHandle | None = None
+    cache_exchange: CacheExchange | None = None
 
 
 def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:

@@ -57,6 +57,7 @@ from urllib.parse import parse_qsl
 
 from kanal.contract.patterns import PatternError, UserPattern, compile_pattern
 from kanal.contract.snapshot import Gateway, Match, Route, Rule, Snapshot, ValueMatch
+from kanal.dataplane.cache.rule import RuleCache, rule_cache
 from kanal.dataplane.split import Split
 
 __all__ = ["RouteTable", "Selection", "normalize_host", "normalize_path", "path_views"]
@@ -92,6 +93,7 @@ class Selection:
     rule: Rule
     split: Split
     route: Route
+    cache: RuleCache | None = None
 
 
 class _ValuePredicate:
@@ -593,7 +595,8 @@ def _compile_route(
     route_pos: int, route: Route, regexes: dict[str, UserPattern], rng: random.Random | None
 ) -> Iterable[_Candidate]:
     for rule_pos, rule in enumerate(route.rules):
-        selection = Selection(route.key, rule, Split.from_rule(rule, rng), route)
+        selection = Selection(route.key, rule, Split.from_rule(rule, rng), route,
+                              rule_cache(rule.cache))
         matches = rule.matches or (Match(),)  # no matches: the rule takes every request
         for match_index, match in enumerate(matches):
             yield _Candidate(

@@ -37,8 +37,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from kanal.contract.names import wildcard_public_suffix
-from kanal.contract.snapshot import DEFAULT_CACHEABLE_STATUSES
 from kanal.contract.patterns import PatternError, compile_pattern
+from kanal.contract.snapshot import DEFAULT_CACHEABLE_STATUSES
 from kanal.operator.durations import Duration, PositiveDuration, parse_duration
 
 GROUP = "kanal.dev"
