@@ -23,7 +23,8 @@ class CacheExchange:
     """The cache's state for the request in progress on a client connection."""
 
     __slots__ = ("entry", "fill", "key", "outcome", "request", "request_cc", "request_time",
-                 "route", "rule", "served", "store", "swallow", "timeout", "url")
+                 "route", "rule", "served", "store", "swallow", "timeout", "url",
+                 "client_headers")
 
     def __init__(self, store: CacheStore, rule: RuleCache, request: CachedRequest, route: str) -> None:
         self.store = store
@@ -40,6 +41,8 @@ class CacheExchange:
         self.swallow = False
         self.served = 0
         self.timeout: float | None = None
+        self.client_headers: list[tuple[bytes, bytes]] | None = None
+        """The request's fields as the client sent them, when the cache changed them."""
 
 
 class CachedRequest(Protocol):

@@ -64,8 +64,9 @@ def start_fill(exchange: CacheExchange, fill: Fill, upstream: UpstreamConnection
         response_cc, status=upstream.status, date=date, expires=header(headers, b"expires"),
         last_modified=policy.parse_http_date(last_modified), response_time=now,
         default_ttl=rule.default_ttl)
-    if lifetime <= 0 and etag is None and last_modified is None:
-        return "no-freshness"
+    if (lifetime <= 0 and etag is None and last_modified is None
+            and response_cc.stale_if_error is None and response_cc.stale_while_revalidate is None):
+        return "no-freshness"  # nothing could ever be done with it
     expected: int | None = None
     if upstream.no_body or upstream.status in NO_BODY_STATUSES:
         expected = 0

@@ -120,6 +120,7 @@ def _go_upstream(request: CachedRequest, exchange: CacheExchange) -> None:
     exchange.outcome = MISS
     if request.method != b"GET":
         return
+    exchange.client_headers = request.headers
     request.headers = upstream_fields(request.headers, exchange.entry)
     if exchange.fill is None and exchange.key not in exchange.store.filling:
         exchange.fill = exchange.store.start_fill(exchange.key)
@@ -182,16 +183,19 @@ def serve(conn: CacheClient, request: CachedRequest, entry: Entry, outcome: byte
     status = entry.status
     head_only = request.method == b"HEAD"
     extra: list[bytes] = []
+    fields = request.headers
+    if exchange is not None and exchange.client_headers is not None:
+        fields = exchange.client_headers
     if status == 200:
         if policy.not_modified(
-                if_none_match=header(request.headers, b"if-none-match"),
-                if_modified_since=header(request.headers, b"if-modified-since"),
+                if_none_match=header(fields, b"if-none-match"),
+                if_modified_since=header(fields, b"if-modified-since"),
                 etag=entry.etag, last_modified=entry.last_modified):
             status = 304
         else:
-            wanted = header(request.headers, b"range")
+            wanted = header(fields, b"range")
             if wanted is not None and policy.if_range_holds(
-                    header(request.headers, b"if-range"), entry.etag, entry.last_modified):
+                    header(fields, b"if-range"), entry.etag, entry.last_modified):
                 span = policy.byte_range(wanted, len(body))
                 if span == "unsatisfiable":
                     status = 416

@@ -25,7 +25,9 @@ class Origin:
     port: int
     counts: collections.Counter[str] = field(default_factory=collections.Counter)
     requests: list[dict[str, Any]] = field(default_factory=list)
-    down: bool = False
+    failing: set[str] = field(default_factory=set)
+    """Paths answered 503 (an origin in trouble)."""
+    runner: web.AppRunner | None = None
 
     def count(self, path: str) -> int:
         return self.counts[path]
@@ -44,6 +46,8 @@ def origin_app(origin: Origin) -> web.Application:
                 headers["Location"] = query["location"]
             return web.Response(status=int(query.get("status", "200")), text="done",
                                 headers=headers)
+        if request.path in origin.failing:
+            return web.Response(status=503, text="down")
         if "slow" in query:
             await asyncio.sleep(float(query["slow"]))
         headers: dict[str, str] = {}
@@ -88,5 +92,6 @@ def start_origin(pool: BackendThread) -> Origin:
         return runner
 
     runner = pool.run(go())
+    origin.runner = runner
     pool.started.append(Backend(name="origin", port=origin.port, runner=runner))
     return origin

@@ -54,11 +54,12 @@ def proxy(origin: Origin, module_kanal: Callable[..., Kanal]) -> Kanal:
     return module_kanal(manifests)
 
 
-async def get(proxy: Kanal, target: str, *headers: str, method: str = "GET") -> RawResponse:
+async def get(proxy: Kanal, target: str, *headers: str, method: str = "GET",
+              timeout: float = 10.0) -> RawResponse:
     lines = "".join(f"{h}\r\n" for h in headers)
     data = f"{method} {target} HTTP/1.1\r\nHost: site.test\r\n{lines}Connection: close\r\n\r\n"
     if method != "HEAD":
-        [answer] = await raw_request(proxy.port, data.encode())
+        [answer] = await raw_request(proxy.port, data.encode(), timeout=timeout)
         return answer
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
