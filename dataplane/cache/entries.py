@@ -5,7 +5,7 @@ Shared by the client side (`exchange`) and background revalidations (`refresh`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from kanal.dataplane.cache import policy
 from kanal.dataplane.cache.client import CacheExchange
@@ -15,7 +15,6 @@ from kanal.dataplane.cache.store import CacheStore, Entry, Fill
 
 if TYPE_CHECKING:
     from kanal.dataplane.cache.client import CachedRequest
-    from kanal.dataplane.pool import UpstreamConnection
 
 HIT = b"HIT"
 MISS = b"MISS"
@@ -35,15 +34,30 @@ def request_fields(request: CachedRequest) -> list[tuple[bytes, bytes]]:
     return [*request.headers, (b"Cookie", request.cookie)]
 
 
-def start_fill(exchange: CacheExchange, fill: Fill, upstream: UpstreamConnection,
-                now: float) -> str | None:
-    """Give the fill its entry if the answer may be stored; else why it may not."""
+class AnswerHead(Protocol):
+    """An upstream answer's head as the cache reads it (a pooled upstream connection's,
+    or the forward proxy's origin connection's)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]: ...
+    @property
+    def content_length(self) -> bytes | None: ...
+    @property
+    def chunked(self) -> bool: ...
+    @property
+    def no_body(self) -> bool: ...
+
+
+def start_fill(exchange: CacheExchange, fill: Fill, upstream: AnswerHead,
+               headers: list[tuple[bytes, bytes]], now: float) -> str | None:
+    """Give the fill its entry if the answer may be stored; else why it may not.
+
+    `headers` are the answer's end-to-end fields (those named by Connection removed).
+    """
     request = exchange.request
     rule = exchange.rule
-    headers = upstream.headers
-    if upstream.connection_named:
-        named = upstream.connection_named
-        headers = [(name, value) for name, value in headers if name.lower() not in named]
     response_cc = policy.parse_cache_control(header_values(headers, b"cache-control"))
     vary = header_values(headers, b"vary")
     set_cookie = header(headers, b"set-cookie") is not None
@@ -92,8 +106,8 @@ def start_fill(exchange: CacheExchange, fill: Fill, upstream: UpstreamConnection
     return None
 
 
-def refresh(exchange: CacheExchange, entry: Entry, upstream: UpstreamConnection,
-             now: float) -> None:
+def refresh(exchange: CacheExchange, entry: Entry, upstream: AnswerHead,
+            now: float) -> None:
     """A 304 confirmed the entry: its fields and freshness are renewed (RFC 9111 4.3.4)."""
     refresh_entry(exchange.store, exchange.rule, entry, upstream.headers,
                   exchange.request_time, now)
@@ -119,8 +133,6 @@ def refresh_entry(store: CacheStore, rule: RuleCache, entry: Entry,
     entry.etag = header(merged, b"etag")
     entry.last_modified = last_modified
     store.refresh(entry, merged)
-
-
 
 
 def upstream_fields(headers: list[tuple[bytes, bytes]],

@@ -41,7 +41,7 @@ from kanal.dataplane.cache.entries import (
 )
 from kanal.dataplane.cache.policy import CacheControl, header, header_values
 from kanal.dataplane.cache.refresh import refresh_in_background
-from kanal.dataplane.cache.store import PROCESS_STORE, Entry, Fill, lookup
+from kanal.dataplane.cache.store import FILL_LOCK, PROCESS_STORE, Entry, Fill, lookup
 from kanal.dataplane.http1 import status_line
 
 if TYPE_CHECKING:
@@ -49,9 +49,6 @@ if TYPE_CHECKING:
     from kanal.dataplane.pool import UpstreamConnection
     from kanal.dataplane.router import Selection
 
-LOCK_TIMEOUT = 5.0
-"""How long a miss waits for a fill of its key in progress before going upstream itself
-(nginx's proxy_cache_lock_timeout)."""
 
 
 
@@ -107,8 +104,8 @@ def begin(conn: CacheClient, request: CachedRequest, selection: Selection) -> bo
         store.stats.count("miss", exchange.route)
         conn._fail_request(504, "only-if-cached: no stored answer")
         return True
-    elif method == b"GET" and key in store.filling:
-        _wait(conn, request, exchange, store.filling[key])
+    elif method == b"GET" and (pending := store.active_fill(key)) is not None:
+        _wait(conn, request, exchange, pending)
         return True
     _go_upstream(request, exchange)
     return False
@@ -122,7 +119,7 @@ def _go_upstream(request: CachedRequest, exchange: CacheExchange) -> None:
         return
     exchange.client_headers = request.headers
     request.headers = upstream_fields(request.headers, exchange.entry)
-    if exchange.fill is None and exchange.key not in exchange.store.filling:
+    if exchange.fill is None and exchange.store.active_fill(exchange.key) is None:
         exchange.fill = exchange.store.start_fill(exchange.key)
 
 
@@ -151,7 +148,7 @@ def _wait(conn: CacheClient, request: CachedRequest, exchange: CacheExchange, fi
             fill.waiters.remove(wake)
         wake(False)
 
-    timer = loop.call_later(LOCK_TIMEOUT, timed_out)
+    timer = loop.call_later(max(0.0, FILL_LOCK - (time.monotonic() - fill.started)), timed_out)
     fill.waiters.append(wake)
 
 
@@ -277,7 +274,11 @@ def head(conn: CacheClient, upstream: UpstreamConnection) -> bool:
     store.stats.count("miss", exchange.route)
     fill = exchange.fill
     if fill is not None:
-        reason = start_fill(exchange, fill, upstream, now)
+        headers = upstream.headers
+        if upstream.connection_named:
+            named = upstream.connection_named
+            headers = [(name, value) for name, value in headers if name.lower() not in named]
+        reason = start_fill(exchange, fill, upstream, headers, now)
         if reason is not None:
             fill.abort(reason)
             exchange.fill = None

@@ -41,7 +41,11 @@ class Refresh:
             refresh(exchange, entry, conn, now)
             self.fill.abort(None)
         elif conn.status < 500:
-            reason = start_fill(exchange, self.fill, conn, now)
+            headers = conn.headers
+            if conn.connection_named:
+                named = conn.connection_named
+                headers = [(name, value) for name, value in headers if name.lower() not in named]
+            reason = start_fill(exchange, self.fill, conn, headers, now)
             if reason is not None:
                 self.fill.abort(reason)
         else:
@@ -86,7 +90,7 @@ def refresh_in_background(conn: CacheClient, request: CachedRequest, entry: Entr
     upstream = conn.upstream_runtime
     config = conn.context.config
     if (request.method != b"GET" or upstream is None or config is None
-            or exchange.key in store.filling):
+            or store.active_fill(exchange.key) is not None):
         return
     background = CacheExchange(store, exchange.rule, request, exchange.route)
     background.key = exchange.key

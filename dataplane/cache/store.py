@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,9 @@ from kanal.dataplane.cache.policy import CacheControl, HeaderList, variant_of
 
 log = logging.getLogger("kanal.cache")
 
+FILL_LOCK = 5.0
+"""How long a fill in progress holds its key: misses meanwhile wait for it (at most this
+long; nginx's proxy_cache_lock_timeout); after it, a miss starts a fill of its own."""
 MAX_VARIANTS = 32
 """Stored variants (Vary) of one URL; the least recently used goes first."""
 ENTRY_OVERHEAD = 256
@@ -100,8 +104,8 @@ class Fill:
     given its entry when the answer's head shows it may be stored (`start`).
     """
 
-    __slots__ = ("chunks", "entry", "expected", "failed", "key", "limit", "size", "store",
-                 "waiters")
+    __slots__ = ("chunks", "entry", "expected", "failed", "key", "limit", "size", "started",
+                 "store", "waiters")
 
     def __init__(self, store: CacheStore, key: str) -> None:
         self.store = store
@@ -113,6 +117,7 @@ class Fill:
         self.size = 0
         self.failed = False
         self.waiters: list[Waiter] = []
+        self.started = time.monotonic()
 
     def start(self, entry: Entry, *, limit: int, expected: int | None) -> None:
         self.entry = entry
@@ -324,6 +329,14 @@ class CacheStore:
         return True
 
     # --- concurrent misses -----------------------------------------------------------
+
+    def active_fill(self, key: str) -> Fill | None:
+        """The fill of `key` in progress, unless it has held the key past FILL_LOCK (its
+        exchange is slow, or ended without a word): then nobody waits for it."""
+        fill = self.filling.get(key)
+        if fill is not None and time.monotonic() - fill.started > FILL_LOCK:
+            return None
+        return fill
 
     def start_fill(self, key: str) -> Fill:
         """The fill a miss for `key` makes; misses that come meanwhile wait for it."""
