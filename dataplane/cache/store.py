@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -362,11 +363,33 @@ PROCESS_STORE = CacheStore()
 
 
 def configure_cache(memory_bytes: int, disk_dir: str | None, disk_bytes: int) -> None:
-    """Bound the process's store (the --cache-* flags). Workers of one `kanal run` each
-    keep their own store, in a folder of their own under `disk_dir`."""
+    """Bound the process's store (the --cache-* flags). Each process (workers of one
+    `kanal run` too) keeps its own store, in a folder of its own under `disk_dir`; the
+    folders of processes that are gone are removed (their entries died with them)."""
     if disk_dir is not None:
+        _remove_dead_folders(Path(disk_dir))
         disk_dir = os.path.join(disk_dir, f"worker-{os.getpid()}")
     PROCESS_STORE.configure(memory_bytes, disk_dir, disk_bytes)
+
+
+def _remove_dead_folders(parent: Path) -> None:
+    try:
+        folders = list(parent.glob("worker-*"))
+    except OSError:
+        return
+    for folder in folders:
+        pid = folder.name.removeprefix("worker-")
+        if not pid.isdigit():
+            continue
+        if int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # alive: another worker's
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def lookup(store: CacheStore, key: str, request_headers: HeaderList) -> Entry | None:
