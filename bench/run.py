@@ -333,10 +333,15 @@ http {{
     return path
 
 
-def nginx_proxy_conf(tmp: Path, port: int, backend: int) -> Path:
+def nginx_proxy_conf(tmp: Path, port: int, backend: int, cache: bool = False) -> Path:
+    # --cache: nginx's proxy_cache (files, page cache warm) holds both bodies for an hour.
+    cache_zone = (f"proxy_cache_path {tmp / 'nginx' / 'cache'} levels=1:2 keys_zone=bench:10m "
+                  "max_size=64m inactive=1h use_temp_path=off;") if cache else ""
+    cache_use = "proxy_cache bench; proxy_cache_valid 200 1h;" if cache else ""
     conf = nginx_common(tmp, "nginx") + f"""
 http {{
     access_log off;
+    {cache_zone}
     {nginx_temp_paths(tmp, "nginx")}
     server_tokens off;
     keepalive_timeout 120s;
@@ -353,6 +358,7 @@ http {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            {cache_use}
         }}
     }}
 }}
@@ -391,7 +397,7 @@ backend backend
     return path
 
 
-def kanal_manifests(tmp: Path, backend: int) -> Path:
+def kanal_manifests(tmp: Path, backend: int, cache: bool = False) -> Path:
     d = tmp / "kanal" / "manifests"
     d.mkdir(parents=True, exist_ok=True)
     (d / "bench.yaml").write_text(f"""\
@@ -414,7 +420,7 @@ spec:
         - path: {{type: PathPrefix, value: /}}
       backends:
         - {{upstream: bench-backend, weight: 1}}
-""")
+""" + ("      cache: {defaultTTL: 1h}\n" if cache else ""))
     return d
 
 
@@ -671,6 +677,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-install", action="store_true",
                     help="do not apt-get install missing nginx/haproxy/wrk")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    ap.add_argument("--cache", action="store_true",
+                    help="cache-hit scenario: nginx proxy_cache and Kanal's cache (a rule "
+                         "with cache: {defaultTTL: 1h}) hold / and /16k, so every measured "
+                         "request is a hit (HAProxy and the backend unchanged)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.latency_duration = 1, 3, 3
@@ -734,9 +744,10 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
         targets.append(backend)
     if "nginx" in args.targets:
         port = free_port()
-        t = Target("nginx", "nginx `proxy_pass`, upstream keepalive 64", port,
+        t = Target("nginx", "nginx `proxy_pass`, upstream keepalive 64"
+                   + (", proxy_cache (hits)" if args.cache else ""), port,
                    logfile=tmp / "nginx.log")
-        conf = nginx_proxy_conf(tmp, port, bport)
+        conf = nginx_proxy_conf(tmp, port, bport, cache=args.cache)
         t.proc = procs.start("nginx", [*pin_proxy, nginx, "-p", str(tmp / "nginx"),
                                        "-e", str(tmp / "nginx" / "error.log"),
                                        "-c", str(conf)], t.logfile)
@@ -750,10 +761,11 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
         targets.append(t)
     if "kanal" in args.targets:
         port, admin = free_port(), free_port()
-        t = Target("kanal", f"Kanal, --workers {args.kanal_workers}", port, admin=admin,
+        t = Target("kanal", f"Kanal, --workers {args.kanal_workers}"
+                   + (", cache (hits)" if args.cache else ""), port, admin=admin,
                    logfile=tmp / "kanal.log")
-        cmd = kanal_command(args.kanal_cmd, kanal_manifests(tmp, bport), port, admin, bport,
-                            args.kanal_workers)
+        cmd = kanal_command(args.kanal_cmd, kanal_manifests(tmp, bport, cache=args.cache), port,
+                            admin, bport, args.kanal_workers)
         log(f"kanal command: {shlex.join(cmd)}")
         t.proc = procs.start("kanal", [*pin_proxy, *cmd], t.logfile)
         targets.append(t)

@@ -24,7 +24,7 @@ class CacheExchange:
 
     __slots__ = ("entry", "fill", "key", "outcome", "request", "request_cc", "request_time",
                  "route", "rule", "served", "store", "swallow", "timeout", "url",
-                 "client_headers")
+                 "client_headers", "fields")
 
     def __init__(self, store: CacheStore, rule: RuleCache, request: CachedRequest, route: str) -> None:
         self.store = store
@@ -41,6 +41,7 @@ class CacheExchange:
         self.swallow = False
         self.served = 0
         self.timeout: float | None = None
+        self.fields: policy.RequestFields | None = None
         self.client_headers: list[tuple[bytes, bytes]] | None = None
         """The request's fields as the client sent them, when the cache changed them."""
 
@@ -49,6 +50,7 @@ class CachedRequest(Protocol):
     """A parsed request, as the cache reads it (and rewrites its fields)."""
 
     headers: list[tuple[bytes, bytes]]
+    complete: bool
 
     @property
     def method(self) -> bytes: ...
@@ -58,8 +60,6 @@ class CachedRequest(Protocol):
     def host(self) -> bytes | None: ...
     @property
     def cookie(self) -> bytes | None: ...
-    @property
-    def complete(self) -> bool: ...
     @property
     def keep_alive(self) -> bool: ...
     @property

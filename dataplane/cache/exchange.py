@@ -39,7 +39,7 @@ from kanal.dataplane.cache.entries import (
     start_fill,
     upstream_fields,
 )
-from kanal.dataplane.cache.policy import CacheControl, header, header_values
+from kanal.dataplane.cache.policy import CacheControl, header
 from kanal.dataplane.cache.refresh import refresh_in_background
 from kanal.dataplane.cache.store import FILL_LOCK, PROCESS_STORE, Entry, Fill, lookup
 from kanal.dataplane.http1 import status_line
@@ -79,9 +79,8 @@ def begin(conn: CacheClient, request: CachedRequest, selection: Selection) -> bo
     url = policy.url_key(conn.context.scheme, request.host.decode("latin-1"), request.target)
     exchange.url = url
     key = exchange.key = url + rule.extra_key(request.headers, request.cookie)
-    cc_values = header_values(request.headers, b"cache-control")
-    request_cc = exchange.request_cc = policy.parse_cache_control(cc_values)
-    pragma = not cc_values and b"no-cache" in (header(request.headers, b"pragma") or b"").lower()
+    fields = exchange.fields = policy.RequestFields(request.headers)
+    request_cc = exchange.request_cc = policy.parse_cache_control(fields.cache_control)
     exchange.request_time = time.time()
     # Whatever is stored may be used for any request (RFC 9111 3.5): an answer to a
     # request with Authorization was stored only if it said a shared cache may.
@@ -90,7 +89,8 @@ def begin(conn: CacheClient, request: CachedRequest, selection: Selection) -> bo
         now = exchange.request_time
         age = entry.age(now)
         verdict = policy.lookup_verdict(entry.response_cc, request_cc, age=age,
-                                        lifetime=entry.lifetime, pragma_no_cache=pragma)
+                                        lifetime=entry.lifetime,
+                                        pragma_no_cache=fields.pragma_no_cache)
         if verdict == "fresh":
             if serve(conn, request, entry, HIT, now):
                 return True
@@ -109,6 +109,10 @@ def begin(conn: CacheClient, request: CachedRequest, selection: Selection) -> bo
         return True
     _go_upstream(request, exchange)
     return False
+
+
+EVENTS = {HIT: "hit", MISS: "miss", STALE: "stale", REVALIDATED: "revalidated",
+          BYPASS: "bypass"}
 
 
 def _go_upstream(request: CachedRequest, exchange: CacheExchange) -> None:
@@ -177,55 +181,54 @@ def serve(conn: CacheClient, request: CachedRequest, entry: Entry, outcome: byte
     body = store.body(entry)
     if body is None:
         return False
+    if not request.complete and not request.chunked and request.content_length in (None, b"0"):
+        # Answered from the route selection, inside the parser's head callback: a request
+        # without a body is whole, though llhttp reports its end only after this returns.
+        request.complete = True
     status = entry.status
     head_only = request.method == b"HEAD"
-    extra: list[bytes] = []
-    fields = request.headers
+    extra = b""
     if exchange is not None and exchange.client_headers is not None:
-        fields = exchange.client_headers
-    if status == 200:
+        fields = policy.RequestFields(exchange.client_headers)  # what the client sent
+    elif exchange is not None and exchange.fields is not None:
+        fields = exchange.fields
+    else:
+        fields = policy.RequestFields(request.headers)
+    if status == 200 and fields.conditional:
         if policy.not_modified(
-                if_none_match=header(fields, b"if-none-match"),
-                if_modified_since=header(fields, b"if-modified-since"),
+                if_none_match=fields.if_none_match, if_modified_since=fields.if_modified_since,
                 etag=entry.etag, last_modified=entry.last_modified):
             status = 304
-        else:
-            wanted = header(fields, b"range")
-            if wanted is not None and policy.if_range_holds(
-                    header(fields, b"if-range"), entry.etag, entry.last_modified):
-                span = policy.byte_range(wanted, len(body))
-                if span == "unsatisfiable":
-                    status = 416
-                    extra.append(b"Content-Range: bytes */%d" % len(body))
-                    body = b""
-                elif span is not None:
-                    first, last = span
-                    status = 206
-                    extra.append(b"Content-Range: bytes %d-%d/%d" % (first, last, len(body)))
-                    body = body[first:last + 1]
-    lines = [status_line(status)]
-    for name, value in entry.headers:
-        if status == 416 and name.lower() == b"content-type":
-            continue
-        lines.append(name + b": " + value)
-    lines.extend(extra)
-    lines.append(b"Age: %d" % int(entry.age(now)))
-    lines.append(b"X-Cache: " + outcome)
+        elif fields.range is not None and policy.if_range_holds(
+                fields.if_range, entry.etag, entry.last_modified):
+            span = policy.byte_range(fields.range, len(body))
+            if span == "unsatisfiable":
+                status = 416
+                extra = b"Content-Range: bytes */%d\r\n" % len(body)
+                body = b""
+            elif span is not None:
+                first, last = span
+                status = 206
+                extra = b"Content-Range: bytes %d-%d/%d\r\n" % (first, last, len(body))
+                body = body[first:last + 1]
+    lines = [status_line(status), b"\r\n", entry.head_block, extra]
+    lines.append(b"Age: %d\r\nX-Cache: %b\r\n" % (int(entry.age(now)), outcome))
     if status not in NO_BODY_STATUSES:
-        lines.append(b"Content-Length: %d" % len(body))
+        lines.append(b"Content-Length: %d\r\n" % len(body))
     if conn.hsts is not None:
-        lines.append(b"Strict-Transport-Security: " + conn.hsts)
+        lines.append(b"Strict-Transport-Security: " + conn.hsts + b"\r\n")
     close = not request.keep_alive or conn.close_after or not request.complete
     if close:
-        lines.append(b"Connection: close")
+        lines.append(b"Connection: close\r\n")
     elif not request.http11:
-        lines.append(b"Connection: keep-alive")
+        lines.append(b"Connection: keep-alive\r\n")
     lines.append(b"\r\n")
     conn.response_close = close
     conn.response_started = True
-    send_body = not head_only and status not in NO_BODY_STATUSES
-    conn._write(b"\r\n".join(lines) + body if send_body else b"\r\n".join(lines))
-    store.stats.count(outcome.decode().lower(), conn.route_key)
+    if not head_only and status not in NO_BODY_STATUSES:
+        lines.append(body)
+    conn._write(b"".join(lines))
+    store.stats.count(EVENTS[outcome], conn.route_key)
     if finish:
         conn.cache_exchange = None
         conn._end_exchange(status)

@@ -121,6 +121,47 @@ def parse_age(value: bytes | None) -> float:
     return float(int(text)) if text.isdigit() else 0.0
 
 
+class RequestFields:
+    """The request fields a cache reads, found in one pass over the request's fields."""
+
+    __slots__ = ("cache_control", "if_modified_since", "if_none_match", "if_range",
+                 "pragma", "range")
+
+    def __init__(self, headers: HeaderList) -> None:
+        self.cache_control: list[bytes] = []
+        self.pragma: bytes | None = None
+        self.if_none_match: bytes | None = None
+        self.if_modified_since: bytes | None = None
+        self.range: bytes | None = None
+        self.if_range: bytes | None = None
+        for name, value in headers:
+            if len(name) < 5 or name[0] not in b"cCpPiIrR":
+                continue  # cheap test first: most fields are none of these
+            lower = name.lower()
+            if lower == b"cache-control":
+                self.cache_control.append(value)
+            elif lower == b"pragma":
+                self.pragma = value
+            elif lower == b"if-none-match":
+                self.if_none_match = value
+            elif lower == b"if-modified-since":
+                self.if_modified_since = value
+            elif lower == b"range":
+                self.range = value
+            elif lower == b"if-range":
+                self.if_range = value
+
+    @property
+    def conditional(self) -> bool:
+        return (self.if_none_match is not None or self.if_modified_since is not None
+                or self.range is not None)
+
+    @property
+    def pragma_no_cache(self) -> bool:
+        return (not self.cache_control and self.pragma is not None
+                and b"no-cache" in self.pragma.lower())
+
+
 def header(headers: HeaderList, name: bytes) -> bytes | None:
     """The first value of `name` (lower case), or None."""
     for key, value in headers:
@@ -319,10 +360,20 @@ def normalize_authority(scheme: str, host: str) -> str:
     return name
 
 
+_AUTHORITIES: dict[tuple[str, str], str] = {}
+
+
 def url_key(scheme: str, host: str, target: bytes) -> str:
     """The URL part of a cache key, and what purges match: `scheme://host/path?query`."""
+    authority = _AUTHORITIES.get((scheme, host))
+    if authority is None:
+        if len(_AUTHORITIES) > 4096:
+            _AUTHORITIES.clear()  # bounded: distinct Host values are few in practice
+        authority = _AUTHORITIES[(scheme, host)] = normalize_authority(scheme, host)
+    if b"%" not in target and b"/." not in target:
+        return f"{scheme}://{authority}{target.decode('latin-1')}"
     path, mark, query = target.partition(b"?")
-    url = f"{scheme}://{normalize_authority(scheme, host)}{normalize_path(path)}"
+    url = f"{scheme}://{authority}{normalize_path(path)}"
     return url + "?" + query.decode("latin-1") if mark else url
 
 

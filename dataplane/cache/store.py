@@ -61,7 +61,7 @@ class CacheStats:
 class Entry:
     """One stored answer (one variant of one key)."""
 
-    __slots__ = ("body", "disk_path", "etag", "headers", "initial_age", "key",
+    __slots__ = ("body", "disk_path", "etag", "head_block", "headers", "initial_age", "key",
                  "last_modified", "lifetime", "response_cc", "response_time", "size",
                  "status", "variant", "vary")
 
@@ -76,6 +76,7 @@ class Entry:
         self.variant = variant
         self.status = status
         self.headers = headers
+        self.head_block = block(headers)
         self.body: bytes | None = body
         self.disk_path: Path | None = None
         self.size = len(body)
@@ -93,6 +94,11 @@ class Entry:
     @property
     def cost(self) -> int:
         return self.size + ENTRY_OVERHEAD + sum(len(n) + len(v) + 4 for n, v in self.headers)
+
+
+def block(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """Fields as they go on the wire, each line ended: written once per entry, not per hit."""
+    return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
 
 
 Waiter = Callable[[bool], None]
@@ -270,6 +276,7 @@ class CacheStore:
         """New fields for a stored answer (a 304's), its size accounted again."""
         before = entry.cost
         entry.headers = headers
+        entry.head_block = block(headers)
         delta = entry.cost - before
         if entry in self.memory:
             self.stats.memory_bytes += delta

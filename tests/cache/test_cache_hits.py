@@ -191,3 +191,14 @@ async def test_a_lying_content_length_is_never_stored(proxy, origin):
         await get(proxy, target)
     answer = await get(proxy, "/lie?" + q(cc="max-age=60"))
     assert answer.header("X-Cache") == "MISS"
+
+
+async def test_hits_keep_the_connection_open_and_pipelined_requests_in_order(proxy, origin):
+    target = "/pipelined?" + q(cc="max-age=60")
+    request = f"GET {target} HTTP/1.1\r\nHost: site.test\r\n\r\n".encode()
+    answers = await raw_request(proxy.port, request * 3 + request.replace(
+        b"/pipelined", b"/pipelined-other"), responses=4)
+    assert [a.header("X-Cache") for a in answers] == ["MISS", "HIT", "HIT", "MISS"]
+    assert all(a.header("Connection") is None for a in answers)
+    assert [a.body for a in answers[:3]] == [b"/pipelined #1 "] * 3
+    assert answers[3].body == b"/pipelined-other #1 "
