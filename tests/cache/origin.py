@@ -1,7 +1,7 @@
 """An origin server for cache tests: it counts the requests it gets, per path, and
 answers with whatever caching fields the query asks for.
 
-Query parameters: `cc` (Cache-Control), `etag`, `lm` (Last-Modified; with `etag`
+Query parameters: `cc` (Cache-Control), `age` (Age), `etag`, `lm` (Last-Modified; with `etag`
 they make conditional requests answer 304), `vary`, `expires`, `cookie` (Set-Cookie),
 `status`, `size` (body bytes), `lie` (announce this many more bytes than sent, then
 close), `slow` (seconds before answering), `location` (on unsafe methods). The body
@@ -52,7 +52,8 @@ def origin_app(origin: Origin) -> web.Application:
             await asyncio.sleep(float(query["slow"]))
         headers: dict[str, str] = {}
         for name, key in (("Cache-Control", "cc"), ("ETag", "etag"), ("Last-Modified", "lm"),
-                          ("Vary", "vary"), ("Expires", "expires"), ("Set-Cookie", "cookie")):
+                          ("Vary", "vary"), ("Expires", "expires"), ("Set-Cookie", "cookie"),
+                          ("Age", "age")):
             if key in query:
                 headers[name] = query[key]
         etag = query.get("etag")

@@ -202,3 +202,28 @@ async def test_hits_keep_the_connection_open_and_pipelined_requests_in_order(pro
     assert all(a.header("Connection") is None for a in answers)
     assert [a.body for a in answers[:3]] == [b"/pipelined #1 "] * 3
     assert answers[3].body == b"/pipelined-other #1 "
+
+
+async def test_age_from_upstream_counts_and_s_maxage_wins(proxy: Kanal, origin: Origin):
+    aged = "/aged?" + q(cc="max-age=60", age="50")
+    await get(proxy, aged)
+    hit = await get(proxy, aged)
+    assert hit.header("X-Cache") == "HIT" and 50 <= int(hit.header("Age") or "0") < 60
+    too_old = "/too-old?" + q(cc="max-age=60", age="100")
+    await get(proxy, too_old)
+    assert (await get(proxy, too_old)).header("X-Cache") == "MISS"
+    shared = "/shared?" + q(cc="s-maxage=0, max-age=600")
+    await get(proxy, shared)
+    assert (await get(proxy, shared)).header("X-Cache") == "MISS"
+    assert origin.count("/shared") == 2
+
+
+async def test_client_cache_control_is_honoured(proxy: Kanal, origin: Origin):
+    target = "/client-cc?" + q(cc="max-age=600")
+    await get(proxy, target)
+    assert (await get(proxy, target, "Cache-Control: no-cache")).header("X-Cache") == "MISS"
+    assert (await get(proxy, target, "Pragma: no-cache")).header("X-Cache") == "MISS"
+    assert (await get(proxy, target, "Cache-Control: max-age=0")).header("X-Cache") == "MISS"
+    assert (await get(proxy, target)).header("X-Cache") == "HIT"
+    missing = await get(proxy, "/never-seen", "Cache-Control: only-if-cached")
+    assert missing.status == 504 and origin.count("/never-seen") == 0
