@@ -863,6 +863,8 @@ class ForwardConnection(asyncio.Protocol):
         if origin is not None and (request.sent or request.method == b"CONNECT"):
             self.origin = None
             origin.abort()
+        if self.cache_exchange is not None and forward_cache.error(self, request, status):
+            return  # a stale entry answered instead (stale-if-error)
         request.status = status
         request.reason = reason
         if request.decision == "-":

@@ -4,8 +4,9 @@ requests, under the `cache` section of the listener's EgressPolicy.
 The same store, keys (`http://host:port/path?query`), storability and freshness as
 the reverse proxy's; CONNECT tunnels are never looked into, so never cached. On the
 forward listener a stale entry is revalidated (`If-None-Match` / `If-Modified-Since`,
-a 304 answers from the entry) but not served stale, and concurrent misses are not
-collapsed: each client connection has its own origin connection here.
+a 304 answers from the entry) and stands in for a failed origin within
+`stale-if-error`; it is not served stale while revalidating, and concurrent misses are
+not collapsed: each client connection has its own origin connection here.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kanal.dataplane.cache.entries import (
     MISS,
     NO_BODY_STATUSES,
     REVALIDATED,
+    STALE,
     AnswerHead,
     refresh,
     request_fields,
@@ -211,6 +213,11 @@ def head(conn: ForwardClient, request: ForwardRequestView, origin: AnswerHead) -
             exchange.fill.abort(None)
             exchange.fill = None
         return serve(conn, request, exchange, entry, REVALIDATED, now)
+    if entry is not None and status >= 500 and policy.may_serve_on_error(
+            entry.response_cc, exchange.request_cc, age=entry.age(now), lifetime=entry.lifetime):
+        failed(conn)
+        if serve(conn, request, exchange, entry, STALE, now):
+            return True
     store.stats.count("miss", exchange.route)
     fill = exchange.fill
     if fill is not None:
@@ -243,6 +250,24 @@ def done(conn: ForwardClient) -> None:
         fill.finish()
 
 
+def error(conn: ForwardClient, request: ForwardRequestView, status: int) -> bool:
+    """The proxy answers an error of its own (the origin unreachable, cut off, slow):
+    True when a stale entry answered instead (`stale-if-error`)."""
+    exchange = conn.cache_exchange
+    if exchange is None or status < 500 or exchange.entry is None or conn.response_started:
+        return False
+    entry = exchange.entry
+    now = time.time()
+    if not policy.may_serve_on_error(entry.response_cc, exchange.request_cc,
+                                     age=entry.age(now), lifetime=entry.lifetime):
+        return False
+    failed(conn)
+    if not serve(conn, request, exchange, entry, STALE, now):
+        return False
+    conn._end_exchange(request)
+    return True
+
+
 def failed(conn: ForwardClient) -> None:
     """The origin's answer broke off (or the client left): nothing is stored."""
     exchange = conn.cache_exchange
@@ -252,4 +277,4 @@ def failed(conn: ForwardClient) -> None:
         fill.abort()
 
 
-__all__ = ["begin", "body", "done", "egress_cache", "failed", "head"]
+__all__ = ["begin", "body", "done", "egress_cache", "error", "failed", "head"]

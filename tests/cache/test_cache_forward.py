@@ -14,10 +14,21 @@ from tests.conftest import BackendThread, Kanal, RawResponse, free_port, raw_req
 
 
 @pytest.fixture(scope="module")
-def origin() -> Iterator[Origin]:
-    pool = BackendThread()
-    yield start_origin(pool)
-    pool.close()
+def pool() -> Iterator[BackendThread]:
+    threads = BackendThread()
+    yield threads
+    threads.close()
+
+
+@pytest.fixture(scope="module")
+def origin(pool: BackendThread) -> Origin:
+    return start_origin(pool)
+
+
+@pytest.fixture(scope="module")
+def fragile(pool: BackendThread) -> Origin:
+    """An origin a test stops."""
+    return start_origin(pool)
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +37,14 @@ def forward_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def proxy(origin: Origin, forward_port: int, module_kanal: Callable[..., Kanal]) -> Kanal:
+def proxy(origin: Origin, fragile: Origin, forward_port: int,
+          module_kanal: Callable[..., Kanal]) -> Kanal:
     policy = f"""\
         apiVersion: kanal.dev/v1alpha1
         kind: EgressPolicy
         metadata: {{name: egress}}
         spec:
-          allow: [{{host: localhost, ports: [{origin.port}]}}]
+          allow: [{{host: localhost, ports: [{origin.port}, {fragile.port}]}}]
           allowPrivateNetworks: true
           cache: {{maxObjectSize: 64Ki}}
         """
@@ -88,3 +100,22 @@ async def test_connect_tunnels_are_never_cached(proxy, origin, forward_port):
     finally:
         writer.close()
     assert origin.count("/tunnelled") == 2
+
+
+async def test_stale_if_error_on_the_forward_listener(proxy, origin, fragile, pool, forward_port):
+    target = "/fwd-sie?" + q(cc="max-age=0, stale-if-error=600")
+    first = await fetch(forward_port, origin, target)
+    origin.failing.add("/fwd-sie")
+    try:
+        stale = await fetch(forward_port, origin, target)
+    finally:
+        origin.failing.discard("/fwd-sie")
+    assert stale.status == 200 and stale.header("X-Cache") == "STALE" and stale.body == first.body
+    page = "/fwd-down?" + q(cc="max-age=0, stale-if-error=600")
+    kept = await fetch(forward_port, fragile, page)
+    assert fragile.runner is not None
+    pool.run(fragile.runner.cleanup())
+    down = await fetch(forward_port, fragile, page)
+    assert down.status == 200 and down.header("X-Cache") == "STALE" and down.body == kept.body
+    never = await fetch(forward_port, fragile, "/fwd-never")
+    assert never.status == 502

@@ -44,6 +44,9 @@ def proxy(origin: Origin, module_kanal: Callable[..., Kanal]) -> Kanal:
                 - matches: [{path: {type: PathPrefix, value: /keyed}}]
                   backends: [{upstream: origin}]
                   cache: {key: {headers: [X-Tenant], cookies: [lang]}}
+                - matches: [{path: {type: PathPrefix, value: /cookies}}]
+                  backends: [{upstream: origin}]
+                  cache: {allowSetCookie: true, statuses: [200]}
                 - matches: [{path: {type: PathPrefix, value: /small}}]
                   backends: [{upstream: origin}]
                   cache: {maxObjectSize: 1Ki}
@@ -227,3 +230,26 @@ async def test_client_cache_control_is_honoured(proxy: Kanal, origin: Origin):
     assert (await get(proxy, target)).header("X-Cache") == "HIT"
     missing = await get(proxy, "/never-seen", "Cache-Control: only-if-cached")
     assert missing.status == 504 and origin.count("/never-seen") == 0
+
+
+async def test_set_cookie_answers_stored_by_policy_are_served_without_the_cookie(proxy, origin):
+    target = "/cookies/a?" + q(cc="max-age=60", cookie="sid=secret")
+    first = await get(proxy, target)
+    second = await get(proxy, target)
+    assert first.header("Set-Cookie") == "sid=secret" and first.header("X-Cache") == "MISS"
+    assert second.header("X-Cache") == "HIT" and second.header("Set-Cookie") is None
+    assert second.body == first.body
+    missing = "/cookies/missing?" + q(cc="max-age=60", status="404")
+    await get(proxy, missing)
+    assert (await get(proxy, missing)).header("X-Cache") == "MISS"  # 404 not listed here
+
+
+async def test_cacheable_statuses(proxy: Kanal, origin: Origin):
+    gone = "/gone?" + q(cc="max-age=60", status="404")
+    assert (await get(proxy, gone)).status == 404
+    again = await get(proxy, gone)
+    assert again.status == 404 and again.header("X-Cache") == "HIT"
+    broken = "/broken?" + q(cc="max-age=60", status="500")
+    await get(proxy, broken)
+    assert (await get(proxy, broken)).header("X-Cache") == "MISS"
+    assert origin.count("/broken") == 2
