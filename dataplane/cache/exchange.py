@@ -260,7 +260,9 @@ def head(conn: CacheClient, upstream: UpstreamConnection) -> bool:
     now = time.time()
     entry = exchange.entry
     if entry is not None:
-        if status == 304:
+        # A 304 confirms the entry only when the cache asked with the entry's validators
+        # (a GET); one that answers the client's own validators (a HEAD) says nothing of it.
+        if status == 304 and exchange.client_headers is not None:
             refresh(exchange, entry, upstream, now)
             if exchange.fill is not None:
                 exchange.fill.abort(None)

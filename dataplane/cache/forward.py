@@ -207,7 +207,7 @@ def head(conn: ForwardClient, request: ForwardRequestView, origin: AnswerHead) -
         return False
     now = time.time()
     entry = exchange.entry
-    if entry is not None and status == 304:
+    if entry is not None and status == 304 and exchange.client_headers is not None:
         refresh(exchange, entry, origin, now)
         if exchange.fill is not None:
             exchange.fill.abort(None)
