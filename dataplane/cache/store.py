@@ -32,8 +32,12 @@ FILL_LOCK = 5.0
 long; nginx's proxy_cache_lock_timeout); after it, a miss starts a fill of its own."""
 MAX_VARIANTS = 32
 """Stored variants (Vary) of one URL; the least recently used goes first."""
-ENTRY_OVERHEAD = 256
-"""Bytes counted per entry beside its body and fields (the objects holding it)."""
+ENTRY_OVERHEAD = 800
+"""Bytes counted per entry beside its body, key and fields: the Python objects that hold
+it (the entry, its directives, the LRU and key index slots), measured with tracemalloc,
+so the memory bound holds for floods of small answers too."""
+FIELD_OVERHEAD = 140
+"""Bytes per stored field beside its text: two bytes objects, a tuple, a list slot."""
 
 
 class CacheStats:
@@ -93,7 +97,9 @@ class Entry:
 
     @property
     def cost(self) -> int:
-        return self.size + ENTRY_OVERHEAD + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        # Fields count twice: as pairs (for merging 304s) and as the block written on hits.
+        return (self.size + ENTRY_OVERHEAD + len(self.key)
+                + sum(2 * (len(n) + len(v)) + FIELD_OVERHEAD for n, v in self.headers))
 
 
 def block(headers: list[tuple[bytes, bytes]]) -> bytes:

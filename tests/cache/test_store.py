@@ -37,7 +37,7 @@ def test_accounting_holds_and_memory_stays_within_its_bound(ops) -> None:
 
 
 def test_least_recently_used_goes_first() -> None:
-    cost = entry("x").cost
+    cost = entry("http://h/x").cost
     store = CacheStore(memory_bytes=3 * cost)
     for name in "abc":
         store.insert(entry(f"http://h/{name}"))
@@ -48,7 +48,7 @@ def test_least_recently_used_goes_first() -> None:
 
 
 def test_evicted_entries_spill_to_disk_and_come_back(tmp_path: Path) -> None:
-    cost = entry("x", 1000).cost
+    cost = entry("http://h/x", 1000).cost
     store = CacheStore()
     store.configure(2 * cost, str(tmp_path), 2 * cost)
     for name in "abcd":
@@ -65,7 +65,7 @@ def test_evicted_entries_spill_to_disk_and_come_back(tmp_path: Path) -> None:
 
 
 def test_a_missing_disk_file_is_a_miss_not_a_wrong_body(tmp_path: Path) -> None:
-    cost = entry("x", 1000).cost
+    cost = entry("http://h/x", 1000).cost
     store = CacheStore()
     store.configure(cost, str(tmp_path), 4 * cost)
     store.insert(entry("http://h/a", 1000))
@@ -113,3 +113,34 @@ def test_variants_by_vary() -> None:
 
 def test_overhead_is_counted() -> None:
     assert entry("k", 0).cost >= ENTRY_OVERHEAD
+
+
+def test_the_accounted_cost_covers_the_memory_small_entries_take() -> None:
+    """A flood of small answers must not hold much more memory than --cache-size."""
+    import tracemalloc
+
+    from kanal.dataplane.cache.policy import parse_cache_control
+
+    store = CacheStore(memory_bytes=10**9)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        accounted = 0
+        for index in range(2000):
+            fields = [(fresh(b"Cache-Control"), b"max-age=%d" % index),
+                      (fresh(b"Content-Type"), fresh(b"text/plain; charset=utf-8")),
+                      (fresh(b"Date"), fresh(b"Sat, 05 Dec 2026 22:58:36 GMT"))]
+            item = Entry(f"http://site.test/flood/{index}", (), (), 200, fields, bytes(100),
+                         response_cc=parse_cache_control([fields[0][1]]), lifetime=60.0,
+                         initial_age=0.0, response_time=0.0, etag=None, last_modified=None)
+            store.insert(item)
+            accounted += item.cost
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert used <= accounted * 1.2, (used / 2000, accounted / 2000)
+
+
+def fresh(text: bytes) -> bytes:
+    """A new bytes object, as the parser makes for every answer."""
+    return bytes(bytearray(text))
