@@ -193,12 +193,12 @@ def group_admin_app(workers: list[Worker]) -> web.Application:
             await session_holder["s"].close()
 
     app = web.Application()
+    app.router.add_post("/cache/purge", purge)
     app.router.add_get("/live", live)
     app.router.add_get("/ready", ready)
     app.router.add_get("/config", forward)
     app.router.add_get("/explain", forward)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/cache/purge", purge)
     app.on_cleanup.append(close_session)
     return app
 
