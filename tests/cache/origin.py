@@ -3,7 +3,7 @@ answers with whatever caching fields the query asks for.
 
 Query parameters: `cc` (Cache-Control), `age` (Age), `etag`, `lm` (Last-Modified; with `etag`
 they make conditional requests answer 304), `vary`, `expires`, `cookie` (Set-Cookie),
-`status`, `size` (body bytes), `lie` (announce this many more bytes than sent, then
+`status`, `size` (body bytes), `chunked` (no Content-Length), `lie` (announce this many more bytes than sent, then
 close), `slow` (seconds before answering), `location` (on unsafe methods). The body
 says the path and the request's number, so a test sees which answer it got.
 """
@@ -68,6 +68,14 @@ def origin_app(origin: Origin) -> web.Application:
             body = (f"{request.path} #{number} ".encode() * (int(size) // 8 + 1))[: int(size)]
         else:
             body = f"{request.path} #{number} {request.headers.get('X-Variant', '')}".encode()
+        if "chunked" in query:
+            response = web.StreamResponse(status=status, headers=headers)
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for start in range(0, len(body), 1000):
+                await response.write(body[start:start + 1000])
+            await response.write_eof()
+            return response
         if "lie" in query:
             response = web.StreamResponse(status=status, headers=headers)
             response.content_length = len(body) + int(query["lie"])

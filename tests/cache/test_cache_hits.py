@@ -186,6 +186,14 @@ async def test_objects_over_the_maximum_are_passed_whole_and_not_stored(proxy, o
     for number in (1, 2):
         answer = await get(proxy, "/small/big?" + q(cc="max-age=60", size="4096"))
         assert len(answer.body) == 4096 and answer.body.startswith(f"/small/big #{number}".encode())
+        streamed = await get(proxy, "/small/chunked?" + q(cc="max-age=60", size="4096",
+                                                           chunked="1"))
+        assert streamed.header("Transfer-Encoding") == "chunked" and len(streamed.body) == 4096
+        assert streamed.body.startswith(f"/small/chunked #{number}".encode())
+    small = "/small/fits?" + q(cc="max-age=60", size="900", chunked="1")
+    await get(proxy, small)
+    again = await get(proxy, small)
+    assert again.header("X-Cache") == "HIT" and len(again.body) == 900
 
 
 async def test_a_lying_content_length_is_never_stored(proxy, origin):
