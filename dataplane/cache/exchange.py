@@ -278,6 +278,9 @@ def head(conn: CacheClient, upstream: UpstreamConnection) -> bool:
                 return True
     store.stats.count("miss", exchange.route)
     fill = exchange.fill
+    if fill is None and request.method == b"GET" and store.active_fill(exchange.key) is None:
+        # A retried try (the first one's fill was dropped with it) may still be stored.
+        fill = exchange.fill = store.start_fill(exchange.key)
     if fill is not None:
         headers = upstream.headers
         if upstream.connection_named:
