@@ -39,7 +39,7 @@ from kanal.dataplane.cache.entries import (
     start_fill,
     upstream_fields,
 )
-from kanal.dataplane.cache.policy import CacheControl, header
+from kanal.dataplane.cache.policy import header
 from kanal.dataplane.cache.refresh import refresh_in_background
 from kanal.dataplane.cache.store import FILL_LOCK, PROCESS_STORE, Entry, Fill, lookup
 from kanal.dataplane.http1 import status_line
@@ -48,9 +48,6 @@ if TYPE_CHECKING:
     from kanal.dataplane.cache.client import CacheClient, CachedRequest
     from kanal.dataplane.pool import UpstreamConnection
     from kanal.dataplane.router import Selection
-
-
-
 
 
 # --------------------------------------------------------------------------- begin
@@ -390,5 +387,5 @@ def error(conn: CacheClient, request: CachedRequest, status: int) -> bytes | Non
     return b"X-Cache: " + exchange.outcome + b"\r\n"
 
 
-__all__ = ["CacheControl", "CacheExchange", "begin", "body", "done", "error", "head", "over",
-           "serve", "upstream_failed"]
+__all__ = ["CacheExchange", "begin", "body", "done", "error", "head", "over", "serve",
+           "upstream_failed"]
