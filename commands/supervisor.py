@@ -179,7 +179,7 @@ def group_admin_app(workers: list[Worker]) -> web.Application:
         total, answer, status = 0, {}, 200
         for worker in workers:
             try:
-                async with client.post(worker.admin + request.path_qs) as reply:
+                async with client.request(request.method, worker.admin + request.path_qs) as reply:
                     answer, status = await reply.json(), reply.status
             except (aiohttp.ClientError, OSError, ValueError) as exc:
                 return web.json_response({"error": f"worker {worker.index}: {exc}"}, status=503)
@@ -194,6 +194,7 @@ def group_admin_app(workers: list[Worker]) -> web.Application:
 
     app = web.Application()
     app.router.add_post("/cache/purge", purge)
+    app.router.add_delete("/cache/purge", purge)
     app.router.add_get("/live", live)
     app.router.add_get("/ready", ready)
     app.router.add_get("/config", forward)

@@ -130,6 +130,7 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
 
     app = web.Application()
     app.router.add_post("/cache/purge", purge)
+    app.router.add_delete("/cache/purge", purge)
     app.router.add_get("/live", live)
     app.router.add_get("/ready", ready)
     app.router.add_get("/config", config)

@@ -76,6 +76,8 @@ async def test_purge_by_url_and_by_prefix(proxy: Kanal, origin: Origin):
     assert status == 200 and answer["purged"] == 2  # type: ignore[index]
     assert (await get(proxy, "/p/two?" + q(cc="max-age=60"))).header("X-Cache") == "MISS"
     assert (await get(proxy, "/other?" + q(cc="max-age=60"))).header("X-Cache") == "HIT"
+    status, answer = await admin(proxy, "DELETE", "/cache/purge?prefix=http://site.test/other")
+    assert status == 200 and answer["purged"] == 1  # type: ignore[index]
     status, _ = await admin(proxy, "POST", "/cache/purge?url=/relative")
     assert status == 400
     status, _ = await admin(proxy, "POST", "/cache/purge")
