@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kanal.contract.snapshot import Snapshot
+from kanal.dataplane.cache.store import configure_cache
 from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
 from kanal.dataplane.runtime import Config, ProxyContext, Runtime
 
@@ -47,6 +48,9 @@ class DataplaneOptions:
     body_idle_timeout: float = BODY_IDLE_TIMEOUT  # between two bytes of a request body
     max_connections: int | None = None  # client connections per listener (None: no cap)
     compression: bool = False  # every rule without a Compression filter compresses
+    cache_size: int = 64 * 1024 * 1024  # memory for cached answers (the process's store)
+    cache_dir: str | None = None  # where cached answers spill when memory is full
+    cache_disk_size: int = 1024 * 1024 * 1024  # bytes cache_dir may hold
 
     def configure(self, context: ProxyContext) -> ProxyContext:
         """Give a listener's context the limits these options set."""
@@ -200,6 +204,7 @@ async def run_dataplane(
     from kanal.dataplane.server import housekeeping, tune_gc
 
     runtime = runtime or Runtime(gateway=options.gateway)
+    configure_cache(options.cache_size, options.cache_dir, options.cache_disk_size)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -28,6 +28,7 @@ import httptools
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane import http1, mirror
 from kanal.dataplane.access import gate as access_gate
+from kanal.dataplane.cache import exchange as cache
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.http1 import (
     KEEPALIVE_TIMEOUT,
@@ -45,8 +46,10 @@ if TYPE_CHECKING:
 
     from kanal.contract.snapshot import Retries, Route
     from kanal.dataplane.balancer import EndpointState
+    from kanal.dataplane.cache.client import CacheExchange
     from kanal.dataplane.compress import Encoder
     from kanal.dataplane.filters import Exchange, OwnAnswer
+    from kanal.dataplane.router import Selection
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
 
 log = logging.getLogger("kanal.proxy")
@@ -534,12 +537,14 @@ class ClientConnection(asyncio.Protocol):
         self.current = request
         self.body_limit = None
         self.exchange = None
+        self.cache_selection = None
         self.route_key = ""
         self.upstream_key = ""
         self.response_started = False
         self.request_sent = False
         self.response_chunked = False
         self.response_close = False
+        self.cache_exchange = None
         context = self.context
         config = context.config
         if config is None:
@@ -644,13 +649,25 @@ class ClientConnection(asyncio.Protocol):
         timeout = rule.timeout
         if timeout:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
+        if selection.cache is not None:
+            self.cache_selection = selection  # consulted once the access policy passed
         if selection.access is not None and access_gate.admit(self, request, selection.access):
             return  # refused, or waiting for the policy (_access_passed goes on)
         self._access_passed(request)
 
     def _access_passed(self, request: Request) -> None:
         """The request may go on (no policy, or its policy let it through, at once or
-        after waiting): render its head, start its mirrors, send it."""
+        after waiting): a cached rule looks in its cache first, never before its
+        policy has passed."""
+        selection = self.cache_selection
+        if selection is not None:
+            self.cache_selection = None
+            if cache.begin(self, request, selection):
+                return  # answered from the cache, or waiting for a fill of the same key
+        self._send_upstream(request)
+
+    def _send_upstream(self, request: Request) -> None:
+        """Render the request's head, start its mirrors, send it to an endpoint."""
         context = self.context
         config = context.config
         assert config is not None
@@ -928,6 +945,8 @@ class ClientConnection(asyncio.Protocol):
             self._finish_endpoint(False)
         else:
             self._finish_endpoint(True)
+        if self.cache_exchange is not None and cache.head(self, conn):
+            return  # the cache answered (a revalidated or stale entry)
         headers = conn.headers
         if conn.connection_named:
             named = conn.connection_named
@@ -975,6 +994,8 @@ class ClientConnection(asyncio.Protocol):
         self._write(b"\r\n".join(lines))
 
     def response_body(self, chunk: bytes) -> None:
+        if self.cache_exchange is not None and cache.body(self, chunk):
+            return
         if self.response_chunked:
             if self.encoder is not None:
                 chunk = self.encoder.compress(chunk)
@@ -988,6 +1009,8 @@ class ClientConnection(asyncio.Protocol):
         request = self.current
         if request is None:
             conn.abort()
+            return
+        if self.cache_exchange is not None and cache.done(self, conn):
             return
         if self.response_chunked:
             if self.encoder is not None:
@@ -1004,6 +1027,8 @@ class ClientConnection(asyncio.Protocol):
         self._end_exchange(conn.status)
 
     def upstream_failed(self, conn: UpstreamConnection, reason: str, exc: BaseException | None) -> None:
+        if self.cache_exchange is not None and cache.upstream_failed(self):
+            return  # the client had its answer from the cache
         request = self.current
         self.upstream = None
         if request is None:
@@ -1175,6 +1200,11 @@ class ClientConnection(asyncio.Protocol):
             extra += b"X-Kanal-Overloaded: true\r\n"
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
+        if self.cache_exchange is not None:
+            cache_line = cache.error(self, request, status)
+            if cache_line is None:
+                return  # a stale entry answered instead (stale-if-error)
+            extra += cache_line
         extra += extra_headers
         if own is not None:  # an answer a filter gives (redirect, direct response, preflight)
             self._write(own.encode(keep_alive=keep, head_only=request.method == b"HEAD"))
@@ -1211,6 +1241,8 @@ class ClientConnection(asyncio.Protocol):
     def _exchange_over(self) -> None:
         """Release what one exchange held: its per-try timer and its retry budget."""
         self._cancel_try_timer()
+        if self.cache_exchange is not None:
+            cache.over(self)
         if self.is_retry:
             self.is_retry = False
             if self.upstream_runtime is not None:
@@ -1269,6 +1301,8 @@ class ClientConnection(asyncio.Protocol):
     body_waiter: Callable[[], None] | None = None
     exchange: Exchange | None = None
     encoder: Encoder | None = None
+    cache_exchange: CacheExchange | None = None
+    cache_selection: Selection | None = None
 
 
 def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:
