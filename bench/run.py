@@ -365,10 +365,16 @@ http {{
     return path
 
 
-def nginx_proxy_conf(tmp: Path, port: int, backend: int, filters: str = "none") -> Path:
+def nginx_proxy_conf(tmp: Path, port: int, backend: int, filters: str = "none",
+                     cache: bool = False) -> Path:
+    # --cache: nginx's proxy_cache (files, page cache warm) holds both bodies for an hour.
+    cache_zone = (f"proxy_cache_path {tmp / 'nginx' / 'cache'} levels=1:2 keys_zone=bench:10m "
+                  "max_size=64m inactive=1h use_temp_path=off;") if cache else ""
+    cache_use = "proxy_cache bench; proxy_cache_valid 200 1h;" if cache else ""
     conf = nginx_common(tmp, "nginx") + f"""
 http {{
     access_log off;
+    {cache_zone}
     {nginx_temp_paths(tmp, "nginx")}
     server_tokens off;
     keepalive_timeout 120s;
@@ -386,6 +392,7 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             {NGINX_FILTERS[filters]}
+            {cache_use}
         }}
     }}
 }}
@@ -424,7 +431,8 @@ backend backend
     return path
 
 
-def kanal_manifests(tmp: Path, backend: int, filters: str = "none") -> Path:
+def kanal_manifests(tmp: Path, backend: int, filters: str = "none",
+                    cache: bool = False) -> Path:
     d = tmp / "kanal" / "manifests"
     d.mkdir(parents=True, exist_ok=True)
     (d / "bench.yaml").write_text(f"""\
@@ -447,7 +455,7 @@ spec:
         - path: {{type: PathPrefix, value: /}}
       backends:
         - {{upstream: bench-backend, weight: 1}}
-""" + KANAL_FILTERS[filters])
+""" + KANAL_FILTERS[filters] + ("      cache: {defaultTTL: 1h}\n" if cache else ""))
     return d
 
 
@@ -720,6 +728,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the same work for every proxy: none (default), headers (a request "
                          "header from the client address and a response header) or "
                          "compression (gzip of text answers from 1 KiB)")
+    ap.add_argument("--cache", action="store_true",
+                    help="cache-hit scenario: nginx proxy_cache and Kanal's cache (a rule "
+                         "with cache: {defaultTTL: 1h}) hold / and /16k, so every measured "
+                         "request is a hit (HAProxy and the backend unchanged)")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.duration, args.latency_duration = 1, 3, 3
@@ -783,9 +795,10 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
         targets.append(backend)
     if "nginx" in args.targets:
         port = free_port()
-        t = Target("nginx", "nginx `proxy_pass`, upstream keepalive 64", port,
+        t = Target("nginx", "nginx `proxy_pass`, upstream keepalive 64"
+                   + (", proxy_cache (hits)" if args.cache else ""), port,
                    logfile=tmp / "nginx.log")
-        conf = nginx_proxy_conf(tmp, port, bport, args.filters)
+        conf = nginx_proxy_conf(tmp, port, bport, args.filters, cache=args.cache)
         t.proc = procs.start("nginx", [*pin_proxy, nginx, "-p", str(tmp / "nginx"),
                                        "-e", str(tmp / "nginx" / "error.log"),
                                        "-c", str(conf)], t.logfile)
@@ -799,11 +812,12 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
         targets.append(t)
     if "kanal" in args.targets:
         port, admin = free_port(), free_port()
-        t = Target("kanal", f"Kanal, --workers {args.kanal_workers}", port, admin=admin,
+        t = Target("kanal", f"Kanal, --workers {args.kanal_workers}"
+                   + (", cache (hits)" if args.cache else ""), port, admin=admin,
                    logfile=tmp / "kanal.log")
-        cmd = kanal_command(args.kanal_cmd, kanal_manifests(tmp, bport, args.filters), port,
-                            admin, bport,
-                            args.kanal_workers)
+        cmd = kanal_command(args.kanal_cmd,
+                            kanal_manifests(tmp, bport, args.filters, cache=args.cache), port,
+                            admin, bport, args.kanal_workers)
         log(f"kanal command: {shlex.join(cmd)}")
         t.proc = procs.start("kanal", [*pin_proxy, *cmd], t.logfile)
         targets.append(t)
@@ -813,7 +827,9 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
         port, admin = free_port(), free_port()
         t = Target("kanal-b", f"Kanal (compare: {args.compare}), --workers {args.kanal_workers}",
                    port, admin=admin, logfile=tmp / "kanal-b.log")
-        cmd = kanal_command(args.compare, kanal_manifests(tmp, bport), port, admin, bport,
+        cmd = kanal_command(args.compare,
+                            kanal_manifests(tmp, bport, args.filters, cache=args.cache), port,
+                            admin, bport,
                             args.kanal_workers)
         log(f"compare command: {shlex.join(cmd)}")
         t.proc = procs.start("kanal-b", [*pin_proxy, *cmd], t.logfile)

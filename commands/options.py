@@ -54,6 +54,13 @@ def add_listener_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compression", action="store_true",
                         help="compress answers of every Route rule without a Compression "
                              "filter, with its defaults (br, zstd, gzip; text types; 1Ki)")
+    parser.add_argument("--cache-size", type=byte_size, default=DEFAULT_CACHE_SIZE, metavar="SIZE",
+                        help="memory for cached answers (rules and egress policies with a "
+                             "cache section), e.g. 64Mi (the default); LRU beyond it")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="folder cached answers spill to when memory is full (off by default)")
+    parser.add_argument("--cache-disk-size", type=byte_size, default=DEFAULT_CACHE_DISK_SIZE,
+                        metavar="SIZE", help="bytes --cache-dir may hold (default 1Gi)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     add_observability_flags(parser)
@@ -64,7 +71,9 @@ def limit_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {"head_timeout": args.request_head_timeout,
             "body_idle_timeout": args.request_body_timeout,
             "max_connections": args.max_connections,
-            "compression": args.compression}
+            "compression": args.compression,
+            "cache_size": args.cache_size, "cache_dir": args.cache_dir,
+            "cache_disk_size": args.cache_disk_size}
 
 
 def limit_argv(args: argparse.Namespace) -> list[str]:
@@ -75,6 +84,10 @@ def limit_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--max-connections", str(args.max_connections)]
     if args.compression:
         argv.append("--compression")
+    argv += ["--cache-size", str(args.cache_size), "--cache-disk-size", str(args.cache_disk_size)]
+    if args.cache_dir is not None:
+        # Each worker keeps its own cache: a folder of its own under the one given.
+        argv += ["--cache-dir", args.cache_dir]
     return argv
 
 
@@ -220,3 +233,17 @@ def observability_argv(args: argparse.Namespace) -> list[str]:
             *(["--tracing-endpoint", args.tracing_endpoint] if args.tracing_endpoint else []),
             "--tracing-sample-ratio", repr(args.tracing_sample_ratio),
             "--tracing-service-name", args.tracing_service_name]
+DEFAULT_CACHE_SIZE = 64 * 1024 * 1024
+DEFAULT_CACHE_DISK_SIZE = 1024 * 1024 * 1024
+_BYTE_UNITS = {"": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "Ki": 1024, "Mi": 1024**2,
+               "Gi": 1024**3}
+
+
+def byte_size(text: str) -> int:
+    """Bytes as the resources write them: `1048576`, `500k`, `64Mi`, `2G`."""
+    digits = text.rstrip("kKMGi")
+    unit = text[len(digits):]
+    if not digits.isdigit() or unit not in _BYTE_UNITS:
+        raise argparse.ArgumentTypeError(
+            f"expected a size such as 64Mi (digits with k, Ki, M, Mi, G or Gi), got {text!r}")
+    return int(digits) * _BYTE_UNITS[unit]

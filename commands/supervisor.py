@@ -182,11 +182,28 @@ def group_admin_app(workers: list[Worker]) -> web.Application:
                     texts.append(body.decode())
         return web.Response(text=merge_metrics(texts), content_type="text/plain")
 
+    async def purge(request: web.Request) -> web.Response:
+        # Each worker has its own cache: the purge goes to every one, counts summed.
+        client = await session()
+        total, answer, status = 0, {}, 200
+        for worker in workers:
+            try:
+                async with client.request(request.method, worker.admin + request.path_qs) as reply:
+                    answer, status = await reply.json(), reply.status
+            except (aiohttp.ClientError, OSError, ValueError) as exc:
+                return web.json_response({"error": f"worker {worker.index}: {exc}"}, status=503)
+            if status != 200:
+                return web.json_response(answer, status=status)
+            total += int(answer.get("purged", 0))
+        return web.json_response({**answer, "purged": total}, status=status)
+
     async def close_session(_: web.Application) -> None:
         if "s" in session_holder:
             await session_holder["s"].close()
 
     app = web.Application()
+    app.router.add_post("/cache/purge", purge)
+    app.router.add_delete("/cache/purge", purge)
     app.router.add_get("/live", live)
     app.router.add_get("/ready", ready)
     app.router.add_get("/config", forward)

@@ -132,6 +132,30 @@ class SessionAffinity:
     ttl: float = 3600.0
 
 
+DEFAULT_CACHEABLE_STATUSES = (200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501)
+"""RFC 9110's heuristically cacheable status codes (15.1), less 206: a partial answer is
+never stored (a complete entry answers Range requests instead)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cache:
+    """A shared HTTP cache (RFC 9111) for a Route rule's or an EgressPolicy's answers.
+
+    `default_ttl` (seconds) is the freshness given to answers without any freshness
+    information; None keeps RFC 9111's rules (heuristic freshness only with
+    Last-Modified). `key_headers` (lower case) and `key_cookies` add request values to
+    the key; `allow_set_cookie` stores answers that set cookies (without the cookies).
+    """
+
+    enabled: bool = True
+    default_ttl: float | None = None
+    statuses: tuple[int, ...] = DEFAULT_CACHEABLE_STATUSES
+    key_headers: tuple[str, ...] = ()
+    key_cookies: tuple[str, ...] = ()
+    max_object_size: int = 8 * 1024 * 1024
+    allow_set_cookie: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     index: int
@@ -145,6 +169,7 @@ class Rule:
     allow_websocket: bool = True
     access: AccessPolicy | None = None
     filters: tuple[Filter, ...] = ()
+    cache: Cache | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +218,7 @@ class EgressPolicy:
     allow_private_networks: bool = False
     basic_auth: tuple[tuple[str, str], ...] = ()
     anonymize: bool = False
+    cache: Cache | None = None
 
 
 @dataclass(frozen=True, slots=True)

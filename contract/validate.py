@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 from kanal.contract.access import policy_problems
-from kanal.contract.snapshot import Filter, HeaderValue, Rule, Snapshot, content_version
+from kanal.contract.snapshot import Cache, Filter, HeaderValue, Rule, Snapshot, content_version
 from kanal.contract.templates import TemplateError, parse_template
 
 _WIRE_UNSAFE = frozenset("\r\n\x00")
@@ -69,6 +69,11 @@ def _problems(snapshot: Snapshot) -> Iterator[str]:
                     rule.session_affinity.cookie_name):
                 yield f"{where}: cookie name {rule.session_affinity.cookie_name!r} is not a token"
             yield from filter_problems(where, rule)
+            if rule.cache is not None:
+                yield from _cache_problems(where, rule.cache)
+    for policy in snapshot.egress_policies:
+        if policy.cache is not None:
+            yield from _cache_problems(f"egress policy {policy.key}", policy.cache)
     for upstream in snapshot.upstreams:
         for endpoint in upstream.endpoints:
             if not 0 < endpoint.port < 65536:
@@ -84,6 +89,23 @@ def _problems(snapshot: Snapshot) -> Iterator[str]:
         if upstream.tls is not None and upstream.tls.sni is not None and not _visible(
                 upstream.tls.sni):
             yield f"upstream {upstream.key}: SNI {upstream.tls.sni!r} is not a host name"
+
+
+def _cache_problems(where: str, cache: Cache) -> Iterator[str]:
+    """A cache section's values: names that reach the key, sizes and times."""
+    for name in cache.key_headers:
+        if not _token(name) or name != name.lower():
+            yield f"{where}: cache key header {name!r} is not a lower-case header name"
+    for name in cache.key_cookies:
+        if not _token(name):
+            yield f"{where}: cache key cookie {name!r} is not a token"
+    for status in cache.statuses:
+        if not 200 <= status <= 599:
+            yield f"{where}: cacheable status {status} is not a final status code"
+    if cache.max_object_size < 0:
+        yield f"{where}: cache maxObjectSize is negative"
+    if cache.default_ttl is not None and not cache.default_ttl >= 0:
+        yield f"{where}: cache defaultTTL is negative"
 
 
 def _visible(value: str) -> bool:

@@ -140,7 +140,13 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def purge(request: web.Request) -> web.Response:
+        answer, status = purge_cache(request.query.get("url"), request.query.get("prefix"))
+        return web.json_response(answer, status=status)
+
     app = web.Application()
+    app.router.add_post("/cache/purge", purge)
+    app.router.add_delete("/cache/purge", purge)
     app.router.add_get("/live", live)
     app.router.add_get("/ready", ready)
     app.router.add_get("/config", config)
@@ -149,6 +155,25 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
     app.cleanup_ctx.append(split_ticker(splits))
     add_dashboard(app, runtime, splits)  # /ui and /
     return app
+
+
+def purge_cache(url: str | None, prefix: str | None) -> tuple[dict[str, Any], int]:
+    """`POST /cache/purge?url=...` or `?prefix=...`: drop stored answers (every variant
+    and extra key part) of one URL, or of every URL that starts with the prefix."""
+    from kanal.dataplane.cache.policy import url_of
+    from kanal.dataplane.cache.store import PROCESS_STORE
+
+    if (url is None) == (prefix is None):
+        return {"error": "give exactly one of url= or prefix= (an absolute http or https "
+                         "URL)"}, 400
+    text = url if url is not None else prefix
+    assert text is not None
+    normalized = url_of(text)
+    if normalized is None:
+        return {"error": f"not an absolute http or https URL: {text!r}"}, 400
+    purged = PROCESS_STORE.purge(normalized, prefix=prefix is not None)
+    PROCESS_STORE.stats.count("purge")
+    return {"purged": purged, "url" if url is not None else "prefix": normalized}, 200
 
 
 def _dumps(value: Any) -> str:

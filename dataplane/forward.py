@@ -46,6 +46,7 @@ import httptools
 
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane import http1
+from kanal.dataplane.cache import forward as forward_cache
 from kanal.dataplane.egress import (
     EgressRules,
     InvalidHost,
@@ -63,6 +64,8 @@ from kanal.dataplane.http1 import (
 
 if TYPE_CHECKING:
     from kanal.dataplane.accesslog import AccessLog
+    from kanal.dataplane.cache.client import CacheExchange
+    from kanal.dataplane.cache.rule import RuleCache
     from kanal.dataplane.logformat import Record
     from kanal.dataplane.proxy import ClientConnection
     from kanal.dataplane.runtime import Config, ProxyContext, Runtime
@@ -102,6 +105,7 @@ class ForwardProxy:
         self.keepalive_timeout = keepalive_timeout
         self.rules = EgressRules((), (), namespace)
         self.access_log: AccessLog | None = None  # --access-log; None: the kanal.egress line
+        self.cache_rule: RuleCache | None = None  # the namespace's EgressPolicy `cache`
         self.connections: set[ForwardConnection] = set()
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -126,6 +130,7 @@ class ForwardProxy:
         for ignored in rules.ignored:
             log.warning("EgressPolicy %s: a wildcard across a public suffix is ignored", ignored)
         self.rules = rules
+        self.cache_rule = forward_cache.egress_cache(config.snapshot, self.namespace)
 
     async def start(self, sock: socket.socket) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -258,6 +263,7 @@ class ForwardConnection(asyncio.Protocol):
         self.response_started = False
         self.refused: tuple[int, str] | None = None
         self.heads_seen = 0
+        self.cache_exchange: CacheExchange | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -513,6 +519,7 @@ class ForwardConnection(asyncio.Protocol):
         self.current = request
         self.response_started = False
         self.response_chunked = False
+        self.cache_exchange = None
         self.pause("deciding")
         self.task = asyncio.get_running_loop().create_task(self._serve(request))
 
@@ -548,6 +555,10 @@ class ForwardConnection(asyncio.Protocol):
             self._to_mesh(request)
             return
         request.decision = "allow"
+        cache_rule = proxy.cache_rule
+        if cache_rule is not None and not connect and forward_cache.begin(
+                self, request, path, cache_rule):
+            return  # answered from the cache
         origin = self.origin
         if (origin is not None and origin.reusable and not connect
                 and origin.key == (host, port)):
@@ -736,6 +747,8 @@ class ForwardConnection(asyncio.Protocol):
         request.status = status
         no_body = request.no_body or status in (204, 304)
         origin.no_body = no_body
+        if self.cache_exchange is not None and forward_cache.head(self, request, origin):
+            return  # a 304 to the cache's revalidation: the stored answer went out
         close = not request.keep_alive or not request.complete or self.response_close
         lines = [b"HTTP/1.1 %d %b" % (status, origin.reason or b"OK")]
         lines += [name + b": " + value for name, value in origin.headers]
@@ -765,6 +778,8 @@ class ForwardConnection(asyncio.Protocol):
         request = self.current
         if request is None or self.transport is None:
             return
+        if self.cache_exchange is not None and forward_cache.body(self, chunk):
+            return
         self.last_activity = time.monotonic()
         data = _frame(chunk) if self.response_chunked else chunk
         request.down += len(data)
@@ -775,6 +790,8 @@ class ForwardConnection(asyncio.Protocol):
         if request is None or self.transport is None:
             origin.abort()
             return
+        if self.cache_exchange is not None:
+            forward_cache.done(self)
         if self.response_chunked:
             request.down += len(_CHUNK_END)
             self.transport.write(_CHUNK_END)
@@ -785,6 +802,8 @@ class ForwardConnection(asyncio.Protocol):
         self._end_exchange(request)
 
     def origin_failed(self, origin: OriginConnection, reason: str, timeout: bool = False) -> None:
+        if self.cache_exchange is not None:
+            forward_cache.failed(self)
         request = self.current
         if self.origin is origin:
             self.origin = None
@@ -848,6 +867,8 @@ class ForwardConnection(asyncio.Protocol):
         if origin is not None and (request.sent or request.method == b"CONNECT"):
             self.origin = None
             origin.abort()
+        if self.cache_exchange is not None and forward_cache.error(self, request, status):
+            return  # a stale entry answered instead (stale-if-error)
         request.status = status
         request.reason = reason
         if request.decision == "-":

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from prometheus_client.core import Metric
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -135,3 +135,31 @@ class MetricsCollector:
             "kanal_access_log_dropped", "Access log records dropped because the sink was slow")
         dropped.add_metric([], metrics.access_log_dropped)
         yield dropped
+        yield from cache_families(CounterMetricFamily, GaugeMetricFamily)
+
+
+def cache_families(counter: type[CounterMetricFamily],
+                   gauge: type[GaugeMetricFamily]) -> Iterator[Metric]:
+    """The process's cache: what it did per route, what it refused, what it holds."""
+    from kanal.dataplane.cache.store import PROCESS_STORE
+
+    stats = PROCESS_STORE.stats
+    events = counter("kanal_cache_events", "Cache hits, misses, stale and revalidated answers, "
+                     "bypasses, evictions, invalidations and disk errors, by route",
+                     labels=["event", "route"])
+    for (event, route), count in sorted(stats.events.items()):
+        events.add_metric([event, route], count)
+    yield events
+    refused = counter("kanal_cache_not_stored", "Answers not stored, by reason",
+                      labels=["reason"])
+    for reason, count in sorted(stats.not_stored.items()):
+        refused.add_metric([reason], count)
+    yield refused
+    stored = gauge("kanal_cache_stored_bytes", "Bytes of stored answers, in memory and on disk",
+                   labels=["tier"])
+    stored.add_metric(["memory"], stats.memory_bytes)
+    stored.add_metric(["disk"], stats.disk_bytes)
+    yield stored
+    entries = gauge("kanal_cache_entries", "Stored answers")
+    entries.add_metric([], stats.entries)
+    yield entries

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kanal.contract.snapshot import Snapshot
+from kanal.dataplane.cache.store import configure_cache
 from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
 from kanal.dataplane.runtime import Config, ProxyContext, Runtime
 
@@ -60,6 +61,9 @@ class DataplaneOptions:
 
     def access_log_for(self, listener: str) -> AccessLog | None:
         return self.access_log if listener in self.access_log_listeners else None
+    cache_size: int = 64 * 1024 * 1024  # memory for cached answers (the process's store)
+    cache_dir: str | None = None  # where cached answers spill when memory is full
+    cache_disk_size: int = 1024 * 1024 * 1024  # bytes cache_dir may hold
 
     def configure(self, context: ProxyContext) -> ProxyContext:
         """Give a listener's context the limits these options set."""
@@ -229,6 +233,7 @@ async def run_dataplane(
     runtime = runtime or Runtime(gateway=options.gateway)
     if options.access_log is not None:
         options.access_log.metrics = runtime.metrics  # drops are counted in /metrics
+    configure_cache(options.cache_size, options.cache_dir, options.cache_disk_size)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -28,6 +28,7 @@ import httptools
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane import http1, mirror
 from kanal.dataplane.access import gate as access_gate
+from kanal.dataplane.cache import exchange as cache
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.http1 import (
     KEEPALIVE_TIMEOUT,
@@ -47,9 +48,11 @@ if TYPE_CHECKING:
 
     from kanal.contract.snapshot import Retries, Route, Rule
     from kanal.dataplane.balancer import EndpointState
+    from kanal.dataplane.cache.client import CacheExchange
     from kanal.dataplane.compress import Encoder
     from kanal.dataplane.filters import Exchange, OwnAnswer
     from kanal.dataplane.logformat import Record
+    from kanal.dataplane.router import Selection
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
     from kanal.dataplane.tracing import ExchangeTrace
 
@@ -544,6 +547,7 @@ class ClientConnection(asyncio.Protocol):
         self.current = request
         self.body_limit = None
         self.exchange = None
+        self.cache_selection = None
         self.route_key = ""
         self.upstream_key = ""
         self.response_started = False
@@ -554,6 +558,7 @@ class ClientConnection(asyncio.Protocol):
         self.route_rule = None
         self.tried = None
         self.retried = 0
+        self.cache_exchange = None
         context = self.context
         if context.request_ids is not None:
             self.request_id = context.request_ids.assign(request.headers, context.trusted_hops > 0)
@@ -663,13 +668,25 @@ class ClientConnection(asyncio.Protocol):
         timeout = rule.timeout
         if timeout:
             self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
+        if selection.cache is not None:
+            self.cache_selection = selection  # consulted once the access policy passed
         if selection.access is not None and access_gate.admit(self, request, selection.access):
             return  # refused, or waiting for the policy (_access_passed goes on)
         self._access_passed(request)
 
     def _access_passed(self, request: Request) -> None:
         """The request may go on (no policy, or its policy let it through, at once or
-        after waiting): render its head, start its mirrors, send it."""
+        after waiting): a cached rule looks in its cache first, never before its
+        policy has passed."""
+        selection = self.cache_selection
+        if selection is not None:
+            self.cache_selection = None
+            if cache.begin(self, request, selection):
+                return  # answered from the cache, or waiting for a fill of the same key
+        self._send_upstream(request)
+
+    def _send_upstream(self, request: Request) -> None:
+        """Render the request's head, start its mirrors, send it to an endpoint."""
         context = self.context
         config = context.config
         assert config is not None
@@ -955,6 +972,8 @@ class ClientConnection(asyncio.Protocol):
             self._finish_endpoint(False)
         else:
             self._finish_endpoint(True)
+        if self.cache_exchange is not None and cache.head(self, conn):
+            return  # the cache answered (a revalidated or stale entry)
         headers = conn.headers
         if conn.connection_named:
             named = conn.connection_named
@@ -1004,6 +1023,8 @@ class ClientConnection(asyncio.Protocol):
         self._write(b"\r\n".join(lines))
 
     def response_body(self, chunk: bytes) -> None:
+        if self.cache_exchange is not None and cache.body(self, chunk):
+            return
         if self.response_chunked:
             if self.encoder is not None:
                 chunk = self.encoder.compress(chunk)
@@ -1019,6 +1040,8 @@ class ClientConnection(asyncio.Protocol):
         request = self.current
         if request is None:
             conn.abort()
+            return
+        if self.cache_exchange is not None and cache.done(self, conn):
             return
         if self.response_chunked:
             if self.encoder is not None:
@@ -1036,6 +1059,8 @@ class ClientConnection(asyncio.Protocol):
         self._end_exchange(conn.status)
 
     def upstream_failed(self, conn: UpstreamConnection, reason: str, exc: BaseException | None) -> None:
+        if self.cache_exchange is not None and cache.upstream_failed(self):
+            return  # the client had its answer from the cache
         request = self.current
         self.upstream = None
         if request is None:
@@ -1214,6 +1239,11 @@ class ClientConnection(asyncio.Protocol):
             extra += b"X-Kanal-Overloaded: true\r\n"
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
+        if self.cache_exchange is not None:
+            cache_line = cache.error(self, request, status)
+            if cache_line is None:
+                return  # a stale entry answered instead (stale-if-error)
+            extra += cache_line
         rid = self.request_id if self.current is request else None
         if rid is not None:
             extra += REQUEST_ID + b": " + rid + b"\r\n"
@@ -1264,6 +1294,8 @@ class ClientConnection(asyncio.Protocol):
     def _exchange_over(self) -> None:
         """Release what one exchange held: its per-try timer and its retry budget."""
         self._cancel_try_timer()
+        if self.cache_exchange is not None:
+            cache.over(self)
         if self.is_retry:
             self.is_retry = False
             if self.upstream_runtime is not None:
@@ -1367,6 +1399,8 @@ class ClientConnection(asyncio.Protocol):
     retried: int = 0
     request_id: bytes | None = None
     trace: ExchangeTrace | None = None
+    cache_exchange: CacheExchange | None = None
+    cache_selection: Selection | None = None
 
 
 def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:

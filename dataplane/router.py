@@ -58,6 +58,7 @@ from urllib.parse import parse_qsl
 from kanal.contract.patterns import PatternError, UserPattern, compile_pattern
 from kanal.contract.snapshot import Gateway, Match, Route, Rule, Snapshot, ValueMatch
 from kanal.dataplane.access.policy import Access, compile_access
+from kanal.dataplane.cache.rule import RuleCache, rule_cache
 from kanal.dataplane.filters import RuleFilters
 from kanal.dataplane.split import Split
 
@@ -97,6 +98,7 @@ class Selection:
     access: Access | None = None
     filters: RuleFilters | None = None
     """The rule's compiled `filters` (and its backends'); None when it has none."""
+    cache: RuleCache | None = None
 
 
 class _ValuePredicate:
@@ -618,7 +620,8 @@ def _compile_route(
     for rule_pos, rule in enumerate(route.rules):
         selection = Selection(route.key, rule, Split.from_rule(rule, rng), route,
                               compile_access(route.key, rule),
-                              RuleFilters.build(route, rule, rng=rng, compress_all=compress_all))
+                              RuleFilters.build(route, rule, rng=rng, compress_all=compress_all),
+                              rule_cache(rule.cache))
         matches = rule.matches or (Match(),)  # no matches: the rule takes every request
         for match_index, match in enumerate(matches):
             yield _Candidate(

@@ -53,6 +53,7 @@ from kanal.operator.conditions import (
 from kanal.operator.durations import parse_duration
 from kanal.operator.filtercompile import compile_filters, mirrored_upstreams
 from kanal.operator.models import (
+    CacheSpec,
     EgressPolicy,
     EgressRuleSpec,
     KanalResource,
@@ -514,6 +515,7 @@ def _compile_rule(position: int, rule: RuleSpec, namespace: str) -> snap.Rule:
                                else parse_byte_size(rule.max_request_body_size)),
         allow_websocket=rule.allow_websocket,
         filters=compile_filters(rule.filters, namespace),
+        cache=compile_cache(rule.cache),
     )
 
 
@@ -562,6 +564,7 @@ def _compile_egress_policy(policy: EgressPolicy, index: _Index
         allow_private_networks=spec.allow_private_networks,
         basic_auth=basic_auth,
         anonymize=spec.anonymize,
+        cache=compile_cache(spec.cache),
     )
     status = ObjectStatus("EgressPolicy", policy.key,
                           (_accepted(meta.generation), problems.condition(meta.generation)))
@@ -571,3 +574,19 @@ def _compile_egress_policy(policy: EgressPolicy, index: _Index
 def _egress_rule(rule: EgressRuleSpec, default_ports: tuple[int, ...]) -> snap.EgressRule:
     ports = tuple(sorted(set(rule.ports))) if rule.ports else default_ports
     return snap.EgressRule(host=rule.host.lower(), ports=ports)
+
+
+def compile_cache(spec: CacheSpec | None) -> snap.Cache | None:
+    """A `cache` section as the dataplane reads it: seconds, bytes, lower-case names."""
+    if spec is None:
+        return None
+    key = spec.key
+    return snap.Cache(
+        enabled=spec.enabled,
+        default_ttl=_optional_seconds(spec.default_ttl, zero_is_none=False),
+        statuses=tuple(sorted(set(spec.statuses))),
+        key_headers=() if key is None else tuple(name.lower() for name in key.headers),
+        key_cookies=() if key is None else tuple(key.cookies),
+        max_object_size=parse_byte_size(spec.max_object_size),
+        allow_set_cookie=spec.allow_set_cookie,
+    )

@@ -38,7 +38,7 @@ from pydantic.alias_generators import to_camel
 
 from kanal.contract.names import wildcard_public_suffix
 from kanal.contract.patterns import PatternError, compile_pattern, substitution_problem
-from kanal.contract.snapshot import DEFAULT_COMPRESSIBLE
+from kanal.contract.snapshot import DEFAULT_CACHEABLE_STATUSES, DEFAULT_COMPRESSIBLE
 from kanal.contract.templates import TemplateError, parse_template
 from kanal.contract.validate import wire_safe
 from kanal.operator.access import PoliciesSpec
@@ -991,6 +991,51 @@ class RetriesSpec(KanalModel):
     )
 
 
+class CacheKeySpec(KanalModel):
+    """Request values added to the cache key, beside method, scheme, host, path and query."""
+
+    headers: list[HeaderName] = Field(
+        default_factory=list, max_length=16,
+        description="Request header names whose values are part of the key. Default: none.",
+    )
+    cookies: list[Annotated[str, Field(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")]] = Field(
+        default_factory=list, max_length=16,
+        description="Cookie names whose values are part of the key. Default: none.",
+    )
+
+
+class CacheSpec(KanalModel):
+    """A shared HTTP cache (RFC 9111) for GET and HEAD answers."""
+
+    enabled: bool = Field(default=True, description="Whether answers are cached (default true).")
+    default_ttl: Duration | None = Field(
+        default=None,
+        alias="defaultTTL",
+        description="Freshness given to answers that carry no Cache-Control max-age, "
+        "s-maxage or Expires. Default: none (such answers are fresh only heuristically, "
+        "by Last-Modified, as RFC 9111 allows).",
+    )
+    statuses: list[Annotated[int, Field(ge=200, le=599)]] = Field(
+        default_factory=lambda: list(DEFAULT_CACHEABLE_STATUSES),
+        max_length=32,
+        description="Status codes that may be stored. Default: 200, 203, 204, 300, 301, "
+        "308, 404, 405, 410, 414, 501.",
+    )
+    key: CacheKeySpec | None = Field(
+        default=None, description="Extra parts of the cache key (headers, cookies).",
+    )
+    max_object_size: ByteSize = Field(
+        default="8Mi",
+        description="Largest answer body stored, in bytes or with a suffix (default 8Mi); "
+        "larger answers are passed through and not stored.",
+    )
+    allow_set_cookie: bool = Field(
+        default=False,
+        description="Store answers that carry Set-Cookie (stored and served without their "
+        "Set-Cookie fields). Default false: such answers are never stored.",
+    )
+
+
 class RuleSpec(KanalModel):
     """Requests that meet any of `matches` go to `backends`."""
 
@@ -1067,6 +1112,10 @@ class RuleSpec(KanalModel):
                     if problem is not None:
                         raise ValueError(f"{item.type}: replaceRegexMatch: {problem}")
         return self
+    cache: CacheSpec | None = Field(
+        default=None,
+        description="Cache GET and HEAD answers (RFC 9111 shared cache). Default: no caching.",
+    )
 
 
 class HstsSpec(KanalModel):
@@ -1188,6 +1237,11 @@ class EgressPolicySpec(KanalModel):
     anonymize: bool = Field(
         default=False,
         description="Add no X-Forwarded-For, Forwarded or Via headers (default false).",
+    )
+    cache: CacheSpec | None = Field(
+        default=None,
+        description="Cache plain-HTTP GET and HEAD answers of the forward proxy (RFC 9111 "
+        "shared cache); CONNECT tunnels are never cached. Default: no caching.",
     )
 
     @model_validator(mode="after")

@@ -71,3 +71,8 @@ def test_filter_defaults_are_the_snapshot_defaults() -> None:
     assert headers.response_header_modifier == snap.HeaderModifier()
     direct = compiled({}, {"filters": [{"type": "DirectResponse", "directResponse": {}}]})
     assert direct.routes[0].rules[0].filters[0].direct_response == snap.DirectResponse()
+def test_cache_defaults_are_the_snapshot_defaults() -> None:
+    snapshot = compiled({}, {"cache": {}})
+    [route] = snapshot.routes
+    [rule] = route.rules
+    assert rule.cache == snap.Cache()

@@ -424,3 +424,33 @@ async def _true(value: bool) -> bool:
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+def test_an_answer_from_the_cache_counts_its_body_bytes(kanal, tmp_path):
+    import urllib.request
+
+    from tests.conftest import BackendThread
+
+    pool = BackendThread()
+    try:
+        app = pool.start("app")
+        path = tmp_path / "access.log"
+        route = """\
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: web}
+spec:
+  rules: [{backends: [{upstream: app}], cache: {defaultTTL: 60s}}]
+"""
+        k = kanal({"app.yaml": upstream_yaml("app", app), "route.yaml": route},
+                  "--access-log", str(path), "--access-log-fields", "status,bytesOut")
+        sizes, caches = [], []
+        for _ in range(2):
+            with urllib.request.urlopen(f"{k.url}/page", timeout=5) as answer:
+                sizes.append(len(answer.read()))
+                caches.append(answer.headers["X-Cache"])
+        assert caches[1] == "HIT" and len(app.received) == 1
+        wait_until(lambda: len(_text_lines(path)) == 2)
+        assert read_json_lines(path) == [{"status": 200, "bytesOut": size} for size in sizes]
+    finally:
+        pool.close()

@@ -1,0 +1,108 @@
+"""The cache's state of an exchange, and what it reads and does of a client connection.
+
+Protocols, so the cache's modules need not import `proxy` (which imports them): the
+reverse proxy's `ClientConnection` and `Request` are the implementations, checked by
+mypy where proxy.py hands itself to the hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Protocol
+
+from kanal.dataplane.cache import policy
+from kanal.dataplane.cache.rule import RuleCache
+from kanal.dataplane.cache.store import CacheStore, Entry, Fill
+
+if TYPE_CHECKING:
+    from kanal.dataplane.pool import UpstreamConnection
+    from kanal.dataplane.runtime import ProxyContext, UpstreamRuntime
+
+
+class CacheExchange:
+    """The cache's state for the request in progress on a client connection."""
+
+    __slots__ = ("entry", "fill", "key", "outcome", "request", "request_cc", "request_time",
+                 "route", "rule", "served", "store", "swallow", "timeout", "url",
+                 "client_headers", "fields")
+
+    def __init__(self, store: CacheStore, rule: RuleCache, request: CachedRequest, route: str) -> None:
+        self.store = store
+        self.rule = rule
+        self.request = request
+        self.route = route
+        self.key = ""
+        self.url = ""
+        self.outcome = b"BYPASS"
+        self.entry: Entry | None = None
+        self.fill: Fill | None = None
+        self.request_cc = policy.NO_DIRECTIVES
+        self.request_time = 0.0
+        self.swallow = False
+        self.served = 0
+        self.timeout: float | None = None
+        self.fields: policy.RequestFields | None = None
+        self.client_headers: list[tuple[bytes, bytes]] | None = None
+        """The request's fields as the client sent them, when the cache changed them."""
+
+
+class CachedRequest(Protocol):
+    """A parsed request, as the cache reads it (and rewrites its fields)."""
+
+    headers: list[tuple[bytes, bytes]]
+    complete: bool
+
+    @property
+    def method(self) -> bytes: ...
+    @property
+    def target(self) -> bytes: ...
+    @property
+    def host(self) -> bytes | None: ...
+    @property
+    def cookie(self) -> bytes | None: ...
+    @property
+    def keep_alive(self) -> bool: ...
+    @property
+    def http11(self) -> bool: ...
+    @property
+    def upgrade(self) -> bool: ...
+    @property
+    def chunked(self) -> bool: ...
+    @property
+    def content_length(self) -> bytes | None: ...
+
+
+class CacheClient(Protocol):
+    """A client connection, as the cache answers on it or lets it go upstream."""
+
+    cache_exchange: CacheExchange | None
+    upstream: UpstreamConnection | None
+    response_close: bool
+    response_started: bool
+    timer: asyncio.TimerHandle | None
+    head: bytes
+    body_sent: int  # the access log's and /metrics' response body bytes
+
+    @property
+    def context(self) -> ProxyContext: ...
+    @property
+    def current(self) -> Any: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def route_key(self) -> str: ...
+    @property
+    def upstream_runtime(self) -> UpstreamRuntime | None: ...
+    @property
+    def hsts(self) -> bytes | None: ...
+    @property
+    def close_after(self) -> bool: ...
+
+    def _write(self, data: bytes) -> None: ...
+    def _end_exchange(self, status: int) -> None: ...
+    def _fail_request(self, status: int, reason: str) -> None: ...
+    def _abort(self) -> None: ...
+    def _attempt(self, request: Any, exclude: Any) -> None: ...
+    def _request_head(self, request: Any, config: Any) -> bytes: ...
+    def _send_upstream(self, request: Any) -> None: ...
+    def _timed_out(self, timeout: float) -> None: ...
