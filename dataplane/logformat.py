@@ -32,7 +32,7 @@ FIELDS: tuple[str, ...] = (
     "upstream",      # namespace/name of the Upstream chosen
     "endpoint",      # address:port of the endpoint that answered (the last try's)
     "retries",       # tries after the first
-    "cache",         # cache outcome (reserved: empty until a cache exists)
+    "cache",         # the cache's outcome (X-Cache): HIT, MISS, STALE, REVALIDATED, BYPASS
     "policy",        # policy outcome: the forward proxy's decision (allow, deny, mesh, auth, error)
     "requestId",     # X-Request-Id, as sent to the backend and returned to the client
     "traceId",       # the W3C trace id, when tracing is on
@@ -58,7 +58,7 @@ def select(names: Sequence[str]) -> tuple[int, ...]:
 _STR, _BYTES, _INT, _FLOAT, _ANY, _TRACE = 1, 2, 3, 4, 5, 6
 _KINDS = {"time": 0, "status": _INT, "bytesIn": _INT, "bytesOut": _INT, "retries": _INT,
           "duration": _FLOAT, "upstreamTime": _FLOAT, "method": _BYTES, "path": _BYTES,
-          "requestId": _BYTES, "rule": _ANY, "traceId": _TRACE}
+          "requestId": _BYTES, "rule": _ANY, "traceId": _TRACE, "cache": _BYTES}
 
 
 class Formatter:
@@ -125,8 +125,10 @@ def _logfmt(value: Any) -> str:
     return _encode(text)
 
 
-def _json_bytes(value: bytes | None) -> str:
-    return '""' if value is None else _encode(value.decode("latin-1"))
+def _json_bytes(value: bytes | str | None) -> str:
+    if value is None:
+        return '""'
+    return _encode(value.decode("latin-1") if type(value) is bytes else str(value))
 
 
 def _json_float(value: float | None) -> str:

@@ -1356,6 +1356,9 @@ class ClientConnection(asyncio.Protocol):
         rule = self.route_rule
         tried = self.tried
         started = request.started
+        exchange = self.cache_exchange  # (an answer from the store has already let it go)
+        cached = self.cache_outcome or (exchange.outcome if exchange is not None else b"")
+        self.cache_outcome = b""
         return (
             time.time(), self.context.listener, self.peer, request.method,
             self.host_text if request.host is not None else "", request.target,
@@ -1363,7 +1366,7 @@ class ClientConnection(asyncio.Protocol):
             self.body_sent, now - started if started else 0.0,
             now - self.attempt_started if tried is not None and self.attempt_started else None,
             self.route_key, (rule.name if rule.name is not None else rule.index) if rule else "",
-            self.upstream_key, tried.key if tried is not None else "", self.retried, "",
+            self.upstream_key, tried.key if tried is not None else "", self.retried, cached,
             self.context.policy,
             self.request_id, self.trace.trace_id if self.trace is not None else None,
         )
@@ -1400,6 +1403,7 @@ class ClientConnection(asyncio.Protocol):
     request_id: bytes | None = None
     trace: ExchangeTrace | None = None
     cache_exchange: CacheExchange | None = None
+    cache_outcome: bytes = b""
     cache_selection: Selection | None = None
 
 

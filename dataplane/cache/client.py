@@ -82,6 +82,7 @@ class CacheClient(Protocol):
     timer: asyncio.TimerHandle | None
     head: bytes
     body_sent: int  # the access log's and /metrics' response body bytes
+    cache_outcome: bytes  # the access log's `cache` field, for an answer served here
 
     @property
     def context(self) -> ProxyContext: ...

@@ -220,6 +220,7 @@ def serve(conn: CacheClient, request: CachedRequest, entry: Entry, outcome: byte
     if not head_only and status not in NO_BODY_STATUSES:
         lines.append(body)
         conn.body_sent = len(body)
+    conn.cache_outcome = outcome
     conn._write(b"".join(lines))
     store.stats.count(EVENTS[outcome], conn.route_key)
     if finish:

@@ -443,7 +443,7 @@ spec:
   rules: [{backends: [{upstream: app}], cache: {defaultTTL: 60s}}]
 """
         k = kanal({"app.yaml": upstream_yaml("app", app), "route.yaml": route},
-                  "--access-log", str(path), "--access-log-fields", "status,bytesOut")
+                  "--access-log", str(path), "--access-log-fields", "status,bytesOut,cache")
         sizes, caches = [], []
         for _ in range(2):
             with urllib.request.urlopen(f"{k.url}/page", timeout=5) as answer:
@@ -451,6 +451,8 @@ spec:
                 caches.append(answer.headers["X-Cache"])
         assert caches[1] == "HIT" and len(app.received) == 1
         wait_until(lambda: len(_text_lines(path)) == 2)
-        assert read_json_lines(path) == [{"status": 200, "bytesOut": size} for size in sizes]
+        assert read_json_lines(path) == [
+            {"status": 200, "bytesOut": size, "cache": outcome}
+            for size, outcome in zip(sizes, ["MISS", "HIT"], strict=True)]
     finally:
         pool.close()
