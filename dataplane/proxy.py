@@ -196,6 +196,9 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         context.clients.add(self)
+        if (ssl_object is not None and context.http2 is not None
+                and ssl_object.selected_alpn_protocol() == "h2"):
+            context.http2(self, transport, b"")
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel:
@@ -220,6 +223,9 @@ class ClientConnection(asyncio.Protocol):
             self._client_upgrade(data[offset:])
             return
         except httptools.HttpParserError as exc:
+            if (self.heads_seen == 0 and self.context.http2 is not None and self.transport is not None
+                    and self.context.http2(self, self.transport, data)):
+                return  # the h2c preface: the connection speaks HTTP/2 from now on
             refused = self.refused
             self.refused = None
             status, reason = refused if refused is not None else (400, f"malformed request: {exc}")

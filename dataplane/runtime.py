@@ -250,6 +250,9 @@ class ProxyContext:
         # Client connections this listener holds at most (None: no cap); one more is
         # answered 503 and closed.
         self.max_connections: int | None = None
+        # Hands a client connection over to HTTP/2 (kanal.dataplane.h2front.take_over):
+        # after ALPN `h2`, or on the h2c preface; False when it is not HTTP/2. None: off.
+        self.http2: Callable[[Any, asyncio.BaseTransport, bytes], bool] | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a slow-path coroutine (a connect) and keep a reference until it ends."""
