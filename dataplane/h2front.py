@@ -217,10 +217,20 @@ class Http2Connection(asyncio.Protocol):
                 self._calm_down("a client that does not read its control frames")
 
     def _close_now(self) -> None:
+        """Send what is framed (our GOAWAY) and close. On TCP, only our side closes at
+        first: what the client still sends is read and dropped for a moment, since
+        closing with unread bytes resets the connection and the client could lose the
+        GOAWAY that says why (nginx's lingering close)."""
         self.flush()
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+            asyncio.get_running_loop().call_later(h2rules.LINGER, transport.close)
+        else:
+            transport.close()
 
     def _calm_down(self, why: str) -> None:
         log.warning("HTTP/2 client %s: %s; closing with ENHANCE_YOUR_CALM", self.peer, why)

@@ -41,6 +41,9 @@ WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes queued toward a client that does not read (answers are paused long before):
 only a flood of control frames (PING and SETTINGS acknowledgements) fills it."""
 
+LINGER = 2.0
+"""Seconds a closing connection still reads (and drops) what the client sends."""
+
 FLOOD_WINDOW = 10.0
 MAX_RESETS = 200
 """Streams a client may reset before their answer is complete, per FLOOD_WINDOW
