@@ -22,7 +22,7 @@ from kanal.contract.plain import from_plain, to_plain
 PathMatchType = Literal["Exact", "PathPrefix", "RegularExpression"]
 ValueMatchType = Literal["Exact", "RegularExpression"]
 LoadBalancerPolicy = Literal["RoundRobin", "LeastRequest", "Random", "RingHash"]
-Protocol = Literal["HTTP", "HTTPS"]
+Protocol = Literal["HTTP", "HTTPS", "H2C", "H2"]
 Gateway = Literal["ingress", "mesh"]
 
 

@@ -40,7 +40,7 @@ import h2.settings
 import httptools
 from hyperframe.frame import GoAwayFrame
 
-from kanal.dataplane import h2rules
+from kanal.dataplane import grpc, h2rules
 from kanal.dataplane.http1 import KEEPALIVE_TIMEOUT
 from kanal.dataplane.proxy import ClientConnection
 
@@ -78,8 +78,9 @@ class Stream:
     """One stream: its request logic, and the bytes waiting in each direction."""
 
     __slots__ = (
-        "answer_done", "chunked", "conn", "done", "inbox", "method", "outbox", "outbox_size",
-        "reading_paused", "request_done", "stalled_since", "stream_id", "transport",
+        "answer_done", "chunked", "conn", "deadline", "done", "grpc", "inbox", "method",
+        "outbox", "outbox_size",
+        "reading_paused", "request_done", "stalled_since", "stream_id", "trailers", "transport",
         "writing_paused",
     )
 
@@ -98,6 +99,9 @@ class Stream:
         self.reading_paused = False
         self.writing_paused = False
         self.stalled_since = 0.0
+        self.trailers: list[tuple[bytes, bytes]] | None = None  # sent after the last DATA
+        self.grpc = False
+        self.deadline: asyncio.TimerHandle | None = None  # grpc-timeout
 
 
 class Http2Connection(asyncio.Protocol):
@@ -253,6 +257,10 @@ class Http2Connection(asyncio.Protocol):
             self._reset(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             return
         stream = Stream(stream_id, head.method, head.chunked)
+        stream.grpc = head.grpc
+        if head.grpc_timeout is not None:
+            stream.deadline = asyncio.get_running_loop().call_later(
+                head.grpc_timeout, self._deadline, stream, head.grpc_timeout)
         transport = StreamTransport(self, stream)
         conn = ClientConnection(self.context)
         conn.transport = transport
@@ -381,7 +389,10 @@ class Http2Connection(asyncio.Protocol):
                 stream.outbox_size -= len(chunk)
                 h2conn.send_data(stream.stream_id, chunk)
             if not stream.outbox and stream.answer_done:
-                h2conn.end_stream(stream.stream_id)
+                if stream.trailers:
+                    h2conn.send_headers(stream.stream_id, stream.trailers, end_stream=True)
+                else:
+                    h2conn.end_stream(stream.stream_id)
         except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError) as exc:
             log.debug("HTTP/2 stream %d: data not sent: %s", stream.stream_id, exc)
             self._forget(stream)
@@ -403,8 +414,35 @@ class Http2Connection(asyncio.Protocol):
             if stream.outbox or stream.answer_done:
                 self._send_pending(stream)
 
+    def _deadline(self, stream: Stream, timeout: float) -> None:
+        """The client's grpc-timeout ran out before the answer ended (the route's timeout
+        bounds it too, through the request logic): DEADLINE_EXCEEDED, as gRPC servers
+        answer, and the upstream's exchange is given up."""
+        stream.deadline = None
+        transport = stream.transport
+        if stream.done or stream.answer_done or transport is None:
+            return
+        self.streams.pop(stream.stream_id, None)
+        if transport.head_sent and transport.held_head is None:
+            self._drop(stream)
+            self._reset(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+            return
+        conn = stream.conn
+        stream.conn = None
+        if conn is not None:
+            conn.connection_lost(None)
+        block = grpc.error_block(grpc.DEADLINE_EXCEEDED,
+                                 f"kanal: deadline of {timeout:g}s (grpc-timeout) exceeded")
+        stream.answer_done = True
+        self.streams[stream.stream_id] = stream
+        self.send_headers(stream, block, True)
+        self.flush()
+
     def _forget(self, stream: Stream) -> None:
         """Nothing more will be sent or read on the stream."""
+        if stream.deadline is not None:
+            stream.deadline.cancel()
+            stream.deadline = None
         stream.done = True
         stream.conn = None
         stream.inbox.clear()
@@ -496,6 +534,13 @@ class StreamTransport(asyncio.Transport):
         self.fields: list[tuple[bytes, bytes]] = []
         self.informational = False
         self.head_sent = False
+        # A head carrying grpc-status is a gRPC "trailers-only" answer: it must reach
+        # the client as one HEADERS frame that ends the stream.
+        self.held_head: list[tuple[bytes, bytes]] | None = None
+        # A non-gRPC answer (the proxy's own error) to a gRPC request: its status and
+        # body, answered as a gRPC status when it ends.
+        self.grpc_error = 0
+        self.error_body = b""
 
     # --- asyncio.Transport, as ClientConnection uses it ----------------------------------
 
@@ -546,7 +591,7 @@ class StreamTransport(asyncio.Transport):
     # --- httptools callbacks (the HTTP/1.1 answer) ---------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.fields.append((name, value))
+        self.fields.append((name, value))  # after the head: trailers
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -559,15 +604,45 @@ class StreamTransport(asyncio.Transport):
         block = h2rules.response_headers(status, fields)
         self.head_sent = True
         end = self.stream.method == b"HEAD"
+        if self.stream.grpc and status != 200 and not any(n == b"grpc-status" for n, _ in block):
+            self.grpc_error = status
+            return
+        if not end and any(name == b"grpc-status" for name, _ in block):
+            self.held_head = block
+            return
         self.owner.send_headers(self.stream, block, end)
 
+    def _send_held_head(self, end: bool) -> None:
+        block = self.held_head
+        if block is not None:
+            self.held_head = None
+            self.owner.send_headers(self.stream, block, end)
+
     def on_body(self, body: bytes) -> None:
+        if self.grpc_error:
+            if len(self.error_body) < grpc.MAX_MESSAGE:
+                self.error_body += body
+            return
         if not self.stream.answer_done:
+            self._send_held_head(False)
             self.owner.send_data(self.stream, body, False)
 
     def on_message_complete(self) -> None:
         if self.informational:
             self.informational = False
             return
+        if self.grpc_error:
+            message = self.error_body.decode("utf-8", "replace").strip()
+            status = grpc.status_for_http(self.grpc_error)
+            self.grpc_error = 0
+            self.owner.send_headers(self.stream, grpc.error_block(status, message), True)
+            return
+        if self.fields and self.head_sent:
+            self.stream.trailers = h2rules.response_headers(0, self.fields)[1:]
+            self.fields = []
+        if self.held_head is not None and not self.stream.trailers:
+            self._send_held_head(True)
+            return
+        self._send_held_head(False)
         if not self.stream.answer_done:
             self.owner.send_data(self.stream, b"", True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kanal.dataplane import grpc
 from kanal.dataplane.http1 import MAX_HEAD, MAX_HEADERS
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -64,6 +65,11 @@ _VALUE_BAD = re.compile(rb"[\x00\r\n]")
 _TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")
 
 
+def field_is_safe(name: bytes, value: bytes) -> bool:
+    """Whether a field can be written into HTTP/1.1 framing as is."""
+    return _NAME.match(name) is not None and _VALUE_BAD.search(value) is None
+
+
 class WindowCounter:
     """Events in fixed windows of time; `hit` says when one window holds too many."""
 
@@ -107,6 +113,8 @@ class RequestHead:
     head: bytes
     method: bytes
     chunked: bool  # DATA is sent as chunks (no content-length and a body follows)
+    grpc: bool = False  # content-type application/grpc: errors are answered as gRPC
+    grpc_timeout: float | None = None  # seconds, from grpc-timeout
 
 
 def request_head(headers: list[tuple[bytes, bytes]], ended: bool) -> RequestHead | str:
@@ -118,6 +126,8 @@ def request_head(headers: list[tuple[bytes, bytes]], ended: bool) -> RequestHead
     method = path = authority = b""
     lines: list[bytes] = []
     has_length = False
+    is_grpc = False
+    grpc_timeout = None
     if len(headers) > MAX_HEADERS + 4:
         return f"more than {MAX_HEADERS} request headers"
     for name, value in headers:
@@ -139,6 +149,10 @@ def request_head(headers: list[tuple[bytes, bytes]], ended: bool) -> RequestHead
             continue  # only `trailers` is allowed on HTTP/2; hop-by-hop on HTTP/1.1
         if name == b"content-length":
             has_length = True
+        elif name == b"content-type":
+            is_grpc = grpc.is_grpc(value)
+        elif name == b"grpc-timeout":
+            grpc_timeout = grpc.parse_timeout(value)
         lines.append(name + b": " + value)
     if method == b"CONNECT":
         path = authority
@@ -154,7 +168,8 @@ def request_head(headers: list[tuple[bytes, bytes]], ended: bool) -> RequestHead
     head = b"%b %b HTTP/1.1\r\n%b\r\n\r\n" % (method, path, b"\r\n".join(lines))
     if not lines:
         head = b"%b %b HTTP/1.1\r\n\r\n" % (method, path)
-    return RequestHead(head=head, method=method, chunked=chunked)
+    return RequestHead(head=head, method=method, chunked=chunked, grpc=is_grpc,
+                       grpc_timeout=grpc_timeout if is_grpc else None)
 
 
 def response_headers(status: int, fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -938,7 +938,9 @@ class ClientConnection(asyncio.Protocol):
             conn.abort()
             return
         if self.response_chunked:
-            self._write(_CHUNK_END)
+            trailers = conn.trailers  # an HTTP/2 upstream's (gRPC status): after the last chunk
+            self._write(_CHUNK_END if trailers is None else
+                        b"0\r\n%b\r\n" % b"".join(n + b": " + v + b"\r\n" for n, v in trailers))
         self.upstream = None
         if request.complete:
             conn.release()

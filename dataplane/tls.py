@@ -273,6 +273,24 @@ def upstream_context(tls: UpstreamTLS | None) -> ssl.SSLContext:
     return context
 
 
+_H2_CLIENT_CONTEXTS: dict[UpstreamTLS | None, ssl.SSLContext] = {}
+
+
+def upstream_h2_context(tls: UpstreamTLS | None) -> ssl.SSLContext:
+    """The client SSLContext for an H2 Upstream: as `upstream_context`, offering ALPN
+    `h2` only (an endpoint that does not agree is a connect failure)."""
+    context = _H2_CLIENT_CONTEXTS.get(tls)
+    if context is not None:
+        return context
+    context, usable = _build_client_context(tls)
+    context.set_alpn_protocols(["h2"])
+    if usable:
+        if len(_H2_CLIENT_CONTEXTS) >= _CLIENT_CONTEXTS_MAX:
+            _H2_CLIENT_CONTEXTS.clear()
+        _H2_CLIENT_CONTEXTS[tls] = context
+    return context
+
+
 def _build_client_context(tls: UpstreamTLS | None) -> tuple[ssl.SSLContext, bool]:
     usable = True
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies certificate and host name

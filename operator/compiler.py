@@ -269,7 +269,7 @@ def _compile_upstream(
     endpoints = _endpoints(upstream, service_endpoints, problems)
     tls = _upstream_tls(upstream, index, problems)
     configured = len(endpoints)
-    if spec.protocol == "HTTPS" and tls is None:
+    if spec.protocol in ("HTTPS", "H2") and tls is None:
         endpoints = ()  # fail closed: never talk TLS with the wrong trust
     try:
         compiled = _upstream_value(upstream.key, spec, endpoints, tls)
@@ -306,7 +306,7 @@ def _upstream_tls(upstream: Upstream, index: _Index,
                   problems: _Problems) -> snap.UpstreamTLS | None:
     """The resolved TLS settings, or None when the protocol is HTTP or a Secret failed."""
     spec = upstream.spec
-    if spec.protocol != "HTTPS":
+    if spec.protocol not in ("HTTPS", "H2"):
         return None
     tls = spec.tls
     if tls is None:

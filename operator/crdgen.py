@@ -170,8 +170,8 @@ _SERVER_RULES: dict[str, dict[str, Any]] = {
             "rule": "has(self.service) != has(self.endpoints)",
             "message": "set exactly one of service or endpoints",
         }, {
-            "rule": "!has(self.tls) || (has(self.protocol) && self.protocol == 'HTTPS')",
-            "message": "tls is only valid with protocol: HTTPS",
+            "rule": "!has(self.tls) || (has(self.protocol) && self.protocol in ['HTTPS', 'H2'])",
+            "message": "tls is only valid with protocol: HTTPS or H2",
             "fieldPath": ".tls",
             "reason": "FieldValueForbidden",
         }],

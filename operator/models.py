@@ -438,13 +438,15 @@ class UpstreamSpec(KanalModel):
         description="A static list of endpoints (standalone mode, hosts outside the cluster). "
         "An empty list is allowed: requests then get 503. Exactly one of service or endpoints.",
     )
-    protocol: Literal["HTTP", "HTTPS"] = Field(
-        default="HTTP", description="HTTP (default) or HTTPS: TLS to the endpoints."
+    protocol: Literal["HTTP", "HTTPS", "H2C", "H2"] = Field(
+        default="HTTP", description="HTTP (default: HTTP/1.1), HTTPS (HTTP/1.1 over TLS), H2C "
+        "(HTTP/2 in the clear, as gRPC servers speak) or H2 (HTTP/2 over TLS, ALPN h2). "
+        "HTTP/2 upstreams are reached over a few multiplexed connections per endpoint.",
     )
     tls: UpstreamTLSSpec | None = Field(
         default=None,
-        description="TLS settings for protocol HTTPS (server name, CA, client certificate). "
-        "Default with HTTPS: verify against the system's CAs.",
+        description="TLS settings for protocol HTTPS or H2 (server name, CA, client "
+        "certificate). Default with HTTPS or H2: verify against the system's CAs.",
     )
     load_balancer: LoadBalancerSpec = Field(
         default_factory=LoadBalancerSpec,
@@ -467,8 +469,8 @@ class UpstreamSpec(KanalModel):
     def _check(self) -> UpstreamSpec:
         if (self.service is None) == (self.endpoints is None):
             raise ValueError("set exactly one of service or endpoints")
-        if self.tls is not None and self.protocol != "HTTPS":
-            raise ValueError("tls is only valid with protocol: HTTPS")
+        if self.tls is not None and self.protocol not in ("HTTPS", "H2"):
+            raise ValueError("tls is only valid with protocol: HTTPS or H2")
         seen: set[tuple[str, int]] = set()
         for endpoint in self.endpoints or ():
             where = (endpoint.address, endpoint.port)

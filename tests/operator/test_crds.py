@@ -338,7 +338,7 @@ def test_schema_keeps_the_models_constraints() -> None:
     upstream = schema_of("Upstream")["properties"]["spec"]["properties"]
     port = upstream["endpoints"]["items"]["properties"]["port"]
     assert (port["type"], port["minimum"], port["maximum"]) == ("integer", 1, 65535)
-    assert upstream["protocol"]["enum"] == ["HTTP", "HTTPS"]
+    assert upstream["protocol"]["enum"] == ["HTTP", "HTTPS", "H2C", "H2"]
     assert upstream["protocol"]["default"] == "HTTP"
     breaker = upstream["circuitBreaker"]["properties"]
     assert breaker["failureRatePercent"]["maximum"] == 100

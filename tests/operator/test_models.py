@@ -172,7 +172,7 @@ def test_hash_on_source_ip() -> None:
 
 def test_tls_only_with_protocol_https() -> None:
     assert upstream_errors(tls={"sni": "a.example.com"}) == [
-        ("spec", "tls is only valid with protocol: HTTPS")]
+        ("spec", "tls is only valid with protocol: HTTPS or H2")]
 
 
 def test_circuit_breaker_limits() -> None:

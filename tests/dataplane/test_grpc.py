@@ -1,0 +1,253 @@
+"""Scenario: gRPC through a real `kanal run`, grpcio clients to grpcio servers.
+
+The Upstream speaks `protocol: H2C`; clients speak h2c with prior knowledge to the plain
+listener. Unary and streaming calls (client, server, bidi), status codes and trailing
+metadata, deadlines and cancellations, and the answers the proxy makes itself when no
+server can answer, as gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import h2.events
+import pytest
+
+from tests.conftest import free_port
+
+SERVICE = "kanal.test.Echo"
+
+
+class EchoServer:
+    """A grpcio server with generic handlers: bytes in, bytes out (no generated code)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = free_port()
+        self.calls: list[str] = []
+        self.cancelled = threading.Event()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        handlers = {
+            "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
+            "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
+            "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
+            "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
+        }
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
+    def unary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.calls.append("Unary")
+        metadata = dict(context.invocation_metadata())
+        context.set_trailing_metadata((("x-served-by", self.name),))
+        return self.name.encode() + b":" + request + b":" + metadata.get("x-hello", "").encode()
+
+    def fail(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.calls.append("Fail")
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such thing: " + request.decode())
+        raise AssertionError("unreachable")
+
+    def slow(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self.calls.append("Slow")
+        deadline = time.monotonic() + float(request.decode() or "5")
+        while time.monotonic() < deadline:
+            if not context.is_active():
+                self.cancelled.set()
+                return b""
+            time.sleep(0.01)
+        return b"slow done"
+
+    def server_stream(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        count, size = (int(x) for x in request.decode().split(","))
+        for index in range(count):
+            yield index.to_bytes(4, "big") + b"z" * size
+
+    def client_stream(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        total = count = 0
+        for request in requests:
+            total += len(request)
+            count += 1
+        return f"{count} messages, {total} bytes".encode()
+
+    def bidi(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for request in requests:
+            yield b"echo:" + request
+
+    def stop(self) -> None:
+        self.server.stop(grace=None)
+
+
+def grpc_upstream(name: str, *servers: EchoServer, extra: str = "") -> str:
+    endpoints = ", ".join(f"{{address: 127.0.0.1, port: {s.port}}}" for s in servers)
+    return (f"apiVersion: kanal.dev/v1alpha1\nkind: Upstream\nmetadata: {{name: {name}}}\n"
+            f"spec:\n  protocol: H2C\n  endpoints: [{endpoints}]\n{extra}")
+
+
+ROUTES = f"""\
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {{name: grpc}}
+spec:
+  rules:
+    - matches: [{{path: {{type: PathPrefix, value: /{SERVICE}/Slow}}}}]
+      backends: [{{upstream: echo}}]
+      timeout: 1s
+    - matches: [{{headers: [{{name: x-target, value: dead}}]}}]
+      backends: [{{upstream: dead}}]
+    - backends: [{{upstream: echo}}]
+"""
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[list[EchoServer]]:
+    started = [EchoServer("one"), EchoServer("two")]
+    yield started
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(module_kanal, servers):
+    closed = free_port()
+    dead = ("apiVersion: kanal.dev/v1alpha1\nkind: Upstream\nmetadata: {name: dead}\n"
+            f"spec:\n  protocol: H2C\n  endpoints: [{{address: 127.0.0.1, port: {closed}}}]\n")
+    return module_kanal({"routes.yaml": ROUTES, "echo.yaml": grpc_upstream("echo", *servers),
+                         "dead.yaml": dead})
+
+
+@pytest.fixture
+def channel(proxy) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as chan:
+        yield chan
+
+
+def method(channel: grpc.Channel, kind: str, name: str) -> Any:
+    factory = getattr(channel, kind)
+    return factory(f"/{SERVICE}/{name}")
+
+
+def test_unary_call_with_metadata_and_trailers(channel, servers):
+    unary = method(channel, "unary_unary", "Unary")
+    seen = set()
+    for _ in range(6):
+        answer, call = unary.with_call(b"ping", metadata=(("x-hello", "world"),), timeout=10)
+        name, _, rest = answer.partition(b":")
+        assert rest == b"ping:world"
+        seen.add(name.decode())
+        assert call.code() == grpc.StatusCode.OK
+        assert ("x-served-by", name.decode()) in tuple(call.trailing_metadata())
+    assert seen == {"one", "two"}  # balanced over both endpoints
+
+
+def test_error_status_and_message_are_relayed(channel):
+    with pytest.raises(grpc.RpcError) as failed:
+        method(channel, "unary_unary", "Fail")(b"x", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert failed.value.details() == "no such thing: x"
+
+
+def test_server_streaming_with_flow_control(channel):
+    # 200 messages of 64 KiB: far more than every window, so the proxy must relay with
+    # flow control rather than buffer.
+    replies = list(method(channel, "unary_stream", "ServerStream")(b"200,65536", timeout=30))
+    assert len(replies) == 200
+    assert [int.from_bytes(r[:4], "big") for r in replies] == list(range(200))
+    assert all(len(r) == 4 + 65536 for r in replies)
+
+
+def test_client_streaming(channel):
+    def requests() -> Iterator[bytes]:
+        for _ in range(100):
+            yield b"q" * 32768
+
+    answer = method(channel, "stream_unary", "ClientStream")(requests(), timeout=30)
+    assert answer == b"100 messages, 3276800 bytes"
+
+
+def test_bidi_streaming_interleaves(channel):
+    """Each reply comes back before the next request is sent: nothing waits for the end."""
+    outgoing: list[bytes] = []
+    gate = threading.Semaphore(0)
+
+    def requests() -> Iterator[bytes]:
+        for index in range(20):
+            message = f"m{index}".encode()
+            outgoing.append(message)
+            yield message
+            assert gate.acquire(timeout=10), "the reply did not come before the next request"
+
+    replies = []
+    for reply in method(channel, "stream_stream", "Bidi")(requests(), timeout=30):
+        replies.append(reply)
+        gate.release()
+    assert replies == [b"echo:" + m for m in outgoing]
+
+
+def test_route_timeout_is_deadline_exceeded(channel):
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as failed:
+        method(channel, "unary_unary", "Slow")(b"5", timeout=10)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 4
+
+
+def test_no_server_is_unavailable(channel):
+    with pytest.raises(grpc.RpcError) as failed:
+        method(channel, "unary_unary", "Unary")(b"x", metadata=(("x-target", "dead"),), timeout=10)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "default/dead" in (failed.value.details() or "")
+
+
+def test_client_cancellation_reaches_the_server(channel, servers):
+    for server in servers:
+        server.cancelled.clear()
+    before = sum(s.calls.count("Slow") for s in servers)
+    future = method(channel, "unary_unary", "Slow").future(b"0.8", timeout=10)
+    deadline = time.monotonic() + 5
+    while sum(s.calls.count("Slow") for s in servers) == before and time.monotonic() < deadline:
+        time.sleep(0.01)  # poll: the call reached a server
+    future.cancel()
+    assert any(s.cancelled.wait(timeout=5) for s in servers)
+
+
+def test_client_deadline_is_honoured(channel):
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as failed:
+        method(channel, "unary_unary", "Slow")(b"0.9", timeout=0.3)
+    assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 0.9
+
+
+async def test_grpc_timeout_is_enforced_by_the_proxy(proxy, servers):
+    """A client that sends grpc-timeout but never cancels gets DEADLINE_EXCEEDED from the
+    proxy on time, and the server's call is cancelled."""
+    from tests.dataplane.test_h2_limits import RawH2, ended
+
+    for server in servers:
+        server.cancelled.clear()
+    client = await RawH2.open(proxy.port)
+    message = b"\x00" + (1).to_bytes(4, "big") + b"5"  # one gRPC message: b"5" (seconds)
+    stream_id = client.request(f"/{SERVICE}/Slow", end=False, method=b"POST", extra=[
+        (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+        (b"grpc-timeout", b"300m")])
+    client.conn.send_data(stream_id, message, end_stream=True)
+    client.flush()
+    started = time.monotonic()
+    await client.until(ended(stream_id))
+    assert time.monotonic() - started < 1.0
+    answer = next(e for e in client.events if isinstance(e, h2.events.ResponseReceived))
+    fields = dict(answer.headers)
+    assert fields[b":status"] == b"200"
+    assert fields[b"grpc-status"] == b"4"  # DEADLINE_EXCEEDED, in one HEADERS frame
+    assert b"grpc-timeout" in fields[b"grpc-message"]
+    await client.close()
+    assert any(s.cancelled.wait(timeout=5) for s in servers)
