@@ -12,13 +12,7 @@ RESOURCE_EXHAUSTED.
 
 from __future__ import annotations
 
-STATUS_CODES = {
-    "ok": 0, "cancelled": 1, "unknown": 2, "invalid-argument": 3, "deadline-exceeded": 4,
-    "not-found": 5, "already-exists": 6, "permission-denied": 7, "resource-exhausted": 8,
-    "failed-precondition": 9, "aborted": 10, "out-of-range": 11, "unimplemented": 12,
-    "internal": 13, "unavailable": 14, "data-loss": 15, "unauthenticated": 16,
-}
-"""gRPC status names as `retryOn` spells them (Envoy's `x-envoy-retry-grpc-on` names)."""
+from kanal.contract.grpc import STATUS_NAMES
 
 OK = 0
 DEADLINE_EXCEEDED = 4
@@ -42,6 +36,13 @@ def is_grpc(content_type: bytes | None) -> bool:
     value = content_type.strip().lower()
     return value == b"application/grpc" or value.startswith((b"application/grpc+",
                                                             b"application/grpc;"))
+
+
+def status_name(value: bytes) -> str | None:
+    """The `retryOn` name of a `grpc-status` value that is not OK, else None."""
+    if value == b"0" or not value.isdigit():
+        return None
+    return STATUS_NAMES.get(int(value), "unknown")
 
 
 def status_for_http(status: int) -> int:

@@ -31,7 +31,7 @@ import h2.events
 import h2.exceptions
 import httptools
 
-from kanal.dataplane import h2rules
+from kanal.dataplane import grpc, h2rules
 from kanal.dataplane.pool import (
     EndpointPool,
     ResponseSink,
@@ -192,7 +192,7 @@ class H2Channel(asyncio.Protocol):
         if isinstance(event, h2.events.ResponseReceived):
             stream = self.streams.get(event.stream_id or 0)
             if stream is not None:
-                stream.on_response(list(event.headers or ()))
+                stream.on_response(list(event.headers or ()), event.stream_ended is not None)
         elif isinstance(event, h2.events.DataReceived):
             stream = self.streams.get(event.stream_id or 0)
             size = event.flow_controlled_length or 0
@@ -472,7 +472,7 @@ class H2Stream(UpstreamConnection):
 
     # --- the answer -----------------------------------------------------------------------
 
-    def on_response(self, headers: list[tuple[bytes, bytes]]) -> None:
+    def on_response(self, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         sink = self.sink
         self.got_bytes = True
         self.last_activity = time.monotonic()
@@ -486,6 +486,9 @@ class H2Stream(UpstreamConnection):
                 length = value
             elif name[:1] != b":" and h2rules.field_is_safe(name, value):
                 fields.append((name, value))
+                if name == b"grpc-status" and ended:
+                    # A trailers-only gRPC answer: its status may be retried (retryOn).
+                    self.grpc_status = grpc.status_name(value) or ""
         if 100 <= status < 200:
             return  # informational: the final answer follows
         self.status = status

@@ -876,16 +876,18 @@ class ClientConnection(asyncio.Protocol):
         status = conn.status
         if self.try_timer is not None:
             self._cancel_try_timer()
-        if status >= 500:
-            if self.retries is not None and self._may_retry(request, str(status), True):
+        if status >= 500 or conn.grpc_status:
+            condition = str(status) if status >= 500 else conn.grpc_status
+            if self.retries is not None and self._may_retry(request, condition, True):
                 # Retried: this answer is dropped, and so is its connection.
                 self.attempts_left += 1  # _attempt_failed counts it again
                 conn.sink = None
                 conn.abort()
                 self.upstream = None
-                self._attempt_failed(str(status), True, status, f"upstream answered {status}")
+                self._attempt_failed(condition, True, status if status >= 500 else 502,
+                                     f"upstream answered {condition}")
                 return
-            self._finish_endpoint(False)
+            self._finish_endpoint(status < 500)
         else:
             self._finish_endpoint(True)
         headers = conn.headers

@@ -36,6 +36,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from kanal.contract.grpc import RETRYABLE_NAMES as GRPC_RETRY_NAMES
 from kanal.contract.names import wildcard_public_suffix
 from kanal.contract.patterns import PatternError, compile_pattern
 from kanal.operator.durations import Duration, PositiveDuration, parse_duration
@@ -150,11 +151,12 @@ def _regex(value: str) -> str:
 
 
 def _retry_on(value: str) -> str:
-    if value in RETRY_CONDITIONS or re.fullmatch(r"5[0-9][0-9]", value):
+    if (value in RETRY_CONDITIONS or re.fullmatch(r"5[0-9][0-9]", value)
+            or value in GRPC_RETRY_NAMES):
         return value
     raise ValueError(
-        f"must be one of {', '.join(RETRY_CONDITIONS)} or a 5xx status code like \"503\", "
-        f"got {value!r}"
+        f"must be one of {', '.join(RETRY_CONDITIONS)}, a 5xx status code like \"503\" "
+        f"or a gRPC status name like unavailable, got {value!r}"
     )
 
 
@@ -202,7 +204,8 @@ HeaderName = Annotated[str, AfterValidator(_header_name), _string(HEADER_NAME_PA
 HttpMethod = Annotated[str, AfterValidator(_method), WithJsonSchema(
     {"type": "string", "enum": list(HTTP_METHODS)})]
 RetryOn = Annotated[str, BeforeValidator(_no_bare_status_code), AfterValidator(_retry_on),
-                    _string(r"^(connect-failure|reset|timeout|5xx|5[0-9][0-9])$")]
+                    _string(r"^(connect-failure|reset|timeout|5xx|5[0-9][0-9]|"
+                            + "|".join(GRPC_RETRY_NAMES) + ")$")]
 EndpointAddress = Annotated[str, AfterValidator(_endpoint_address), WithJsonSchema(
     {"type": "string", "minLength": 1, "maxLength": 253})]
 Port = Annotated[int, Field(ge=1, le=65535)]

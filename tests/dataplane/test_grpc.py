@@ -36,6 +36,7 @@ class EchoServer:
             "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
             "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
             "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
+            "Flaky": grpc.unary_unary_rpc_method_handler(self.flaky),
             "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
             "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
             "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
@@ -55,6 +56,13 @@ class EchoServer:
         self.calls.append("Fail")
         context.abort(grpc.StatusCode.NOT_FOUND, "no such thing: " + request.decode())
         raise AssertionError("unreachable")
+
+    def flaky(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Server "one" is unavailable, "two" answers."""
+        self.calls.append("Flaky")
+        if self.name == "one":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "one is draining")
+        return self.name.encode()
 
     def slow(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self.calls.append("Slow")
@@ -101,6 +109,9 @@ spec:
     - matches: [{{path: {{type: PathPrefix, value: /{SERVICE}/Slow}}}}]
       backends: [{{upstream: echo}}]
       timeout: 1s
+    - matches: [{{path: {{type: Exact, value: /{SERVICE}/Flaky}}, headers: [{{name: x-retry, value: "yes"}}]}}]
+      backends: [{{upstream: echo}}]
+      retries: {{attempts: 2, retryOn: [unavailable]}}
     - matches: [{{headers: [{{name: x-target, value: dead}}]}}]
       backends: [{{upstream: dead}}]
     - backends: [{{upstream: echo}}]
@@ -190,6 +201,24 @@ def test_bidi_streaming_interleaves(channel):
         replies.append(reply)
         gate.release()
     assert replies == [b"echo:" + m for m in outgoing]
+
+
+def test_retry_on_a_grpc_status_name(channel, servers):
+    flaky = method(channel, "unary_unary", "Flaky")
+    # Without the retry policy, server one's status reaches the client as it is.
+    codes = set()
+    for _ in range(4):
+        try:
+            flaky(b"", timeout=10)
+            codes.add(grpc.StatusCode.OK)
+        except grpc.RpcError as error:
+            codes.add(error.code())
+            assert error.details() == "one is draining"
+    assert codes == {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+    # With `retryOn: [unavailable]`, it is retried on the other server. (Fewer calls
+    # than the breaker's consecutiveFailures, which counts each retried failure.)
+    for _ in range(4):
+        assert flaky(b"", metadata=(("x-retry", "yes"),), timeout=10) == b"two"
 
 
 def test_route_timeout_is_deadline_exceeded(channel):

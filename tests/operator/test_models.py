@@ -315,6 +315,14 @@ def test_retry_on_takes_conditions_and_5xx_codes_as_strings() -> None:
     assert message.startswith("must be one of connect-failure, reset, timeout, 5xx")
 
 
+def test_retry_on_takes_grpc_status_names() -> None:
+    parsed = route(rules=[{**GOOD_RULE, "retries": {"retryOn": ["unavailable", "resource-exhausted"]}}])
+    assert parsed.spec.rules[0].retries is not None
+    assert parsed.spec.rules[0].retries.retry_on == ["unavailable", "resource-exhausted"]
+    [(_, message)] = route_errors(rules=[{**GOOD_RULE, "retries": {"retryOn": ["ok"]}}])
+    assert "gRPC status name" in message
+
+
 def test_an_unquoted_status_code_is_refused_with_a_hint() -> None:
     assert route_errors(rules=[{**GOOD_RULE, "retries": {"retryOn": [503]}}]) == [
         ("spec.rules[0].retries.retryOn[0]", 'write status codes as strings: "503"')]
