@@ -49,6 +49,7 @@ class HealthCheck:
     timeout: float = 1.0
     healthy_threshold: int = 2
     unhealthy_threshold: int = 3
+    grpc_service: str | None = None  # set: a grpc.health.v1 check of this service name
 
 
 @dataclass(frozen=True, slots=True)

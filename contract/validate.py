@@ -75,6 +75,9 @@ def _problems(snapshot: Snapshot) -> Iterator[str]:
         if check is not None and (not check.path.startswith("/") or not _visible(check.path)):
             yield (f"upstream {upstream.key}: health check path {check.path!r} must start "
                    "with / and hold only visible characters")
+        if check is not None and check.grpc_service and not _visible(check.grpc_service):
+            yield (f"upstream {upstream.key}: gRPC health check service "
+                   f"{check.grpc_service!r} must hold only visible characters")
         if upstream.tls is not None and upstream.tls.sni is not None and not _visible(
                 upstream.tls.sni):
             yield f"upstream {upstream.key}: SNI {upstream.tls.sni!r} is not a host name"

@@ -70,3 +70,76 @@ def error_block(status: int, message: str) -> list[tuple[bytes, bytes]]:
     """A trailers-only gRPC answer (one HEADERS frame that ends the stream)."""
     return [(b":status", b"200"), (b"content-type", b"application/grpc"),
             (b"grpc-status", b"%d" % status), (b"grpc-message", encode_message(message))]
+
+
+# --- grpc.health.v1 ------------------------------------------------------------------------
+#
+# The two messages of the health protocol have one field each; they are written and read
+# here so the dataplane needs no protobuf runtime. HealthCheckRequest { string service = 1; }
+# HealthCheckResponse { ServingStatus status = 1; } with SERVING = 1.
+
+HEALTH_PATH = b"/grpc.health.v1.Health/Check"
+SERVING = 1
+
+
+def frame(message: bytes) -> bytes:
+    """One uncompressed gRPC message on the wire (length-prefixed)."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def health_request(service: str) -> bytes:
+    """A framed HealthCheckRequest for `service` (empty: the server as a whole)."""
+    name = service.encode("utf-8")
+    return frame(b"\x0a" + _varint(len(name)) + name if name else b"")
+
+
+def health_status(body: bytes) -> int | None:
+    """The status field of a framed HealthCheckResponse (0, UNKNOWN, when absent);
+    None when the bytes are not one."""
+    if len(body) < 5 or body[0] != 0:
+        return None
+    length = int.from_bytes(body[1:5], "big")
+    message = body[5:5 + length]
+    if len(message) != length:
+        return None
+    index = 0
+    status = 0
+    while index < len(message):
+        key = message[index]
+        index += 1
+        wire = key & 0x07
+        value = shift = 0
+        if wire == 0:
+            while index < len(message):
+                byte = message[index]
+                index += 1
+                value |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+            if key >> 3 == 1:
+                status = value
+        elif wire == 2:
+            while index < len(message):
+                byte = message[index]
+                index += 1
+                value |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+            index += value
+        else:
+            return None
+    return status

@@ -351,6 +351,7 @@ def _upstream_value(key: str, spec: UpstreamSpec, endpoints: tuple[snap.Endpoint
         timeout=parse_duration(check.timeout),
         healthy_threshold=check.healthy_threshold,
         unhealthy_threshold=check.unhealthy_threshold,
+        grpc_service=None if check.grpc is None else check.grpc.service,
     )
     breaker = spec.circuit_breaker
     return snap.Upstream(

@@ -334,6 +334,17 @@ class LoadBalancerSpec(KanalModel):
         return self
 
 
+class GrpcHealthCheckSpec(KanalModel):
+    """A check with the standard gRPC health protocol (grpc.health.v1)."""
+
+    service: str = Field(
+        default="",
+        max_length=256,
+        pattern=r"^[!-~]*$",
+        description="The service name asked about (default empty: the server as a whole).",
+    )
+
+
 class HealthCheckSpec(KanalModel):
     """Active health checks: a GET to each endpoint every `interval`."""
 
@@ -362,6 +373,12 @@ class HealthCheckSpec(KanalModel):
         default=3,
         ge=1,
         description="Consecutive failures that make a healthy endpoint unhealthy (default 3).",
+    )
+    grpc: GrpcHealthCheckSpec | None = Field(
+        default=None,
+        description="Check with the standard gRPC health protocol instead of a GET of `path`: "
+        "grpc.health.v1.Health/Check must answer SERVING within `timeout`. Needs protocol H2C "
+        "or H2.",
     )
 
     @model_validator(mode="after")
@@ -474,6 +491,9 @@ class UpstreamSpec(KanalModel):
             raise ValueError("set exactly one of service or endpoints")
         if self.tls is not None and self.protocol not in ("HTTPS", "H2"):
             raise ValueError("tls is only valid with protocol: HTTPS or H2")
+        if (self.health_check is not None and self.health_check.grpc is not None
+                and self.protocol not in ("H2C", "H2")):
+            raise ValueError("healthCheck.grpc needs protocol: H2C or H2")
         seen: set[tuple[str, int]] = set()
         for endpoint in self.endpoints or ():
             where = (endpoint.address, endpoint.port)

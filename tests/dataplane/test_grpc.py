@@ -18,7 +18,7 @@ import grpc
 import h2.events
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_until
 
 SERVICE = "kanal.test.Echo"
 
@@ -26,7 +26,7 @@ SERVICE = "kanal.test.Echo"
 class EchoServer:
     """A grpcio server with generic handlers: bytes in, bytes out (no generated code)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, health: Any = None) -> None:
         self.name = name
         self.port = free_port()
         self.calls: list[str] = []
@@ -43,6 +43,10 @@ class EchoServer:
         }
         self.server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        if health is not None:
+            from grpc_health.v1 import health_pb2_grpc
+
+            health_pb2_grpc.add_HealthServicer_to_server(health, self.server)
         self.server.add_insecure_port(f"127.0.0.1:{self.port}")
         self.server.start()
 
@@ -254,6 +258,36 @@ def test_client_deadline_is_honoured(channel):
         method(channel, "unary_unary", "Slow")(b"0.9", timeout=0.3)
     assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 0.9
+
+
+def test_grpc_health_checks_take_a_not_serving_endpoint_out(kanal):
+    from grpc_health.v1 import health, health_pb2
+
+    checks = {"up": health.HealthServicer(), "flip": health.HealthServicer()}
+    servers = {name: EchoServer(name, health=servicer) for name, servicer in checks.items()}
+    try:
+        extra = ("  healthCheck: {grpc: {service: kanal.test.Echo}, interval: 100ms, "
+                 "timeout: 100ms, healthyThreshold: 1, unhealthyThreshold: 1}\n")
+        route = ("apiVersion: kanal.dev/v1alpha1\nkind: Route\nmetadata: {name: r}\n"
+                 "spec:\n  rules: [{backends: [{upstream: checked}]}]\n")
+        for servicer in checks.values():
+            servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        k = kanal({"up.yaml": grpc_upstream("checked", *servers.values(), extra=extra),
+                   "route.yaml": route})
+        with grpc.insecure_channel(f"127.0.0.1:{k.port}") as chan:
+            unary = method(chan, "unary_unary", "Unary")
+
+            def answered_by() -> set[str]:
+                return {unary(b"", timeout=5).partition(b":")[0].decode() for _ in range(6)}
+
+            assert answered_by() == {"up", "flip"}
+            checks["flip"].set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+            wait_until(lambda: answered_by() == {"up"}, timeout=10)
+            checks["flip"].set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            wait_until(lambda: answered_by() == {"up", "flip"}, timeout=10)
+    finally:
+        for server in servers.values():
+            server.stop()
 
 
 async def test_grpc_timeout_is_enforced_by_the_proxy(proxy, servers):

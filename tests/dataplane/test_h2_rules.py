@@ -97,3 +97,13 @@ def test_grpc_status_names_are_retried_whatever_the_method():
     other = FailedTry("internal", True, b"POST", True, True)
     assert retry_kind(other, retries, endpoints=2, implicit_used=0, attempts_left=2,
                       already_retrying=False, budget_allows=True) is None
+
+
+def test_grpc_health_messages():
+    assert grpc.health_request("") == b"\x00\x00\x00\x00\x00"
+    assert grpc.health_request("a.B") == b"\x00\x00\x00\x00\x05\x0a\x03a.B"
+    assert grpc.health_status(b"\x00\x00\x00\x00\x02\x08\x01") == grpc.SERVING
+    assert grpc.health_status(b"\x00\x00\x00\x00\x02\x08\x02") == 2  # NOT_SERVING
+    assert grpc.health_status(b"\x00\x00\x00\x00\x00") == 0  # UNKNOWN: the field's default
+    assert grpc.health_status(b"\x01\x00\x00\x00\x02\x08\x01") is None  # compressed
+    assert grpc.health_status(b"\x00\x00\x00\x00\x09\x08") is None  # cut short

@@ -175,6 +175,17 @@ def test_tls_only_with_protocol_https() -> None:
         ("spec", "tls is only valid with protocol: HTTPS or H2")]
 
 
+def test_grpc_health_check_needs_an_http2_protocol() -> None:
+    check = {"grpc": {"service": "shop.Orders"}}
+    assert upstream_errors(healthCheck=check) == [
+        ("spec", "healthCheck.grpc needs protocol: H2C or H2")]
+    upstream = Upstream.model_validate(doc("Upstream", {
+        "endpoints": [], "protocol": "H2C", "healthCheck": check}))
+    assert upstream.spec.health_check is not None
+    assert upstream.spec.health_check.grpc is not None
+    assert upstream.spec.health_check.grpc.service == "shop.Orders"
+
+
 def test_circuit_breaker_limits() -> None:
     assert upstream_errors(circuitBreaker={"failureRatePercent": 101, "maxConnections": 0}) == [
         ("spec.circuitBreaker.maxConnections", "must be >= 1"),
