@@ -314,3 +314,40 @@ async def test_grpc_timeout_is_enforced_by_the_proxy(proxy, servers):
     assert b"grpc-timeout" in fields[b"grpc-message"]
     await client.close()
     assert any(s.cancelled.wait(timeout=5) for s in servers)
+
+
+async def test_grpc_through_a_sidecars_inbound_listener(tmp_path):
+    """`kanal dataplane --mode sidecar`: gRPC calls to the inbound listener reach a gRPC
+    app over h2c without any setting (HTTP/1.1 requests still go over HTTP/1.1)."""
+    import asyncio
+
+    from kanal.contract.snapshot import Snapshot
+    from kanal.operator.publisher import Publisher, serve_publisher, shared_token_authenticator
+    from tests.conftest import async_wait_until
+    from tests.dataplane.test_sidecar import TOKEN, Sidecar
+
+    publisher = Publisher(shared_token_authenticator(TOKEN))
+    port = free_port()
+    runner = await serve_publisher(publisher, "127.0.0.1", port)
+    app = EchoServer("app")
+    sidecar = Sidecar("sidecar-grpc", app, f"http://127.0.0.1:{port}", tmp_path)  # type: ignore[arg-type]
+    publisher.publish(Snapshot().with_version())
+    try:
+        sidecar.start()
+        await async_wait_until(sidecar.ready, timeout=20, interval=0.05)
+
+        def calls() -> tuple[bytes, list[bytes]]:
+            with grpc.insecure_channel(f"127.0.0.1:{sidecar.inbound}") as chan:
+                unary = method(chan, "unary_unary", "Unary")(b"in", timeout=10)
+                streamed = list(method(chan, "stream_stream", "Bidi")(iter([b"a", b"b"]),
+                                                                      timeout=10))
+                return unary, streamed
+
+        unary, streamed = await asyncio.to_thread(calls)
+        assert unary == b"app:in:"
+        assert streamed == [b"echo:a", b"echo:b"]
+    finally:
+        await sidecar.stop()
+        app.stop()
+        publisher.close()
+        await runner.cleanup()
