@@ -351,3 +351,57 @@ async def test_grpc_through_a_sidecars_inbound_listener(tmp_path):
         app.stop()
         publisher.close()
         await runner.cleanup()
+
+
+def test_grpc_to_a_tls_upstream_with_alpn_h2(kanal):
+    """`protocol: H2`: TLS to the server, verified against the CA Secret for the SNI,
+    HTTP/2 agreed by ALPN."""
+    import trustme
+
+    from tests.dataplane.test_tls_scenarios import ca_secret
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("echo.internal")
+    credentials = grpc.ssl_server_credentials([(
+        cert.private_key_pem.bytes(), b"".join(b.bytes() for b in cert.cert_chain_pems))])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Unary": grpc.unary_unary_rpc_method_handler(lambda request, context: b"tls:" + request),
+    }),))
+    port = free_port()
+    server.add_secure_port(f"127.0.0.1:{port}", credentials)
+    server.start()
+    try:
+        upstream = ("apiVersion: kanal.dev/v1alpha1\nkind: Upstream\nmetadata: {name: secure}\n"
+                    f"spec:\n  protocol: H2\n  endpoints: [{{address: 127.0.0.1, port: {port}}}]\n"
+                    "  tls: {sni: echo.internal, caSecretName: echo-ca}\n")
+        route = ("apiVersion: kanal.dev/v1alpha1\nkind: Route\nmetadata: {name: r}\n"
+                 "spec:\n  rules: [{backends: [{upstream: secure}]}]\n")
+        k = kanal({"up.yaml": upstream, "route.yaml": route, "ca.yaml": ca_secret("echo-ca", ca)})
+        with grpc.insecure_channel(f"127.0.0.1:{k.port}") as chan:
+            assert method(chan, "unary_unary", "Unary")(b"x", timeout=10) == b"tls:x"
+    finally:
+        server.stop(grace=None)
+
+
+def test_an_http11_client_reaches_an_h2c_upstream_and_gets_its_trailers(proxy):
+    """An HTTP/1.1 request to an H2C Upstream goes out as an HTTP/2 stream; the answer's
+    trailers come back after the last chunk."""
+    import socket
+
+    body = b"\x00" + (2).to_bytes(4, "big") + b"hi"
+    request = (f"POST /{SERVICE}/Unary HTTP/1.1\r\nHost: h1.test\r\n"
+               "Content-Type: application/grpc\r\nTE: trailers\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert rest.endswith(b"\r\n\r\n") and b"\r\n0\r\n" in rest
+    trailers = rest[rest.index(b"\r\n0\r\n") + 5:]
+    assert b"grpc-status: 0" in trailers
+    assert b"x-served-by: " in trailers
