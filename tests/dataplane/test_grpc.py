@@ -405,3 +405,28 @@ def test_an_http11_client_reaches_an_h2c_upstream_and_gets_its_trailers(proxy):
     trailers = rest[rest.index(b"\r\n0\r\n") + 5:]
     assert b"grpc-status: 0" in trailers
     assert b"x-served-by: " in trailers
+
+
+def test_grpc_clients_over_tls_to_the_ingress(kanal, servers):
+    """A gRPC client with TLS to `--tls-listen` (ALPN h2, the Route's certificate by
+    SNI), the ingress speaking h2c to the servers."""
+    import trustme
+
+    from tests.dataplane.test_tls_scenarios import tls_secret
+
+    ca = trustme.CA()
+    route = ("apiVersion: kanal.dev/v1alpha1\nkind: Route\nmetadata: {name: r}\n"
+             "spec:\n  hostnames: [grpc.test]\n  tls: {secretName: grpc-tls}\n"
+             "  rules: [{backends: [{upstream: echo}]}]\n")
+    tls_port = free_port()
+    kanal({"up.yaml": grpc_upstream("echo", *servers), "route.yaml": route,
+           "secret.yaml": tls_secret("grpc-tls", ca.issue_cert("grpc.test"))},
+          "--tls-listen", f"127.0.0.1:{tls_port}")
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+    options = (("grpc.ssl_target_name_override", "grpc.test"),
+               ("grpc.default_authority", "grpc.test"))
+    with grpc.secure_channel(f"127.0.0.1:{tls_port}", credentials, options=options) as chan:
+        answer = method(chan, "unary_unary", "Unary")(b"secure", timeout=10)
+        assert answer.partition(b":")[2] == b"secure:"
+        replies = list(method(chan, "unary_stream", "ServerStream")(b"5,10", timeout=10))
+        assert len(replies) == 5
