@@ -430,3 +430,41 @@ def test_grpc_clients_over_tls_to_the_ingress(kanal, servers):
         assert answer.partition(b":")[2] == b"secure:"
         replies = list(method(chan, "unary_stream", "ServerStream")(b"5,10", timeout=10))
         assert len(replies) == 5
+
+
+def test_a_server_that_dies_mid_stream_fails_the_call_visibly(kanal):
+    """The server stops while a server-streaming call is relayed: the client sees an
+    error status, never a clean end, and the next call finds the live server."""
+    release = threading.Event()
+
+    def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield b"first"
+        release.wait(10)
+        yield b"never"
+
+    dying = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    dying.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "ServerStream": grpc.unary_stream_rpc_method_handler(stream)}),))
+    port = free_port()
+    dying.add_insecure_port(f"127.0.0.1:{port}")
+    dying.start()
+    try:
+        upstream = ("apiVersion: kanal.dev/v1alpha1\nkind: Upstream\nmetadata: {name: dying}\n"
+                    f"spec:\n  protocol: H2C\n  endpoints: [{{address: 127.0.0.1, port: {port}}}]\n")
+        route = ("apiVersion: kanal.dev/v1alpha1\nkind: Route\nmetadata: {name: r}\n"
+                 "spec:\n  rules: [{backends: [{upstream: dying}]}]\n")
+        k = kanal({"up.yaml": upstream, "route.yaml": route})
+        with grpc.insecure_channel(f"127.0.0.1:{k.port}") as chan:
+            replies = method(chan, "unary_stream", "ServerStream")(b"", timeout=10)
+            assert next(replies) == b"first"
+            dying.stop(grace=None)
+            with pytest.raises(grpc.RpcError) as failed:
+                next(replies)
+            assert failed.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
+                                           grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED)
+            with pytest.raises(grpc.RpcError) as refused:
+                method(chan, "unary_unary", "Unary")(b"", timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        release.set()
+        dying.stop(grace=None)
