@@ -112,7 +112,12 @@ class Http2Connection(asyncio.Protocol):
         self.peer = peer
         self.server_name = server_name
         self.transport: asyncio.Transport | None = None
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        # What the proxy sends is made by h2rules (lower-case names, no connection-specific
+        # fields, values llhttp has read): h2's checks of it would only cost time. What
+        # the client sends is always checked.
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                           validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: h2rules.MAX_CONCURRENT_STREAMS,
@@ -123,6 +128,7 @@ class Http2Connection(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self.write_paused = False
         self.dispatching = False
+        self.flush_scheduled = False
         self.closed = False
         self.going_away: int | None = None  # the last stream id announced in our GOAWAY
         self.last_activity = time.monotonic()
@@ -138,7 +144,7 @@ class Http2Connection(asyncio.Protocol):
         self.context.clients.add(self)
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(h2rules.CONNECTION_WINDOW - h2rules.DEFAULT_WINDOW)
-        self.flush()
+        self._flush_now()
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -159,7 +165,7 @@ class Http2Connection(asyncio.Protocol):
                 self._dispatch(event, now)
         finally:
             self.dispatching = False
-        self.flush()
+        self._flush_now()
 
     def _dispatch(self, event: h2.events.Event, now: float) -> None:
         if isinstance(event, h2.events.RequestReceived):
@@ -210,9 +216,15 @@ class Http2Connection(asyncio.Protocol):
     # --- output ---------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Write what h2 has framed; during event dispatch, once at its end."""
-        if self.dispatching:
+        """Write what h2 has framed, once per turn of the loop: the frames of every
+        stream answered meanwhile leave in one send (during event dispatch, at its end)."""
+        if self.dispatching or self.flush_scheduled:
             return
+        self.flush_scheduled = True
+        asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self.flush_scheduled = False
         data = self.h2.data_to_send()
         transport = self.transport
         if data and transport is not None and not self.closed:
@@ -225,7 +237,7 @@ class Http2Connection(asyncio.Protocol):
         first: what the client still sends is read and dropped for a moment, since
         closing with unread bytes resets the connection and the client could lose the
         GOAWAY that says why (nginx's lingering close)."""
-        self.flush()
+        self._flush_now()
         self.closed = True
         transport = self.transport
         if transport is None:
@@ -349,7 +361,8 @@ class Http2Connection(asyncio.Protocol):
             self._finished(stream)
         self.flush()
 
-    def send_data(self, stream: Stream, data: bytes, end: bool) -> None:
+    def queue_data(self, stream: Stream, data: bytes, end: bool) -> None:
+        """Queue answer bytes; `send_data` sends them (a body and its end in one frame)."""
         if stream.done:
             return
         if data:
@@ -357,6 +370,11 @@ class Http2Connection(asyncio.Protocol):
             stream.outbox_size += len(data)
         if end:
             stream.answer_done = True
+
+    def send_data(self, stream: Stream, data: bytes, end: bool) -> None:
+        self.queue_data(stream, data, end)
+        if stream.done:
+            return
         self._send_pending(stream)
         self.flush()
         conn = stream.conn
@@ -387,7 +405,12 @@ class Http2Connection(asyncio.Protocol):
                     stream.outbox[0] = chunk[window:]
                     chunk = chunk[:window]
                 stream.outbox_size -= len(chunk)
-                h2conn.send_data(stream.stream_id, chunk)
+                last = not stream.outbox and stream.answer_done and not stream.trailers
+                h2conn.send_data(stream.stream_id, chunk, end_stream=last)
+                if last:
+                    stream.trailers = None
+                    self._finished(stream)
+                    return
             if not stream.outbox and stream.answer_done:
                 if stream.trailers:
                     h2conn.send_headers(stream.stream_id, stream.trailers, end_stream=True)
@@ -504,7 +527,7 @@ class Http2Connection(asyncio.Protocol):
             return True
         if self.going_away is None:
             self.going_away = self.h2.highest_inbound_stream_id
-            self.flush()
+            self._flush_now()
             # Sent beside h2's state machine, which would refuse every frame after its
             # own GOAWAY: streams already taken must still be served.
             frame = GoAwayFrame(0)
@@ -545,13 +568,17 @@ class StreamTransport(asyncio.Transport):
     # --- asyncio.Transport, as ClientConnection uses it ----------------------------------
 
     def write(self, data: bytes | bytearray | memoryview[Any]) -> None:
-        if self.stream.done:
+        stream = self.stream
+        if stream.done:
             return
         try:
             self.parser.feed_data(bytes(data))
         except httptools.HttpParserError as exc:
-            log.debug("HTTP/2 stream %d: unreadable answer: %s", self.stream.stream_id, exc)
-            self.owner.reset_stream(self.stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            log.debug("HTTP/2 stream %d: unreadable answer: %s", stream.stream_id, exc)
+            self.owner.reset_stream(stream, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            return
+        if stream.outbox or (stream.answer_done and not stream.done):
+            self.owner.send_data(stream, b"", False)
 
     def close(self) -> None:
         """After a whole answer, the stream ends with it; before, the answer is cut."""
@@ -625,7 +652,7 @@ class StreamTransport(asyncio.Transport):
             return
         if not self.stream.answer_done:
             self._send_held_head(False)
-            self.owner.send_data(self.stream, body, False)
+            self.owner.queue_data(self.stream, body, False)
 
     def on_message_complete(self) -> None:
         if self.informational:
@@ -645,4 +672,4 @@ class StreamTransport(asyncio.Transport):
             return
         self._send_held_head(False)
         if not self.stream.answer_done:
-            self.owner.send_data(self.stream, b"", True)
+            self.owner.queue_data(self.stream, b"", True)
