@@ -132,6 +132,23 @@ class SessionAffinity:
 
 
 @dataclass(frozen=True, slots=True)
+class AggregatePart:
+    """A sub-request of an aggregate rule (`path` is a template, see the Route model)."""
+
+    name: str
+    upstream: str
+    method: str = "GET"
+    path: str = "/"
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    parts: tuple[AggregatePart, ...] = ()
+    on_error: str = "Fail"  # Fail | Partial
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     index: int
     name: str | None = None
@@ -142,6 +159,7 @@ class Rule:
     retries: Retries | None = None
     max_request_body_size: int | None = None
     allow_websocket: bool = True
+    aggregate: Aggregate | None = None  # set: answered by sub-requests, not backends
 
 
 @dataclass(frozen=True, slots=True)

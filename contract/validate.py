@@ -63,6 +63,14 @@ def _problems(snapshot: Snapshot) -> Iterator[str]:
             if rule.session_affinity is not None and not _token(
                     rule.session_affinity.cookie_name):
                 yield f"{where}: cookie name {rule.session_affinity.cookie_name!r} is not a token"
+            pieces = rule.aggregate.parts if rule.aggregate is not None else ()
+            for piece in pieces:
+                # The template is filled with percent-encoded values, so what it holds
+                # reaches the wire as written: it must be a request target.
+                if not piece.path.startswith("/") or not _visible(piece.path):
+                    yield f"{where}: aggregate part {piece.name} path {piece.path!r} is not a target"
+                if not _token(piece.method) or piece.timeout <= 0:
+                    yield f"{where}: aggregate part {piece.name} has a bad method or timeout"
     for upstream in snapshot.upstreams:
         for endpoint in upstream.endpoints:
             if not 0 < endpoint.port < 65536:

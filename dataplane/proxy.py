@@ -27,6 +27,7 @@ import httptools
 
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane import http1
+from kanal.dataplane.aggregate import begin as aggregate_begin
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.http1 import (
     KEEPALIVE_TIMEOUT,
@@ -582,6 +583,9 @@ class ClientConnection(asyncio.Protocol):
         if request.upgrade and not rule.allow_websocket:
             self._fail_request(403, f"{selection.route_key}: WebSocket upgrades are not allowed "
                                     "on this rule", close=True)
+            return
+        if rule.aggregate is not None:
+            aggregate_begin(self, target, host, request.get, rule, config)
             return
         limit = rule.max_request_body_size
         if limit is not None:

@@ -471,8 +471,8 @@ def _check_backends(rules: Sequence[snap.Rule], index: _Index, emitted: set[str]
                     problems: _Problems) -> None:
     reported: set[str] = set()
     for rule in rules:
-        for backend in rule.backends:
-            key = backend.upstream
+        parts = rule.aggregate.parts if rule.aggregate is not None else ()
+        for key in [b.upstream for b in rule.backends] + [p.upstream for p in parts]:
             if key in emitted or key in reported:
                 continue
             reported.add(key)
@@ -503,6 +503,13 @@ def _compile_rule(position: int, rule: RuleSpec, namespace: str) -> snap.Rule:
         max_request_body_size=(None if rule.max_request_body_size is None
                                else parse_byte_size(rule.max_request_body_size)),
         allow_websocket=rule.allow_websocket,
+        aggregate=None if rule.aggregate is None else snap.Aggregate(
+            parts=tuple(snap.AggregatePart(
+                name=part.name, upstream=f"{namespace}/{part.upstream}", method=part.method,
+                path=part.path, timeout=parse_duration(part.timeout))
+                for part in rule.aggregate.parts),
+            on_error=rule.aggregate.on_error,
+        ),
     )
 
 

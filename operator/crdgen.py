@@ -150,6 +150,14 @@ _SERVER_RULES: dict[str, dict[str, Any]] = {
             "fieldPath": ".rules",
         }],
     },
+    # A rule has backends (at least one) or an aggregate, not both.
+    "RuleSpec": {
+        "x-kubernetes-validations": [{
+            "rule": "has(self.aggregate) ? (!has(self.backends) || size(self.backends) == 0)"
+                    " : (has(self.backends) && size(self.backends) > 0)",
+            "message": "a rule has backends (at least one) or aggregate, not both",
+        }],
+    },
     # A header or query parameter named twice: the server says Duplicate (exact names;
     # header names differing only in case are left to the models).
     "MatchSpec": {

@@ -31,10 +31,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic_core import PydanticCustomError
 
 from kanal.contract.grpc import RETRYABLE_NAMES as GRPC_RETRY_NAMES
 from kanal.contract.names import wildcard_public_suffix
@@ -647,6 +650,48 @@ class RetriesSpec(KanalModel):
     )
 
 
+class AggregatePartSpec(KanalModel):
+    """One sub-request of an aggregate rule; its answer is the field `name` of the result."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$",
+        description="The field of the merged JSON answer that holds this part's answer.",
+    )
+    upstream: ObjectName = Field(description="Name of an Upstream in the Route's namespace.")
+    method: HttpMethod = Field(default="GET", description="Method of the sub-request (GET).")
+    path: str = Field(
+        pattern=r"^/[!-~]*$",
+        max_length=2048,
+        description="Path and query of the sub-request, a template: {path.NAME} is a named "
+        "group of the rule's RegularExpression path match, {query.NAME} a query parameter, "
+        "{header.NAME} a request header; values are percent-encoded.",
+    )
+    timeout: PositiveDuration = Field(
+        default="5s", description="Time limit of this part, retries included (default 5s)."
+    )
+
+
+class AggregateSpec(KanalModel):
+    """One request answered by several sub-requests, merged into one JSON object."""
+
+    parts: list[AggregatePartSpec] = Field(
+        min_length=1, max_length=16,
+        description="Sub-requests sent at once, 1 to 16, with distinct names.",
+    )
+    on_error: Literal["Fail", "Partial"] = Field(
+        default="Fail",
+        description="A part that fails or is late: Fail (default) answers 502 naming it; "
+        "Partial answers 200 with null for it and its reason under `errors`.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> AggregateSpec:
+        names = [part.name for part in self.parts]
+        if len(set(names)) != len(names) or "errors" in names:
+            raise ValueError("part names must be distinct and not \"errors\"")
+        return self
+
+
 class RuleSpec(KanalModel):
     """Requests that meet any of `matches` go to `backends`."""
 
@@ -660,9 +705,16 @@ class RuleSpec(KanalModel):
         description="Any one of these matches selects the rule (OR), at most 64. Empty "
         "(default): every request, like a single PathPrefix / match.",
     )
+    aggregate: AggregateSpec | None = Field(
+        default=None,
+        description="Answer with several sub-requests merged into one JSON object (instead "
+        "of backends): each part's answer under its name. Default: none.",
+    )
     backends: list[BackendSpec] = Field(
-        min_length=1,
-        description="Upstreams that share the requests by weight. At least one.",
+        default_factory=list,
+        validate_default=True,
+        description="Upstreams that share the requests by weight. At least one, unless "
+        "the rule aggregates.",
     )
     session_affinity: SessionAffinitySpec | None = Field(
         default=None, description="Keep each client on the backend it first got. Default: none."
@@ -684,6 +736,18 @@ class RuleSpec(KanalModel):
         description="Whether valid WebSocket upgrades open a tunnel to the backend (default "
         "true); false answers them 403. Other upgrades are never tunnelled.",
     )
+
+    @field_validator("backends")
+    @classmethod
+    def _backends_unless_aggregate(cls, backends: list[BackendSpec],
+                                   info: ValidationInfo) -> list[BackendSpec]:
+        aggregate = info.data.get("aggregate")
+        if aggregate is None and not backends:
+            raise PydanticCustomError("too_short", "at least one backend",
+                                      {"min_length": 1, "actual_length": 0})
+        if aggregate is not None and backends:
+            raise ValueError("set backends or aggregate, not both")
+        return backends
 
 
 class HstsSpec(KanalModel):
