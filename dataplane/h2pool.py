@@ -13,7 +13,8 @@ reported to the same sink. So retries, breakers, timeouts and limits work unchan
 SETTINGS_MAX_CONCURRENT_STREAMS); a new channel is opened only when none has room, and
 is counted against the Upstream's connection limit. A stream the server refused
 (REFUSED_STREAM, or beyond the last stream of its GOAWAY) never reached the
-application and is sent again on a new channel, as a stale HTTP/1 connection's is.
+application: it is reported as a stale HTTP/1 connection's request is, so the request
+logic sends it again on a new channel when it can (no body, or a body kept for retries).
 """
 
 from __future__ import annotations
