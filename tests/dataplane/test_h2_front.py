@@ -40,6 +40,9 @@ spec:
       retries: {attempts: 2, retryOn: [connect-failure]}
     - matches: [{path: {type: PathPrefix, value: /nowhere}}]
       backends: [{upstream: dead}]
+    - matches: [{path: {type: PathPrefix, value: /sticky}}]
+      backends: [{upstream: echo, weight: 1}, {upstream: canary, weight: 1}]
+      sessionAffinity: {cookie: {name: kanal-affinity, ttl: 1h}}
     - backends: [{upstream: echo}]
 """
 
@@ -190,3 +193,23 @@ def test_curl_http2_prior_knowledge(proxy):
     body, _, status = out.stdout.rpartition("\n")
     assert status == "2 200", out.stdout
     assert '"path": "/curl"' in body
+
+
+async def test_split_and_cookie_affinity_over_http2(proxy):
+    """A weighted split sets the affinity cookie on an HTTP/2 answer, and a client that
+    sends it back keeps its backend."""
+    seen = set()
+    for _ in range(20):
+        async with h2c_client() as fresh:  # no cookie yet: the split chooses
+            answer = await fresh.get(proxy.url + "/sticky", headers={"host": "app.test"})
+            seen.add(answer.json()["backend"])
+    assert seen == {"echo", "canary"}
+    async with h2c_client() as client:
+        first = await client.get(proxy.url + "/sticky", headers={"host": "app.test"})
+        cookie = first.headers["set-cookie"].split(";")[0]
+        assert cookie.startswith("kanal-affinity=")
+        backend = first.json()["backend"]
+        for _ in range(10):
+            again = await client.get(proxy.url + "/sticky",
+                                     headers={"host": "app.test", "cookie": cookie})
+            assert again.json()["backend"] == backend
