@@ -149,6 +149,13 @@ class Aggregate:
 
 
 @dataclass(frozen=True, slots=True)
+class GrpcTranscoder:
+    """JSON requests of a rule made into gRPC calls to its backends."""
+
+    descriptor_set: str = ""  # base64 of a FileDescriptorSet; "" when it did not resolve
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     index: int
     name: str | None = None
@@ -160,6 +167,7 @@ class Rule:
     max_request_body_size: int | None = None
     allow_websocket: bool = True
     aggregate: Aggregate | None = None  # set: answered by sub-requests, not backends
+    grpc_transcoder: GrpcTranscoder | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,6 +99,11 @@ async def _run(client: AggregateClient, answer: AggregateAnswer, target: bytes,
             _part(part, part_target, rule, config, authority, client.peer)
             for part, part_target in zip(aggregate.parts, targets, strict=True)))
         status, body = merge(results, aggregate.on_error)
+    deliver(client, answer, status, body)
+
+
+def deliver(client: AggregateClient, answer: AggregateAnswer, status: int, body: bytes) -> None:
+    """Hand a JSON answer to the request logic, as an upstream's (unless it let go)."""
     if answer.closed or client.upstream is not answer:
         return
     answer.status = status
@@ -130,15 +135,24 @@ async def _tries(part: AggregatePart, target: str, rule: Rule, upstream: Upstrea
     if part.method in ("POST", "PUT", "PATCH"):
         lines.append("Content-Length: 0")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    result, _ = await exchange(part.name, part.method, head, b"", rule, upstream)
+    return result
+
+
+async def exchange(name: str, method: str, head: bytes, body: bytes, rule: Rule,
+                   upstream: UpstreamRuntime) -> tuple[PartResult, list[tuple[bytes, bytes]]]:
+    """One request to `upstream` (its head and whole body), tried as the rule's retry
+    policy allows: the answer, and its head's fields and trailers."""
     retries = rule.retries
     attempts_left = retries.attempts if retries is not None else 0
     implicit_used = 0
     exclude = None
-    last = PartResult(part.name, error=f"upstream {upstream.key} has no available endpoints")
+    last = PartResult(name, error=f"upstream {upstream.key} has no available endpoints")
+    fields: list[tuple[bytes, bytes]] = []
     while True:
         state = upstream.pick(None, exclude)
         if state is None:
-            return last
+            return last, fields
         state.active += 1
         started = time.monotonic()
         outcome: bool | None = None
@@ -150,22 +164,25 @@ async def _tries(part: AggregatePart, target: str, rule: Rule, upstream: Upstrea
             except UpstreamConnectError as exc:
                 outcome, refused = False, True
                 condition, reached = "connect-failure", False
-                last = PartResult(part.name, error=str(exc))
+                last = PartResult(name, error=str(exc))
             else:
                 collector = _Collector(conn)
-                conn.start(collector, head, part.method == "HEAD")
+                conn.start(collector, head, method == "HEAD")
+                if body:
+                    conn.write(body)
                 try:
-                    status, body = await collector.future
+                    status, answer = await collector.future
                 except _PartFailed as exc:
                     outcome = False
                     condition, reached = ("timeout" if exc.timeout else "reset"), True
-                    last = PartResult(part.name, error=str(exc))
+                    last = PartResult(name, error=str(exc))
                 else:
+                    fields = collector.fields
                     outcome = status < 500
                     if outcome:
-                        return PartResult(part.name, status, body)
+                        return PartResult(name, status, answer), fields
                     condition, reached = str(status), True
-                    last = PartResult(part.name, status, body)
+                    last = PartResult(name, status, answer)
                 finally:
                     if not collector.future.done():
                         conn.sink = None
@@ -173,12 +190,12 @@ async def _tries(part: AggregatePart, target: str, rule: Rule, upstream: Upstrea
         finally:
             state.active -= 1
             upstream.report(state, outcome, time.monotonic() - started, refused=refused)
-        kind = retry_kind(FailedTry(condition, reached, part.method.encode(), False, True),
+        kind = retry_kind(FailedTry(condition, reached, method.encode(), bool(body), True),
                           retries, endpoints=len(upstream.states), implicit_used=implicit_used,
                           attempts_left=attempts_left, already_retrying=False,
                           budget_allows=upstream.retry_allowed())
         if kind is None:
-            return last
+            return last, fields
         if kind == "implicit":
             implicit_used += 1
         else:
@@ -204,6 +221,7 @@ class _Collector:
             asyncio.get_running_loop().create_future())
         self.status = 0
         self.body = bytearray()
+        self.fields: list[tuple[bytes, bytes]] = []  # the head's, then the trailers
 
     def _fail(self, reason: str, *, timeout: bool = False) -> None:
         if not self.future.done():
@@ -211,6 +229,7 @@ class _Collector:
 
     def response_head(self, conn: UpstreamConnection) -> None:
         self.status = conn.status
+        self.fields = list(conn.headers)
 
     def response_body(self, chunk: bytes) -> None:
         self.body += chunk
@@ -220,6 +239,8 @@ class _Collector:
             self._fail(f"answer larger than {MAX_PART_BODY} bytes")
 
     def response_done(self, conn: UpstreamConnection) -> None:
+        if conn.trailers:
+            self.fields += conn.trailers
         conn.release()
         if not self.future.done():
             self.future.set_result((self.status, bytes(self.body)))

@@ -39,6 +39,7 @@ from kanal.dataplane.http1 import (
 from kanal.dataplane.pool import EndpointPool, UpstreamConnectError, UpstreamConnection
 from kanal.dataplane.retry import FailedTry, retry_kind
 from kanal.dataplane.tlspolicy import hsts_value, tls_answer
+from kanal.dataplane.transcode import begin as transcode_begin
 
 if TYPE_CHECKING:
     from kanal.contract.snapshot import Retries, Route
@@ -628,6 +629,9 @@ class ClientConnection(asyncio.Protocol):
         self.head = self._request_head(request, config)
         if request.expect_continue and not request.complete and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if rule.grpc_transcoder is not None:
+            transcode_begin(self, request, rule, upstream)
+            return
         self._attempt(request, None)
 
     def _attempt(self, request: Request, exclude: EndpointState | None) -> None:

@@ -25,6 +25,7 @@ Semantics, in the order the builder applies them (after Contour's dag builder):
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -440,6 +441,8 @@ def _compile_route(route: Route, index: _Index, emitted_upstreams: set[str]
         rules = tuple(_compile_rule(i, rule, namespace) for i, rule in enumerate(spec.rules))
     except ValueError as exc:
         return None, _rejected("Route", route.key, REASON_INVALID, str(exc), generation)
+    rules = tuple(_with_descriptor_set(compiled, rule, index, namespace, problems)
+                  for compiled, rule in zip(rules, spec.rules, strict=True))
     _check_backends(rules, index, emitted_upstreams, problems)
     tls = None
     if spec.tls is not None:
@@ -511,6 +514,27 @@ def _compile_rule(position: int, rule: RuleSpec, namespace: str) -> snap.Rule:
             on_error=rule.aggregate.on_error,
         ),
     )
+
+
+def _with_descriptor_set(compiled: snap.Rule, rule: RuleSpec, index: _Index, namespace: str,
+                         problems: _Problems) -> snap.Rule:
+    """A transcoding rule's descriptor set, base64 as the Secret holds it (binary data)."""
+    settings = rule.grpc_transcoder
+    if settings is None:
+        return compiled
+    name, key = settings.descriptor_secret_name, settings.descriptor_key
+    secret = index.secret(namespace, name)
+    data = ""
+    if secret is None:
+        problems.add(REASON_SECRET_NOT_FOUND,
+                     f"descriptor set Secret {namespace}/{name} not found")
+    elif key in secret.data:
+        data = secret.data[key]
+    elif key in secret.string_data:
+        data = base64.b64encode(secret.string_data[key].encode()).decode()
+    else:
+        problems.add(REASON_INVALID_SECRET, f"descriptor set Secret {namespace}/{name} has no {key}")
+    return dataclasses.replace(compiled, grpc_transcoder=snap.GrpcTranscoder(descriptor_set=data))
 
 
 def _compile_match(match: MatchSpec) -> snap.Match:

@@ -692,6 +692,20 @@ class AggregateSpec(KanalModel):
         return self
 
 
+class GrpcTranscoderSpec(KanalModel):
+    """REST/JSON requests made into gRPC calls, from a protobuf descriptor set."""
+
+    descriptor_secret_name: ObjectName = Field(
+        description="Secret (same namespace) holding a descriptor set made by `protoc "
+        "--include_imports --descriptor_set_out`; methods with a google.api.http "
+        "annotation are exposed, others are not.",
+    )
+    descriptor_key: str = Field(
+        default="descriptors.pb", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253,
+        description="The Secret's key holding the descriptor set (default descriptors.pb).",
+    )
+
+
 class RuleSpec(KanalModel):
     """Requests that meet any of `matches` go to `backends`."""
 
@@ -730,6 +744,12 @@ class RuleSpec(KanalModel):
         "suffix (1Mi, 500k, 2G); a larger one is answered 413 (a Content-Length before "
         "anything is forwarded). Default: no limit.",
     )
+    grpc_transcoder: GrpcTranscoderSpec | None = Field(
+        default=None,
+        description="Translate JSON requests to gRPC calls to the backends (protocol H2C or "
+        "H2) and their answers back to JSON, as the descriptor set's google.api.http "
+        "annotations say. Default: none.",
+    )
     allow_websocket: bool = Field(
         default=True,
         alias="allowWebSocket",
@@ -747,6 +767,8 @@ class RuleSpec(KanalModel):
                                       {"min_length": 1, "actual_length": 0})
         if aggregate is not None and backends:
             raise ValueError("set backends or aggregate, not both")
+        if aggregate is not None and info.data.get("grpc_transcoder") is not None:
+            raise ValueError("an aggregate rule has no grpcTranscoder")
         return backends
 
 
