@@ -95,6 +95,7 @@ def _http_rules(options: bytes) -> list[tuple[str, str, str, str]]:
 
     def read(rule: bytes) -> None:
         verb = template = body = response_body = ""
+        nested: list[bytes] = []
         for number, value in _fields(rule):
             if not isinstance(value, bytes):
                 continue
@@ -110,9 +111,11 @@ def _http_rules(options: bytes) -> list[tuple[str, str, str, str]]:
             elif number == 12:
                 response_body = value.decode()
             elif number == 11:
-                read(value)
+                nested.append(value)
         if verb and template:
             rules.append((verb, template, body, response_body))
+        for binding in nested:
+            read(binding)
 
     for number, value in _fields(options):
         if number == HTTP_RULE_FIELD and isinstance(value, bytes):
