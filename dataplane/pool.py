@@ -55,6 +55,7 @@ class ResponseSink(Protocol):
     def upstream_resume_writing(self) -> None: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # HTTP/2 streams and aggregates
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an endpoint, carrying one exchange at a time."""
 
@@ -294,6 +295,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # HTTP/2 streams and aggregates
 class EndpointPool:
     """Idle keep-alive connections to one endpoint, most recently used first."""
 
