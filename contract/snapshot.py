@@ -23,7 +23,7 @@ from kanal.contract.plain import from_plain, to_plain
 PathMatchType = Literal["Exact", "PathPrefix", "RegularExpression"]
 ValueMatchType = Literal["Exact", "RegularExpression"]
 LoadBalancerPolicy = Literal["RoundRobin", "LeastRequest", "Random", "RingHash"]
-Protocol = Literal["HTTP", "HTTPS"]
+Protocol = Literal["HTTP", "HTTPS", "H2C", "H2"]
 Gateway = Literal["ingress", "mesh"]
 
 
@@ -50,6 +50,7 @@ class HealthCheck:
     timeout: float = 1.0
     healthy_threshold: int = 2
     unhealthy_threshold: int = 3
+    grpc_service: str | None = None  # set: a grpc.health.v1 check of this service name
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +158,30 @@ class Cache:
 
 
 @dataclass(frozen=True, slots=True)
+class AggregatePart:
+    """A sub-request of an aggregate rule (`path` is a template, see the Route model)."""
+
+    name: str
+    upstream: str
+    method: str = "GET"
+    path: str = "/"
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregate:
+    parts: tuple[AggregatePart, ...] = ()
+    on_error: str = "Fail"  # Fail | Partial
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcTranscoder:
+    """JSON requests of a rule made into gRPC calls to its backends."""
+
+    descriptor_set: str = ""  # base64 of a FileDescriptorSet; "" when it did not resolve
+
+
+@dataclass(frozen=True, slots=True)
 class Rule:
     index: int
     name: str | None = None
@@ -170,6 +195,8 @@ class Rule:
     access: AccessPolicy | None = None
     filters: tuple[Filter, ...] = ()
     cache: Cache | None = None
+    aggregate: Aggregate | None = None  # set: answered by sub-requests, not backends
+    grpc_transcoder: GrpcTranscoder | None = None
 
 
 @dataclass(frozen=True, slots=True)

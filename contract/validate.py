@@ -71,6 +71,14 @@ def _problems(snapshot: Snapshot) -> Iterator[str]:
             yield from filter_problems(where, rule)
             if rule.cache is not None:
                 yield from _cache_problems(where, rule.cache)
+            pieces = rule.aggregate.parts if rule.aggregate is not None else ()
+            for piece in pieces:
+                # The template is filled with percent-encoded values, so what it holds
+                # reaches the wire as written: it must be a request target.
+                if not piece.path.startswith("/") or not _visible(piece.path):
+                    yield f"{where}: aggregate part {piece.name} path {piece.path!r} is not a target"
+                if not _token(piece.method) or piece.timeout <= 0:
+                    yield f"{where}: aggregate part {piece.name} has a bad method or timeout"
     for policy in snapshot.egress_policies:
         if policy.cache is not None:
             yield from _cache_problems(f"egress policy {policy.key}", policy.cache)
@@ -86,6 +94,9 @@ def _problems(snapshot: Snapshot) -> Iterator[str]:
         if check is not None and (not check.path.startswith("/") or not _visible(check.path)):
             yield (f"upstream {upstream.key}: health check path {check.path!r} must start "
                    "with / and hold only visible characters")
+        if check is not None and check.grpc_service and not _visible(check.grpc_service):
+            yield (f"upstream {upstream.key}: gRPC health check service "
+                   f"{check.grpc_service!r} must hold only visible characters")
         if upstream.tls is not None and upstream.tls.sni is not None and not _visible(
                 upstream.tls.sni):
             yield f"upstream {upstream.key}: SNI {upstream.tls.sni!r} is not a host name"

@@ -1,7 +1,7 @@
 """Active health checks: one small loop per endpoint of an Upstream with `healthCheck`.
 
 Each check is an HTTP GET of the configured path, answered within `timeout` with a
-2xx or 3xx. `unhealthyThreshold` failures in a row take the endpoint out of rotation;
+2xx or 3xx, or (`grpc` set) a grpc.health.v1 `Check` answered SERVING (grpchealth.py). `unhealthyThreshold` failures in a row take the endpoint out of rotation;
 `healthyThreshold` passes in a row bring it back. Checks start at once and then run
 every `interval`, with up to 10% jitter so many dataplanes do not check in lockstep.
 Every endpoint has its own task: a slow check of one upstream never delays another.
@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from kanal.contract.snapshot import HealthCheck
 from kanal.dataplane.balancer import EndpointState
+from kanal.dataplane.grpchealth import check_grpc
 from kanal.dataplane.http1 import wire_safe
 
 log = logging.getLogger("kanal.health")
@@ -139,7 +140,8 @@ class EndpointChecker:
     async def _run(self) -> None:
         settings = self.settings
         while True:
-            ok, detail = await check_once(
+            check = check_once if settings.grpc_service is None else check_grpc
+            ok, detail = await check(
                 self.state.endpoint.address, self.state.endpoint.port, settings,
                 ssl_context=self.ssl_context, server_hostname=self.server_hostname,
             )

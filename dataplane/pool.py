@@ -55,6 +55,7 @@ class ResponseSink(Protocol):
     def upstream_resume_writing(self) -> None: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # HTTP/2 streams and aggregates
 class UpstreamConnection(asyncio.Protocol):
     """One connection to an endpoint, carrying one exchange at a time."""
 
@@ -62,7 +63,7 @@ class UpstreamConnection(asyncio.Protocol):
         "pool", "transport", "parser", "sink", "status", "headers", "content_length",
         "chunked", "no_body", "got_bytes", "idle_since", "last_activity", "closed",
         "requests", "tunnel", "head_done", "keep_alive", "connection_named",
-        "upgrade_value", "head_bytes", "head_read_bytes",
+        "upgrade_value", "head_bytes", "head_read_bytes", "trailers", "grpc_status",
     )
 
     def __init__(self, pool: EndpointPool) -> None:
@@ -87,6 +88,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.requests = 0
         self.tunnel: asyncio.Transport | None = None
+        # The answer's trailers, relayed after its last chunk (HTTP/2 upstreams: gRPC).
+        self.trailers: list[tuple[bytes, bytes]] | None = None
+        # A gRPC answer's status name when it failed in its head (trailers-only), for
+        # retryOn; "" otherwise.
+        self.grpc_status = ""
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -289,6 +295,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # HTTP/2 streams and aggregates
 class EndpointPool:
     """Idle keep-alive connections to one endpoint, most recently used first."""
 

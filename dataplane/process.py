@@ -196,16 +196,34 @@ INBOUND_ROUTE = "kanal-sidecar/inbound"
 INBOUND_UPSTREAM = "kanal-sidecar/app"
 
 
+INBOUND_GRPC_UPSTREAM = "kanal-sidecar/app-grpc"
+
+
 def inbound_snapshot(app_port: int) -> Snapshot:
     """A sidecar's inbound configuration: any request, to the app on 127.0.0.1:app_port,
-    with the default circuit breaker, limits and timeouts of an Upstream."""
-    from kanal.contract.snapshot import Backend, Endpoint, Route, Rule, Upstream
+    with the default circuit breaker, limits and timeouts of an Upstream. gRPC requests
+    (`content-type: application/grpc...`, which only HTTP/2 carries) reach the app over
+    h2c, everything else over HTTP/1.1: an app serving gRPC needs no setting."""
+    from kanal.contract.snapshot import (
+        Backend,
+        Endpoint,
+        Match,
+        Route,
+        Rule,
+        Upstream,
+        ValueMatch,
+    )
 
+    app = (Endpoint(address="127.0.0.1", port=app_port),)
+    grpc_match = Match(headers=(ValueMatch(name="content-type", value="application/grpc.*",
+                                           type="RegularExpression"),))
     return Snapshot(
-        routes=(Route(key=INBOUND_ROUTE, rules=(Rule(index=0, backends=(
-            Backend(upstream=INBOUND_UPSTREAM),)),)),),
-        upstreams=(Upstream(key=INBOUND_UPSTREAM,
-                            endpoints=(Endpoint(address="127.0.0.1", port=app_port),)),),
+        routes=(Route(key=INBOUND_ROUTE, rules=(
+            Rule(index=0, matches=(grpc_match,), backends=(Backend(upstream=INBOUND_GRPC_UPSTREAM),)),
+            Rule(index=1, backends=(Backend(upstream=INBOUND_UPSTREAM),)),
+        )),),
+        upstreams=(Upstream(key=INBOUND_UPSTREAM, endpoints=app),
+                   Upstream(key=INBOUND_GRPC_UPSTREAM, endpoints=app, protocol="H2C")),
     ).with_version()
 
 

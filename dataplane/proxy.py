@@ -28,6 +28,7 @@ import httptools
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane import http1, mirror
 from kanal.dataplane.access import gate as access_gate
+from kanal.dataplane.aggregate import begin as aggregate_begin
 from kanal.dataplane.cache import exchange as cache
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.http1 import (
@@ -42,6 +43,7 @@ from kanal.dataplane.requestid import HEADER as REQUEST_ID
 from kanal.dataplane.requestid import without_request_id
 from kanal.dataplane.retry import FailedTry, retry_kind
 from kanal.dataplane.tlspolicy import hsts_value, tls_answer
+from kanal.dataplane.transcode import begin as transcode_begin
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -209,6 +211,9 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             return
         context.clients.add(self)
+        if (ssl_object is not None and context.http2 is not None
+                and ssl_object.selected_alpn_protocol() == "h2"):
+            context.http2(self, transport, b"")
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel:
@@ -233,6 +238,9 @@ class ClientConnection(asyncio.Protocol):
             self._client_upgrade(data[offset:])
             return
         except httptools.HttpParserError as exc:
+            if (self.heads_seen == 0 and self.context.http2 is not None and self.transport is not None
+                    and self.context.http2(self, self.transport, data)):
+                return  # the h2c preface: the connection speaks HTTP/2 from now on
             refused = self.refused
             self.refused = None
             status, reason = refused if refused is not None else (400, f"malformed request: {exc}")
@@ -548,6 +556,8 @@ class ClientConnection(asyncio.Protocol):
         self.body_limit = None
         self.exchange = None
         self.cache_selection = None
+        self.aggregated = None
+        self.transcoded = None
         self.route_key = ""
         self.upstream_key = ""
         self.response_started = False
@@ -628,6 +638,13 @@ class ClientConnection(asyncio.Protocol):
             self._fail_request(403, f"{selection.route_key}: WebSocket upgrades are not allowed "
                                     "on this rule", close=True)
             return
+        if rule.aggregate is not None:
+            # Answered by sub-requests, after the rule's access policy passed.
+            self.aggregated = rule
+            if selection.access is not None and access_gate.admit(self, request, selection.access):
+                return
+            self._access_passed(request)
+            return
         limit = rule.max_request_body_size
         if limit is not None:
             self.body_limit = limit
@@ -651,6 +668,8 @@ class ClientConnection(asyncio.Protocol):
             self._fail_request(503, f"upstream {backend} does not exist")
             return
         self.upstream_runtime = upstream
+        if rule.grpc_transcoder is not None:
+            self.transcoded = rule  # answered by transcoding, once the policy passed
         self.set_cookie = None
         if set_token is not None and selection.rule.session_affinity is not None:
             self.set_cookie = selection.split.set_cookie_header(set_token).encode("latin-1")
@@ -678,6 +697,13 @@ class ClientConnection(asyncio.Protocol):
         """The request may go on (no policy, or its policy let it through, at once or
         after waiting): a cached rule looks in its cache first, never before its
         policy has passed."""
+        aggregated = self.aggregated
+        if aggregated is not None:
+            self.aggregated = None
+            config = self.context.config
+            assert config is not None
+            aggregate_begin(self, request.target, request.host, request.get, aggregated, config)
+            return
         selection = self.cache_selection
         if selection is not None:
             self.cache_selection = None
@@ -700,6 +726,12 @@ class ClientConnection(asyncio.Protocol):
                 head_only=request.method == b"HEAD")
         if request.expect_continue and not request.complete and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        rule = self.transcoded
+        if rule is not None:
+            self.transcoded = None
+            assert self.upstream_runtime is not None
+            transcode_begin(self, request, rule, self.upstream_runtime)
+            return
         self._attempt(request, None)
 
     def _attempt(self, request: Request, exclude: EndpointState | None) -> None:
@@ -960,16 +992,18 @@ class ClientConnection(asyncio.Protocol):
         status = conn.status
         if self.try_timer is not None:
             self._cancel_try_timer()
-        if status >= 500:
-            if self.retries is not None and self._may_retry(request, str(status), True):
+        if status >= 500 or conn.grpc_status:
+            condition = str(status) if status >= 500 else conn.grpc_status
+            if self.retries is not None and self._may_retry(request, condition, True):
                 # Retried: this answer is dropped, and so is its connection.
                 self.attempts_left += 1  # _attempt_failed counts it again
                 conn.sink = None
                 conn.abort()
                 self.upstream = None
-                self._attempt_failed(str(status), True, status, f"upstream answered {status}")
+                self._attempt_failed(condition, True, status if status >= 500 else 502,
+                                     f"upstream answered {condition}")
                 return
-            self._finish_endpoint(False)
+            self._finish_endpoint(status < 500)
         else:
             self._finish_endpoint(True)
         if self.cache_exchange is not None and cache.head(self, conn):
@@ -1050,7 +1084,9 @@ class ClientConnection(asyncio.Protocol):
                 if tail:
                     self.body_sent += len(tail)
                     self._write(b"%x\r\n%b\r\n" % (len(tail), tail))
-            self._write(_CHUNK_END)
+            trailers = conn.trailers  # an HTTP/2 upstream's (gRPC status): after the last chunk
+            self._write(_CHUNK_END if trailers is None else
+                        b"0\r\n%b\r\n" % b"".join(n + b": " + v + b"\r\n" for n, v in trailers))
         self.upstream = None
         if request.complete:
             conn.release()
@@ -1405,6 +1441,8 @@ class ClientConnection(asyncio.Protocol):
     cache_exchange: CacheExchange | None = None
     cache_outcome: bytes = b""
     cache_selection: Selection | None = None
+    aggregated: Rule | None = None
+    transcoded: Rule | None = None
 
 
 def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from kanal.contract.grpc import STATUS_CODES
 from kanal.contract.snapshot import Retries
 
 IMPLICIT_CONNECT_RETRIES = 2
@@ -28,7 +29,8 @@ class FailedTry:
     """What is known about one failed try, for the decision."""
 
     condition: str
-    """`connect-failure`, `reset`, `timeout`, or an answer's status code such as `503`."""
+    """`connect-failure`, `reset`, `timeout`, an answer's status code such as `503`, or
+    the name of a gRPC answer's status such as `unavailable`."""
     reached: bool
     """Whether the request may have reached the upstream."""
     method: bytes
@@ -52,7 +54,10 @@ def retry_kind(failure: FailedTry, retries: Retries | None, *, endpoints: int,
     if retries is None or attempts_left <= 0 or not retry_matches(retries.retry_on,
                                                                    failure.condition):
         return None
-    if failure.reached and failure.method not in IDEMPOTENT_METHODS:
+    if (failure.reached and failure.method not in IDEMPOTENT_METHODS
+            and failure.condition not in STATUS_CODES):
+        # A gRPC status the rule names (every gRPC call is a POST) is retried whatever
+        # the method: the server chose to answer it, as Envoy's retry-grpc-on does.
         return None
     if failure.has_body and not failure.body_kept:
         return None

@@ -26,6 +26,7 @@ from kanal.contract.snapshot import Snapshot, Upstream, UpstreamTLS
 from kanal.contract.validate import validate
 from kanal.dataplane.balancer import Balancer, EndpointState, make_balancer
 from kanal.dataplane.breaker import Breaker
+from kanal.dataplane.h2pool import H2EndpointPool
 from kanal.dataplane.headers import cookie_value
 from kanal.dataplane.health import EndpointChecker
 from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
@@ -263,6 +264,9 @@ class ProxyContext:
         self.observing = False
         self.listener = "reverse"  # the access log's name of this listener
         self.policy = ""  # the access log's policy outcome of every request here
+        # Hands a client connection over to HTTP/2 (kanal.dataplane.h2front.take_over):
+        # after ALPN `h2`, or on the h2c preface; False when it is not HTTP/2. None: off.
+        self.http2: Callable[[Any, asyncio.BaseTransport, bytes], bool] | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run a slow-path coroutine (a connect) and keep a reference until it ends."""
@@ -358,6 +362,9 @@ class Runtime:
             old_pools = before.pools if before is not None else {}
             limits = self._limits.setdefault(spec.key, UpstreamLimits())
             ssl_context = upstream_ssl_context(spec.tls) if spec.protocol == "HTTPS" else None
+            http2 = spec.protocol in ("H2C", "H2")
+            if spec.protocol == "H2":
+                ssl_context = upstream_h2_context(spec.tls)
             for endpoint in spec.endpoints:
                 endpoint_key = f"{endpoint.address}:{endpoint.port}"
                 state = old_states.get(endpoint_key)
@@ -376,7 +383,7 @@ class Runtime:
                 states.append(state)
                 pool = old_pools.get(endpoint_key)
                 if pool is None or _pool_changed(pool, spec, ssl_context):
-                    pool = EndpointPool(
+                    pool = (H2EndpointPool if http2 else EndpointPool)(
                         endpoint.address,
                         endpoint.port,
                         ssl_context=ssl_context,
@@ -496,6 +503,7 @@ def _pool_changed(pool: EndpointPool, spec: Upstream, ssl_context: ssl.SSLContex
         or pool.idle_timeout != spec.idle_timeout
         or pool.server_hostname != (spec.tls.sni if spec.tls else None)
         or pool.ssl_context is not ssl_context
+        or isinstance(pool, H2EndpointPool) != (spec.protocol in ("H2C", "H2"))
     )
 
 
@@ -504,3 +512,10 @@ def upstream_ssl_context(tls: UpstreamTLS | None) -> ssl.SSLContext:
     from kanal.dataplane.tls import upstream_context
 
     return upstream_context(tls)
+
+
+def upstream_h2_context(tls: UpstreamTLS | None) -> ssl.SSLContext:
+    """The client TLS context for an H2 Upstream (ALPN h2)."""
+    from kanal.dataplane.tls import upstream_h2_context as build
+
+    return build(tls)

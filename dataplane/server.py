@@ -11,6 +11,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 
+from kanal.dataplane.h2front import take_over
 from kanal.dataplane.proxy import ClientConnection
 from kanal.dataplane.runtime import ProxyContext, Runtime
 
@@ -40,6 +41,8 @@ async def start_listener(
     ssl_context: ssl.SSLContext | None = None,
 ) -> asyncio.Server:
     loop = asyncio.get_running_loop()
+    if context.http2 is None:
+        context.http2 = take_over  # h2c on plain listeners, ALPN `h2` on TLS ones
     return await loop.create_server(
         lambda: ClientConnection(context), sock=sock, ssl=ssl_context, backlog=1024
     )

@@ -1,7 +1,7 @@
 """TLS termination: one listener, many certificates, chosen by SNI, swapped on every apply.
 
 The listener's SSLContext carries only the policy (TLS 1.2 and 1.3, forward-secret
-AEAD ciphers, ALPN `http/1.1`) and an `sni_callback`. The callback looks the client's
+AEAD ciphers, ALPN `h2` and `http/1.1`) and an `sni_callback`. The callback looks the client's
 server name up in the current `SniMap` and switches the connection to that
 certificate's own SSLContext. An `SniMap` is built from each applied Snapshot
 (`TlsTerminator.update`, subscribed to `Runtime.on_apply`) and published with one
@@ -48,6 +48,8 @@ CIPHERS_TLS12 = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!PSK"
 suites are all AEAD and forward secret)."""
 
 ALPN = ["http/1.1"]
+SERVER_ALPN = ["h2", "http/1.1"]
+"""Offered to clients: HTTP/2 first (kanal.dataplane.h2front), HTTP/1.1 otherwise."""
 
 SERVER_NAME_ATTRIBUTE = "kanal_server_name"
 """Set on each server-side SSLObject by the SNI callback: Python exposes no SNI there."""
@@ -61,7 +63,7 @@ def apply_policy(context: ssl.SSLContext) -> ssl.SSLContext:
     context.options |= (
         ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
     )
-    context.set_alpn_protocols(ALPN)
+    context.set_alpn_protocols(SERVER_ALPN)
     return context
 
 
@@ -268,6 +270,24 @@ def upstream_context(tls: UpstreamTLS | None) -> ssl.SSLContext:
         if len(_CLIENT_CONTEXTS) >= _CLIENT_CONTEXTS_MAX:
             _CLIENT_CONTEXTS.pop(next(iter(_CLIENT_CONTEXTS)))
         _CLIENT_CONTEXTS[tls] = context
+    return context
+
+
+_H2_CLIENT_CONTEXTS: dict[UpstreamTLS | None, ssl.SSLContext] = {}
+
+
+def upstream_h2_context(tls: UpstreamTLS | None) -> ssl.SSLContext:
+    """The client SSLContext for an H2 Upstream: as `upstream_context`, offering ALPN
+    `h2` only (an endpoint that does not agree is a connect failure)."""
+    context = _H2_CLIENT_CONTEXTS.get(tls)
+    if context is not None:
+        return context
+    context, usable = _build_client_context(tls)
+    context.set_alpn_protocols(["h2"])
+    if usable:
+        if len(_H2_CLIENT_CONTEXTS) >= _CLIENT_CONTEXTS_MAX:
+            _H2_CLIENT_CONTEXTS.clear()
+        _H2_CLIENT_CONTEXTS[tls] = context
     return context
 
 

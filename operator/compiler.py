@@ -25,6 +25,7 @@ Semantics, in the order the builder applies them (after Contour's dag builder):
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -277,7 +278,7 @@ def _compile_upstream(
     endpoints = _endpoints(upstream, service_endpoints, problems)
     tls = _upstream_tls(upstream, index, problems)
     configured = len(endpoints)
-    if spec.protocol == "HTTPS" and tls is None:
+    if spec.protocol in ("HTTPS", "H2") and tls is None:
         endpoints = ()  # fail closed: never talk TLS with the wrong trust
     try:
         compiled = _upstream_value(upstream.key, spec, endpoints, tls)
@@ -314,7 +315,7 @@ def _upstream_tls(upstream: Upstream, index: _Index,
                   problems: _Problems) -> snap.UpstreamTLS | None:
     """The resolved TLS settings, or None when the protocol is HTTP or a Secret failed."""
     spec = upstream.spec
-    if spec.protocol != "HTTPS":
+    if spec.protocol not in ("HTTPS", "H2"):
         return None
     tls = spec.tls
     if tls is None:
@@ -359,6 +360,7 @@ def _upstream_value(key: str, spec: UpstreamSpec, endpoints: tuple[snap.Endpoint
         timeout=parse_duration(check.timeout),
         healthy_threshold=check.healthy_threshold,
         unhealthy_threshold=check.unhealthy_threshold,
+        grpc_service=None if check.grpc is None else check.grpc.service,
     )
     breaker = spec.circuit_breaker
     return snap.Upstream(
@@ -447,6 +449,8 @@ def _compile_route(route: Route, index: _Index, emitted_upstreams: set[str]
         rules = tuple(_compile_rule(i, rule, namespace) for i, rule in enumerate(spec.rules))
     except ValueError as exc:
         return None, _rejected("Route", route.key, REASON_INVALID, str(exc), generation)
+    rules = tuple(_with_descriptor_set(compiled, rule, index, namespace, problems)
+                  for compiled, rule in zip(rules, spec.rules, strict=True))
     _check_backends(rules, index, emitted_upstreams, problems)
     if spec.policies is not None or any(rule.policies is not None for rule in spec.rules):
         rules = rules_with_access(route.key, spec.policies, list(zip(rules, (
@@ -482,7 +486,9 @@ def _check_backends(rules: Sequence[snap.Rule], index: _Index, emitted: set[str]
                     problems: _Problems) -> None:
     reported: set[str] = set()
     for rule in rules:
-        for key in [b.upstream for b in rule.backends] + mirrored_upstreams(rule):
+        parts = rule.aggregate.parts if rule.aggregate is not None else ()
+        for key in ([b.upstream for b in rule.backends] + mirrored_upstreams(rule)
+                    + [p.upstream for p in parts]):
             if key in emitted or key in reported:
                 continue
             reported.add(key)
@@ -516,7 +522,35 @@ def _compile_rule(position: int, rule: RuleSpec, namespace: str) -> snap.Rule:
         allow_websocket=rule.allow_websocket,
         filters=compile_filters(rule.filters, namespace),
         cache=compile_cache(rule.cache),
+        aggregate=None if rule.aggregate is None else snap.Aggregate(
+            parts=tuple(snap.AggregatePart(
+                name=part.name, upstream=f"{namespace}/{part.upstream}", method=part.method,
+                path=part.path, timeout=parse_duration(part.timeout))
+                for part in rule.aggregate.parts),
+            on_error=rule.aggregate.on_error,
+        ),
     )
+
+
+def _with_descriptor_set(compiled: snap.Rule, rule: RuleSpec, index: _Index, namespace: str,
+                         problems: _Problems) -> snap.Rule:
+    """A transcoding rule's descriptor set, base64 as the Secret holds it (binary data)."""
+    settings = rule.grpc_transcoder
+    if settings is None:
+        return compiled
+    name, key = settings.descriptor_secret_name, settings.descriptor_key
+    secret = index.secret(namespace, name)
+    data = ""
+    if secret is None:
+        problems.add(REASON_SECRET_NOT_FOUND,
+                     f"descriptor set Secret {namespace}/{name} not found")
+    elif key in secret.data:
+        data = secret.data[key]
+    elif key in secret.string_data:
+        data = base64.b64encode(secret.string_data[key].encode()).decode()
+    else:
+        problems.add(REASON_INVALID_SECRET, f"descriptor set Secret {namespace}/{name} has no {key}")
+    return dataclasses.replace(compiled, grpc_transcoder=snap.GrpcTranscoder(descriptor_set=data))
 
 
 def _compile_match(match: MatchSpec) -> snap.Match:

@@ -170,8 +170,8 @@ _SERVER_RULES: dict[str, dict[str, Any]] = {
             "rule": "has(self.service) != has(self.endpoints)",
             "message": "set exactly one of service or endpoints",
         }, {
-            "rule": "!has(self.tls) || (has(self.protocol) && self.protocol == 'HTTPS')",
-            "message": "tls is only valid with protocol: HTTPS",
+            "rule": "!has(self.tls) || (has(self.protocol) && self.protocol in ['HTTPS', 'H2'])",
+            "message": "tls is only valid with protocol: HTTPS or H2",
             "fieldPath": ".tls",
             "reason": "FieldValueForbidden",
         }],
@@ -196,14 +196,19 @@ _SERVER_RULES: dict[str, dict[str, Any]] = {
             "message": "set exactly one of header, cookie or sourceIP: true",
         }],
     },
+    # A rule has backends (at least one), unless it aggregates or a filter answers; an
+    # aggregate rule has no backends.
     "RuleSpec": {
         "x-kubernetes-validations": [{
-            "rule": "(has(self.backends) && size(self.backends) > 0) || (has(self.filters) && "
-                    "self.filters.exists(f, f.type == 'RequestRedirect' || "
-                    "f.type == 'DirectResponse'))",
-            "message": "at least one backend, unless a RequestRedirect or DirectResponse "
-                       "filter answers",
+            "rule": "(has(self.backends) && size(self.backends) > 0) || has(self.aggregate) || "
+                    "(has(self.filters) && self.filters.exists(f, f.type == 'RequestRedirect' "
+                    "|| f.type == 'DirectResponse'))",
+            "message": "at least one backend, unless the rule aggregates or a RequestRedirect "
+                       "or DirectResponse filter answers",
             "fieldPath": ".backends",
+        }, {
+            "rule": "!has(self.aggregate) || !has(self.backends) || size(self.backends) == 0",
+            "message": "a rule has backends or aggregate, not both",
         }],
     },
     "FilterSpec": {

@@ -31,11 +31,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
 
+from kanal.contract.grpc import RETRYABLE_NAMES as GRPC_RETRY_NAMES
 from kanal.contract.names import wildcard_public_suffix
 from kanal.contract.patterns import PatternError, compile_pattern, substitution_problem
 from kanal.contract.snapshot import DEFAULT_CACHEABLE_STATUSES, DEFAULT_COMPRESSIBLE
@@ -154,11 +157,12 @@ def _regex(value: str) -> str:
 
 
 def _retry_on(value: str) -> str:
-    if value in RETRY_CONDITIONS or re.fullmatch(r"5[0-9][0-9]", value):
+    if (value in RETRY_CONDITIONS or re.fullmatch(r"5[0-9][0-9]", value)
+            or value in GRPC_RETRY_NAMES):
         return value
     raise ValueError(
-        f"must be one of {', '.join(RETRY_CONDITIONS)} or a 5xx status code like \"503\", "
-        f"got {value!r}"
+        f"must be one of {', '.join(RETRY_CONDITIONS)}, a 5xx status code like \"503\" "
+        f"or a gRPC status name like unavailable, got {value!r}"
     )
 
 
@@ -206,7 +210,8 @@ HeaderName = Annotated[str, AfterValidator(_header_name), _string(HEADER_NAME_PA
 HttpMethod = Annotated[str, AfterValidator(_method), WithJsonSchema(
     {"type": "string", "enum": list(HTTP_METHODS)})]
 RetryOn = Annotated[str, BeforeValidator(_no_bare_status_code), AfterValidator(_retry_on),
-                    _string(r"^(connect-failure|reset|timeout|5xx|5[0-9][0-9])$")]
+                    _string(r"^(connect-failure|reset|timeout|5xx|5[0-9][0-9]|"
+                            + "|".join(GRPC_RETRY_NAMES) + ")$")]
 EndpointAddress = Annotated[str, AfterValidator(_endpoint_address), WithJsonSchema(
     {"type": "string", "minLength": 1, "maxLength": 253})]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -335,6 +340,17 @@ class LoadBalancerSpec(KanalModel):
         return self
 
 
+class GrpcHealthCheckSpec(KanalModel):
+    """A check with the standard gRPC health protocol (grpc.health.v1)."""
+
+    service: str = Field(
+        default="",
+        max_length=256,
+        pattern=r"^[!-~]*$",
+        description="The service name asked about (default empty: the server as a whole).",
+    )
+
+
 class HealthCheckSpec(KanalModel):
     """Active health checks: a GET to each endpoint every `interval`."""
 
@@ -363,6 +379,12 @@ class HealthCheckSpec(KanalModel):
         default=3,
         ge=1,
         description="Consecutive failures that make a healthy endpoint unhealthy (default 3).",
+    )
+    grpc: GrpcHealthCheckSpec | None = Field(
+        default=None,
+        description="Check with the standard gRPC health protocol instead of a GET of `path`: "
+        "grpc.health.v1.Health/Check must answer SERVING within `timeout`. Needs protocol H2C "
+        "or H2.",
     )
 
     @model_validator(mode="after")
@@ -442,13 +464,15 @@ class UpstreamSpec(KanalModel):
         description="A static list of endpoints (standalone mode, hosts outside the cluster). "
         "An empty list is allowed: requests then get 503. Exactly one of service or endpoints.",
     )
-    protocol: Literal["HTTP", "HTTPS"] = Field(
-        default="HTTP", description="HTTP (default) or HTTPS: TLS to the endpoints."
+    protocol: Literal["HTTP", "HTTPS", "H2C", "H2"] = Field(
+        default="HTTP", description="HTTP (default: HTTP/1.1), HTTPS (HTTP/1.1 over TLS), H2C "
+        "(HTTP/2 in the clear, as gRPC servers speak) or H2 (HTTP/2 over TLS, ALPN h2). "
+        "HTTP/2 upstreams are reached over a few multiplexed connections per endpoint.",
     )
     tls: UpstreamTLSSpec | None = Field(
         default=None,
-        description="TLS settings for protocol HTTPS (server name, CA, client certificate). "
-        "Default with HTTPS: verify against the system's CAs.",
+        description="TLS settings for protocol HTTPS or H2 (server name, CA, client "
+        "certificate). Default with HTTPS or H2: verify against the system's CAs.",
     )
     load_balancer: LoadBalancerSpec = Field(
         default_factory=LoadBalancerSpec,
@@ -471,8 +495,11 @@ class UpstreamSpec(KanalModel):
     def _check(self) -> UpstreamSpec:
         if (self.service is None) == (self.endpoints is None):
             raise ValueError("set exactly one of service or endpoints")
-        if self.tls is not None and self.protocol != "HTTPS":
-            raise ValueError("tls is only valid with protocol: HTTPS")
+        if self.tls is not None and self.protocol not in ("HTTPS", "H2"):
+            raise ValueError("tls is only valid with protocol: HTTPS or H2")
+        if (self.health_check is not None and self.health_check.grpc is not None
+                and self.protocol not in ("H2C", "H2")):
+            raise ValueError("healthCheck.grpc needs protocol: H2C or H2")
         seen: set[tuple[str, int]] = set()
         for endpoint in self.endpoints or ():
             where = (endpoint.address, endpoint.port)
@@ -1036,6 +1063,62 @@ class CacheSpec(KanalModel):
     )
 
 
+class AggregatePartSpec(KanalModel):
+    """One sub-request of an aggregate rule; its answer is the field `name` of the result."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z_][A-Za-z0-9_-]{0,62}$",
+        description="The field of the merged JSON answer that holds this part's answer.",
+    )
+    upstream: ObjectName = Field(description="Name of an Upstream in the Route's namespace.")
+    method: HttpMethod = Field(default="GET", description="Method of the sub-request (GET).")
+    path: str = Field(
+        pattern=r"^/[!-~]*$",
+        max_length=2048,
+        description="Path and query of the sub-request, a template: {path.NAME} is a named "
+        "group of the rule's RegularExpression path match, {query.NAME} a query parameter, "
+        "{header.NAME} a request header; values are percent-encoded.",
+    )
+    timeout: PositiveDuration = Field(
+        default="5s", description="Time limit of this part, retries included (default 5s)."
+    )
+
+
+class AggregateSpec(KanalModel):
+    """One request answered by several sub-requests, merged into one JSON object."""
+
+    parts: list[AggregatePartSpec] = Field(
+        min_length=1, max_length=16,
+        description="Sub-requests sent at once, 1 to 16, with distinct names.",
+    )
+    on_error: Literal["Fail", "Partial"] = Field(
+        default="Fail",
+        description="A part that fails or is late: Fail (default) answers 502 naming it; "
+        "Partial answers 200 with null for it and its reason under `errors`.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> AggregateSpec:
+        names = [part.name for part in self.parts]
+        if len(set(names)) != len(names) or "errors" in names:
+            raise ValueError("part names must be distinct and not \"errors\"")
+        return self
+
+
+class GrpcTranscoderSpec(KanalModel):
+    """REST/JSON requests made into gRPC calls, from a protobuf descriptor set."""
+
+    descriptor_secret_name: ObjectName = Field(
+        description="Secret (same namespace) holding a descriptor set made by `protoc "
+        "--include_imports --descriptor_set_out`; methods with a google.api.http "
+        "annotation are exposed, others are not.",
+    )
+    descriptor_key: str = Field(
+        default="descriptors.pb", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253,
+        description="The Secret's key holding the descriptor set (default descriptors.pb).",
+    )
+
+
 class RuleSpec(KanalModel):
     """Requests that meet any of `matches` go to `backends`."""
 
@@ -1049,10 +1132,17 @@ class RuleSpec(KanalModel):
         description="Any one of these matches selects the rule (OR), at most 64. Empty "
         "(default): every request, like a single PathPrefix / match.",
     )
+    aggregate: AggregateSpec | None = Field(
+        default=None,
+        description="Answer with several sub-requests merged into one JSON object (instead "
+        "of backends): each part's answer under its name. Default: none.",
+    )
     backends: list[BackendSpec] = Field(
         default_factory=list,
-        description="Upstreams that share the requests by weight. At least one, unless a "
-        "RequestRedirect or DirectResponse filter answers every request.",
+        validate_default=True,
+        description="Upstreams that share the requests by weight. At least one, unless "
+        "the rule aggregates or a RequestRedirect or DirectResponse filter answers every "
+        "request.",
     )
     session_affinity: SessionAffinitySpec | None = Field(
         default=None, description="Keep each client on the backend it first got. Default: none."
@@ -1067,6 +1157,12 @@ class RuleSpec(KanalModel):
         description="Largest request body accepted, in bytes or with a binary or decimal "
         "suffix (1Mi, 500k, 2G); a larger one is answered 413 (a Content-Length before "
         "anything is forwarded). Default: no limit.",
+    )
+    grpc_transcoder: GrpcTranscoderSpec | None = Field(
+        default=None,
+        description="Translate JSON requests to gRPC calls to the backends (protocol H2C or "
+        "H2) and their answers back to JSON, as the descriptor set's google.api.http "
+        "annotations say. Default: none.",
     )
     allow_websocket: bool = Field(
         default=True,
@@ -1090,9 +1186,9 @@ class RuleSpec(KanalModel):
     def _check_filters(self) -> RuleSpec:
         check_filters(self.filters, backend=False)
         answers = {"RequestRedirect", "DirectResponse"} & {f.type for f in self.filters}
-        if not self.backends and not answers:
-            raise ValueError("backends: at least one, unless a RequestRedirect or "
-                             "DirectResponse filter answers")
+        if not self.backends and not answers and self.aggregate is None:
+            raise ValueError("backends: at least one, unless the rule aggregates or a "
+                             "RequestRedirect or DirectResponse filter answers")
         for item in self.filters + [f for b in self.backends for f in b.filters]:
             modifier = (item.url_rewrite or item.request_redirect)
             path = modifier.path if modifier is not None else None
@@ -1116,6 +1212,18 @@ class RuleSpec(KanalModel):
         default=None,
         description="Cache GET and HEAD answers (RFC 9111 shared cache). Default: no caching.",
     )
+
+    @field_validator("backends")
+    @classmethod
+    def _backends_unless_aggregate(cls, backends: list[BackendSpec],
+                                   info: ValidationInfo) -> list[BackendSpec]:
+        aggregate = info.data.get("aggregate")
+        # (No backend at all is judged with the filters, which may answer instead.)
+        if aggregate is not None and backends:
+            raise ValueError("set backends or aggregate, not both")
+        if aggregate is not None and info.data.get("grpc_transcoder") is not None:
+            raise ValueError("an aggregate rule has no grpcTranscoder")
+        return backends
 
 
 class HstsSpec(KanalModel):

@@ -61,3 +61,31 @@ async def test_a_cached_answer_is_never_served_past_the_access_policy(backends, 
     headers = {name.lower(): value for name, value in seen["headers"]}
     assert headers.get("x-filtered") == "yes"
     assert "x-api-key" not in headers
+
+
+AGGREGATE = """\
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: bff}
+spec:
+  hostnames: [bff.test]
+  policies: {apiKey: {secretNames: [bff-keys], headers: [x-api-key]}}
+  rules:
+    - aggregate:
+        parts:
+          - {name: profile, upstream: profile, path: /profile}
+"""
+
+
+async def test_an_aggregate_rule_sends_no_part_before_its_policy_passed(backends, kanal) -> None:
+    profile = await backends("profile")
+    k = kanal({"upstream.yaml": upstream_yaml("profile", profile), "route.yaml": AGGREGATE,
+               "secret.yaml": _secret("bff-keys", {"app": "k-app"})})
+    (refused,) = await raw_request(k.port, b"GET / HTTP/1.1\r\nHost: bff.test\r\n\r\n")
+    assert refused.status == 401
+    assert profile.received == []
+    (allowed,) = await raw_request(
+        k.port, b"GET / HTTP/1.1\r\nHost: bff.test\r\nx-api-key: k-app\r\n\r\n")
+    assert allowed.status == 200, allowed
+    assert "profile" in allowed.json()
+    assert len(profile.received) == 1

@@ -124,7 +124,7 @@ REFUSED = {
         "spec: Invalid value: set exactly one of service or endpoints"),
     "tls-without-https": (
         _upstream("u", {"endpoints": [], "tls": {"sni": "shop.example.com"}}),
-        "spec.tls: Forbidden: tls is only valid with protocol: HTTPS"),
+        "spec.tls: Forbidden: tls is only valid with protocol: HTTPS or H2"),
     "duplicate-endpoint": (
         _upstream("u", {"endpoints": [{"address": "10.0.0.1", "port": 80},
                                       {"address": "10.0.0.1", "port": 80}]}),

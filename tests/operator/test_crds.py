@@ -338,7 +338,7 @@ def test_schema_keeps_the_models_constraints() -> None:
     upstream = schema_of("Upstream")["properties"]["spec"]["properties"]
     port = upstream["endpoints"]["items"]["properties"]["port"]
     assert (port["type"], port["minimum"], port["maximum"]) == ("integer", 1, 65535)
-    assert upstream["protocol"]["enum"] == ["HTTP", "HTTPS"]
+    assert upstream["protocol"]["enum"] == ["HTTP", "HTTPS", "H2C", "H2"]
     assert upstream["protocol"]["default"] == "HTTP"
     breaker = upstream["circuitBreaker"]["properties"]
     assert breaker["failureRatePercent"]["maximum"] == 100
@@ -346,10 +346,13 @@ def test_schema_keeps_the_models_constraints() -> None:
     route = schema_of("Route")["properties"]["spec"]["properties"]
     assert route["rules"]["minItems"] == 1
     # Backends may be left out only by a rule whose filters answer (redirect, direct
-    # response): a CEL rule says so to the API server.
+    # response) or that aggregates, and never beside an aggregate: CEL rules say so.
     assert "required" not in route["rules"]["items"]
-    assert any("RequestRedirect" in rule["rule"]
-               for rule in route["rules"]["items"]["x-kubernetes-validations"])
+    checks = route["rules"]["items"]["x-kubernetes-validations"]
+    assert any("RequestRedirect" in rule["rule"] and "aggregate" in rule["rule"]
+               for rule in checks)
+    assert any(rule["message"] == "a rule has backends or aggregate, not both"
+               for rule in checks)
     # Optional fields are plain, not nullable, and null defaults are gone.
     assert "nullable" not in route["tls"] and "default" not in route["tls"]
     # A list default is not a plain scalar: the model supplies it.

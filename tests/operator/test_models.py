@@ -172,7 +172,18 @@ def test_hash_on_source_ip() -> None:
 
 def test_tls_only_with_protocol_https() -> None:
     assert upstream_errors(tls={"sni": "a.example.com"}) == [
-        ("spec", "tls is only valid with protocol: HTTPS")]
+        ("spec", "tls is only valid with protocol: HTTPS or H2")]
+
+
+def test_grpc_health_check_needs_an_http2_protocol() -> None:
+    check = {"grpc": {"service": "shop.Orders"}}
+    assert upstream_errors(healthCheck=check) == [
+        ("spec", "healthCheck.grpc needs protocol: H2C or H2")]
+    upstream = Upstream.model_validate(doc("Upstream", {
+        "endpoints": [], "protocol": "H2C", "healthCheck": check}))
+    assert upstream.spec.health_check is not None
+    assert upstream.spec.health_check.grpc is not None
+    assert upstream.spec.health_check.grpc.service == "shop.Orders"
 
 
 def test_circuit_breaker_limits() -> None:
@@ -231,9 +242,10 @@ def test_all_backends_at_weight_zero_is_a_standby_not_an_error() -> None:
 
 
 def test_a_rule_needs_a_backend_and_a_route_a_rule() -> None:
-    # Gateway API lets a rule whose filters answer (a redirect) go without backends.
-    no_backend = [("spec.rules[0]", "backends: at least one, unless a RequestRedirect or "
-                                    "DirectResponse filter answers")]
+    # Gateway API lets a rule whose filters answer (a redirect) go without backends;
+    # an aggregate rule has none either.
+    no_backend = [("spec.rules[0]", "backends: at least one, unless the rule aggregates "
+                                    "or a RequestRedirect or DirectResponse filter answers")]
     assert route_errors(rules=[{"backends": []}]) == no_backend
     assert route_errors(rules=[{"matches": []}]) == no_backend
     assert route_errors(rules=[]) == [("spec.rules", "must have at least 1 item")]
@@ -315,6 +327,14 @@ def test_retry_on_takes_conditions_and_5xx_codes_as_strings() -> None:
     [(path, message)] = route_errors(rules=[{**GOOD_RULE, "retries": {"retryOn": ["404"]}}])
     assert path == "spec.rules[0].retries.retryOn[0]"
     assert message.startswith("must be one of connect-failure, reset, timeout, 5xx")
+
+
+def test_retry_on_takes_grpc_status_names() -> None:
+    parsed = route(rules=[{**GOOD_RULE, "retries": {"retryOn": ["unavailable", "resource-exhausted"]}}])
+    assert parsed.spec.rules[0].retries is not None
+    assert parsed.spec.rules[0].retries.retry_on == ["unavailable", "resource-exhausted"]
+    [(_, message)] = route_errors(rules=[{**GOOD_RULE, "retries": {"retryOn": ["ok"]}}])
+    assert "gRPC status name" in message
 
 
 def test_an_unquoted_status_code_is_refused_with_a_hint() -> None:

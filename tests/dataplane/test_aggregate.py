@@ -1,0 +1,127 @@
+"""Scenario: request aggregation through a real `kanal run` (a Route rule with
+`aggregate`): one client request, several sub-requests to real backends, one JSON
+answer; parts that fail or are late follow the rule's `onError`."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import httpx
+import pytest
+
+from tests.conftest import free_port, upstream_yaml
+
+ROUTES = """\
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: bff}
+spec:
+  hostnames: [bff.test]
+  rules:
+    - matches: [{path: {type: RegularExpression, value: "/bff/users/(?P<id>[0-9]+)"}}]
+      aggregate:
+        parts:
+          - {name: profile, upstream: users, path: "/users/{path.id}"}
+          - {name: orders, upstream: orders, path: "/orders?user={path.id}&q={query.q}"}
+          - {name: who, upstream: users, path: "/h/{header.x-user}", timeout: 2s}
+    - matches: [{path: {type: RegularExpression, value: "/bff/partial/(?P<id>[0-9]+)"}}]
+      aggregate:
+        onError: Partial
+        parts:
+          - {name: ok, upstream: users, path: "/users/{path.id}"}
+          - {name: broken, upstream: dead, path: "/x"}
+          - {name: late, upstream: users, path: "/sleep/3", timeout: 300ms}
+          - {name: refused, upstream: users, path: "/status/503"}
+    - matches: [{path: {type: PathPrefix, value: /bff/fail}}]
+      aggregate:
+        parts:
+          - {name: fine, upstream: users, path: "/fine"}
+          - {name: broken, upstream: dead, path: "/x"}
+    - matches: [{path: {type: PathPrefix, value: /bff/retried}}]
+      retries: {attempts: 2, retryOn: ["503", connect-failure]}
+      aggregate:
+        parts:
+          - {name: flaky, upstream: half-dead, path: "/flaky"}
+"""
+
+
+@pytest.fixture(scope="module")
+def proxy(module_kanal, module_backends):
+    users, orders = module_backends("users"), module_backends("orders")
+    closed = free_port()
+    dead = ("apiVersion: kanal.dev/v1alpha1\nkind: Upstream\nmetadata: {name: dead}\n"
+            f"spec:\n  endpoints: [{{address: 127.0.0.1, port: {closed}}}]\n")
+    half = ("apiVersion: kanal.dev/v1alpha1\nkind: Upstream\nmetadata: {name: half-dead}\n"
+            f"spec:\n  endpoints: [{{address: 127.0.0.1, port: {closed}}}, "
+            f"{{address: 127.0.0.1, port: {users.port}}}]\n")
+    return module_kanal({"routes.yaml": ROUTES, "users.yaml": upstream_yaml("users", users),
+                         "orders.yaml": upstream_yaml("orders", orders), "dead.yaml": dead,
+                         "half.yaml": half})
+
+
+async def get(proxy, path: str, headers: dict[str, str] | None = None):
+    async with aiohttp.ClientSession() as session, session.get(
+            proxy.url + path, headers={"Host": "bff.test", **(headers or {})}) as answer:
+        return answer.status, answer.headers.get("Content-Type"), await answer.json()
+
+
+async def test_parts_are_merged_under_their_names(proxy):
+    status, kind, body = await get(proxy, "/bff/users/42?q=a b", {"x-user": "a/b?c"})
+    assert (status, kind) == (200, "application/json")
+    assert set(body) == {"profile", "orders", "who"}
+    assert body["profile"]["backend"] == "users" and body["profile"]["path"] == "/users/42"
+    assert body["orders"]["backend"] == "orders"
+    assert body["orders"]["path"] == "/orders?user=42&q=a%20b"
+    # Values are percent-encoded: a header cannot add a segment or a query to the part.
+    assert body["who"]["raw_path"] == "/h/a%2Fb%3Fc"
+
+
+async def test_a_missing_value_is_400(proxy):
+    status, _, body = await get(proxy, "/bff/users/42?q=1")  # no x-user header
+    assert status == 400 and "header.x-user" in body["error"]
+
+
+async def test_partial_answers_null_and_errors_for_failed_and_late_parts(proxy):
+    started = time.monotonic()
+    status, _, body = await get(proxy, "/bff/partial/7")
+    assert time.monotonic() - started < 2.5  # the late part's 300ms, not its 3s
+    assert status == 200
+    assert body["ok"]["path"] == "/users/7"
+    assert body["broken"] is None and body["late"] is None and body["refused"] is None
+    assert set(body["errors"]) == {"broken", "late", "refused"}
+    assert "within 0.3s" in body["errors"]["late"]
+    assert body["errors"]["refused"] == "answered 503"
+
+
+async def test_fail_policy_answers_502_naming_the_part(proxy):
+    status, _, body = await get(proxy, "/bff/fail")
+    assert status == 502
+    assert body["error"].startswith("part broken failed")
+
+
+async def test_parts_take_the_upstreams_retries_and_breakers(proxy):
+    # half-dead has a closed port and a live endpoint: each part that meets the closed
+    # one is tried again on the other.
+    for _ in range(4):
+        status, _, body = await get(proxy, "/bff/retried")
+        assert status == 200 and body["flaky"]["path"] == "/flaky"
+
+
+async def test_aggregate_over_http2(proxy):
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=10) as client:
+        answer = await client.get(proxy.url + "/bff/users/5?q=x",
+                                  headers={"host": "bff.test", "x-user": "u"})
+    assert answer.http_version == "HTTP/2" and answer.status_code == 200
+    assert answer.json()["profile"]["path"] == "/users/5"
+
+
+async def test_explain_and_config_show_the_aggregate_rule(proxy):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(proxy.admin + "/explain",
+                               params={"url": "http://bff.test/bff/users/1"}) as answer:
+            assert answer.status == 200, await answer.text()
+        async with session.get(proxy.admin + "/config") as answer:
+            config = await answer.json()
+    rules = next(r for r in config["routes"] if r["key"] == "default/bff")["rules"]
+    assert rules[0]["aggregate"]["parts"][0]["name"] == "profile"
