@@ -147,8 +147,13 @@ REFUSED = {
     "no-backend-and-no-answering-filter": (
         _route("r", {"rules": [{"filters": [{"type": "RequestHeaderModifier",
                                              "requestHeaderModifier": {"remove": ["x-a"]}}]}]}),
-        "spec.rules[0].backends: Invalid value: at least one backend, unless a "
-        "RequestRedirect or DirectResponse filter answers"),
+        "spec.rules[0].backends: Invalid value: at least one backend, unless the rule "
+        "aggregates or a RequestRedirect or DirectResponse filter answers"),
+    "aggregate-beside-backends": (
+        _route("r", {"rules": [{"aggregate": {"parts": [{"name": "a", "upstream": "u",
+                                                          "path": "/a"}]},
+                                "backends": [BACKEND]}]}),
+        "a rule has backends or aggregate, not both"),
     "filter-settings-of-another-type": (
         _route("r", {"rules": [{"filters": [{"type": "CORS", "urlRewrite": {"hostname": "a.b"}}],
                                 "backends": [BACKEND]}]}),
