@@ -49,7 +49,7 @@ def jwks(*keys: SigningKey) -> str:
 def claims(**extra: Any) -> dict[str, Any]:
     now = int(time.time())
     return {"iss": "https://issuer.test", "aud": "shop", "sub": "user-1", "iat": now,
-            "exp": now + 600, **extra}
+            "exp": now + 86400, **extra}  # made at collection: valid all through a run
 
 
 def unsigned_token(payload: dict[str, Any]) -> str:

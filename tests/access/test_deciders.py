@@ -169,7 +169,7 @@ def test_tokens_of_keys_in_the_jwks_verify(key: object) -> None:
 @pytest.mark.parametrize(("token", "cause"), [
     (OTHER.sign(claims()), "signature"),
     (RSA.sign(claims(exp=int(time.time()) - 120)), "expired"),
-    (RSA.sign(claims(nbf=int(time.time()) + 120)), "not-yet-valid"),
+    (RSA.sign(claims(nbf=int(time.time()) + 86400)), "not-yet-valid"),  # made at collection
     (RSA.sign(claims(aud="other")), "audience"),
     (RSA.sign(claims(iss="https://evil.test")), "issuer"),
     (unsigned_token(claims()), "algorithm"),
