@@ -67,6 +67,10 @@ class _Client(_Side):
                 self.transport.close()
             return
         self.peer = upstream
+        if self.pending and upstream.transport is not None:
+            # Bytes that arrived before the backend connection was up.
+            upstream.transport.write(b"".join(self.pending))
+            self.pending.clear()
         if self.transport is not None:
             self.transport.resume_reading()
 
