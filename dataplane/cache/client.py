@@ -46,6 +46,18 @@ class CacheExchange:
         """The request's fields as the client sent them, when the cache changed them."""
 
 
+def feed_body(exchange: CacheExchange | None, chunk: bytes) -> bool:
+    """A piece of the upstream's body for the exchange in progress (the reverse proxy's
+    or the forward listener's); True when it is dropped (the cache answered)."""
+    if exchange is None:
+        return False
+    if exchange.swallow:
+        return True
+    if exchange.fill is not None:
+        exchange.fill.feed(chunk)
+    return False
+
+
 class CachedRequest(Protocol):
     """A parsed request, as the cache reads it (and rewrites its fields)."""
 

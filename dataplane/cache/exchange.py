@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kanal.dataplane.cache import policy
-from kanal.dataplane.cache.client import CacheExchange
+from kanal.dataplane.cache.client import CacheExchange, feed_body
 from kanal.dataplane.cache.entries import (
     BYPASS,
     HIT,
@@ -310,14 +310,7 @@ def _invalidate(exchange: CacheExchange, method: bytes, status: int,
 
 def body(conn: CacheClient, chunk: bytes) -> bool:
     """A piece of the upstream's body; True when it is dropped (the cache answered)."""
-    exchange = conn.cache_exchange
-    if exchange is None:
-        return False
-    if exchange.swallow:
-        return True
-    if exchange.fill is not None:
-        exchange.fill.feed(chunk)
-    return False
+    return feed_body(conn.cache_exchange, chunk)
 
 
 def done(conn: CacheClient, upstream: UpstreamConnection) -> bool:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from kanal.contract.snapshot import Snapshot
 from kanal.dataplane.cache import policy
-from kanal.dataplane.cache.client import CacheExchange
+from kanal.dataplane.cache.client import CacheExchange, feed_body
 from kanal.dataplane.cache.entries import (
     BYPASS,
     HIT,
@@ -231,14 +231,7 @@ def head(conn: ForwardClient, request: ForwardRequestView, origin: AnswerHead) -
 
 def body(conn: ForwardClient, chunk: bytes) -> bool:
     """A piece of the origin's body; True when it is dropped (the cache answered)."""
-    exchange = conn.cache_exchange
-    if exchange is None:
-        return False
-    if exchange.swallow:
-        return True
-    if exchange.fill is not None:
-        exchange.fill.feed(chunk)
-    return False
+    return feed_body(conn.cache_exchange, chunk)
 
 
 def done(conn: ForwardClient) -> None:
