@@ -4,31 +4,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
-from tests.cache.origin import Origin, start_origin
-from tests.cache.test_cache_hits import q
-from tests.conftest import BackendThread, Kanal, RawResponse, free_port, raw_request, read_response
-
-
-@pytest.fixture(scope="module")
-def pool() -> Iterator[BackendThread]:
-    threads = BackendThread()
-    yield threads
-    threads.close()
-
-
-@pytest.fixture(scope="module")
-def origin(pool: BackendThread) -> Origin:
-    return start_origin(pool)
-
-
-@pytest.fixture(scope="module")
-def fragile(pool: BackendThread) -> Origin:
-    """An origin a test stops."""
-    return start_origin(pool)
+from tests.cache.helpers import q
+from tests.cache.origin import Origin
+from tests.conftest import Kanal, RawResponse, free_port, raw_request, read_response
 
 
 @pytest.fixture(scope="module")

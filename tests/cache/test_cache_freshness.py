@@ -6,31 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
-from tests.cache.origin import Origin, start_origin
-from tests.cache.test_cache_hits import get, q
-from tests.conftest import BackendThread, Kanal, async_wait_until
-
-
-@pytest.fixture(scope="module")
-def pool() -> Iterator[BackendThread]:
-    threads = BackendThread()
-    yield threads
-    threads.close()
-
-
-@pytest.fixture(scope="module")
-def origin(pool: BackendThread) -> Origin:
-    return start_origin(pool)
-
-
-@pytest.fixture(scope="module")
-def fragile(pool: BackendThread) -> Origin:
-    """An origin a test stops (its own upstream, a strict circuit breaker)."""
-    return start_origin(pool)
+from tests.cache.helpers import get, q
+from tests.cache.origin import Origin
+from tests.conftest import Kanal, async_wait_until
 
 
 @pytest.fixture(scope="module")
