@@ -1,9 +1,12 @@
 """What the cache tests through `kanal run` share: a request on the proxy (`get`), a
-query for the origin (`q`), and the Upstream manifest of an origin."""
+query for the origin (`q`), an origin failing for a while (`failing`), and the Upstream
+manifest of an origin."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from urllib.parse import quote
 
 from tests.cache.origin import Origin
@@ -28,6 +31,16 @@ async def get(proxy: Kanal, target: str, *headers: str, method: str = "GET",
 
 def q(**fields: str) -> str:
     return "&".join(f"{name}={quote(value)}" for name, value in fields.items())
+
+
+@contextmanager
+def failing(origin: Origin, path: str) -> Iterator[None]:
+    """The origin answers `path` with 503 inside the block."""
+    origin.failing.add(path)
+    try:
+        yield
+    finally:
+        origin.failing.discard(path)
 
 
 def upstream(origin: Origin) -> str:
