@@ -58,6 +58,24 @@ def feed_body(exchange: CacheExchange | None, chunk: bytes) -> bool:
     return False
 
 
+def finish_fill(exchange: CacheExchange | None) -> None:
+    """The upstream's answer ended cleanly: the exchange's fill, if any, stores what
+    streamed (if it may be)."""
+    if exchange is not None and exchange.fill is not None:
+        fill = exchange.fill
+        exchange.fill = None
+        fill.finish()
+
+
+def abort_fill(exchange: CacheExchange | None) -> None:
+    """The exchange ends another way: its fill, if any, is dropped (nothing is stored),
+    and those waiting for it go on."""
+    if exchange is not None and exchange.fill is not None:
+        fill = exchange.fill
+        exchange.fill = None
+        fill.abort()
+
+
 class CachedRequest(Protocol):
     """A parsed request, as the cache reads it (and rewrites its fields)."""
 

@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kanal.dataplane.cache import policy
-from kanal.dataplane.cache.client import CacheExchange, feed_body
+from kanal.dataplane.cache.client import CacheExchange, abort_fill, feed_body, finish_fill
 from kanal.dataplane.cache.entries import (
     BYPASS,
     HIT,
@@ -327,10 +327,7 @@ def done(conn: CacheClient, upstream: UpstreamConnection) -> bool:
             upstream.close()
         conn._end_exchange(exchange.served)
         return True
-    fill = exchange.fill
-    if fill is not None:
-        exchange.fill = None
-        fill.finish()
+    finish_fill(exchange)
     return False
 
 
@@ -351,11 +348,7 @@ def upstream_failed(conn: CacheClient) -> bool:
 def over(conn: CacheClient) -> None:
     """The exchange ends another way (an error, an abort, the client left): a fill that
     did not finish is dropped, and those waiting for it go on."""
-    exchange = conn.cache_exchange
-    if exchange is not None and exchange.fill is not None:
-        fill = exchange.fill
-        exchange.fill = None
-        fill.abort()
+    abort_fill(conn.cache_exchange)
 
 
 def error(conn: CacheClient, request: CachedRequest, status: int) -> bytes | None:
