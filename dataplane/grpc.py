@@ -105,6 +105,19 @@ def health_request(service: str) -> bytes:
     return frame(b"\x0a" + _varint(len(name)) + name if name else b"")
 
 
+def _read_varint(message: bytes, index: int) -> tuple[int, int]:
+    """The varint at `index` and the index after it (a truncated one ends the message)."""
+    value = shift = 0
+    while index < len(message):
+        byte = message[index]
+        index += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return value, index
+
+
 def health_status(body: bytes) -> int | None:
     """The status field of a framed HealthCheckResponse (0, UNKNOWN, when absent);
     None when the bytes are not one."""
@@ -120,25 +133,12 @@ def health_status(body: bytes) -> int | None:
         key = message[index]
         index += 1
         wire = key & 0x07
-        value = shift = 0
         if wire == 0:
-            while index < len(message):
-                byte = message[index]
-                index += 1
-                value |= (byte & 0x7F) << shift
-                shift += 7
-                if not byte & 0x80:
-                    break
+            value, index = _read_varint(message, index)
             if key >> 3 == 1:
                 status = value
         elif wire == 2:
-            while index < len(message):
-                byte = message[index]
-                index += 1
-                value |= (byte & 0x7F) << shift
-                shift += 7
-                if not byte & 0x80:
-                    break
+            value, index = _read_varint(message, index)
             index += value
         else:
             return None

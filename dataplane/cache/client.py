@@ -46,6 +46,36 @@ class CacheExchange:
         """The request's fields as the client sent them, when the cache changed them."""
 
 
+def feed_body(exchange: CacheExchange | None, chunk: bytes) -> bool:
+    """A piece of the upstream's body for the exchange in progress (the reverse proxy's
+    or the forward listener's); True when it is dropped (the cache answered)."""
+    if exchange is None:
+        return False
+    if exchange.swallow:
+        return True
+    if exchange.fill is not None:
+        exchange.fill.feed(chunk)
+    return False
+
+
+def finish_fill(exchange: CacheExchange | None) -> None:
+    """The upstream's answer ended cleanly: the exchange's fill, if any, stores what
+    streamed (if it may be)."""
+    if exchange is not None and exchange.fill is not None:
+        fill = exchange.fill
+        exchange.fill = None
+        fill.finish()
+
+
+def abort_fill(exchange: CacheExchange | None) -> None:
+    """The exchange ends another way: its fill, if any, is dropped (nothing is stored),
+    and those waiting for it go on."""
+    if exchange is not None and exchange.fill is not None:
+        fill = exchange.fill
+        exchange.fill = None
+        fill.abort()
+
+
 class CachedRequest(Protocol):
     """A parsed request, as the cache reads it (and rewrites its fields)."""
 

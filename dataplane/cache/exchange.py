@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kanal.dataplane.cache import policy
-from kanal.dataplane.cache.client import CacheExchange
+from kanal.dataplane.cache.client import CacheExchange, abort_fill, feed_body, finish_fill
 from kanal.dataplane.cache.entries import (
     BYPASS,
     HIT,
@@ -312,14 +312,7 @@ def _invalidate(exchange: CacheExchange, method: bytes, status: int,
 
 def body(conn: CacheClient, chunk: bytes) -> bool:
     """A piece of the upstream's body; True when it is dropped (the cache answered)."""
-    exchange = conn.cache_exchange
-    if exchange is None:
-        return False
-    if exchange.swallow:
-        return True
-    if exchange.fill is not None:
-        exchange.fill.feed(chunk)
-    return False
+    return feed_body(conn.cache_exchange, chunk)
 
 
 def done(conn: CacheClient, upstream: UpstreamConnection) -> bool:
@@ -336,10 +329,7 @@ def done(conn: CacheClient, upstream: UpstreamConnection) -> bool:
             upstream.close()
         conn._end_exchange(exchange.served)
         return True
-    fill = exchange.fill
-    if fill is not None:
-        exchange.fill = None
-        fill.finish()
+    finish_fill(exchange)
     return False
 
 
@@ -360,11 +350,7 @@ def upstream_failed(conn: CacheClient) -> bool:
 def over(conn: CacheClient) -> None:
     """The exchange ends another way (an error, an abort, the client left): a fill that
     did not finish is dropped, and those waiting for it go on."""
-    exchange = conn.cache_exchange
-    if exchange is not None and exchange.fill is not None:
-        fill = exchange.fill
-        exchange.fill = None
-        fill.abort()
+    abort_fill(conn.cache_exchange)
 
 
 def error(conn: CacheClient, request: CachedRequest, status: int) -> bytes | None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from kanal.contract.snapshot import Snapshot
 from kanal.dataplane.cache import policy
-from kanal.dataplane.cache.client import CacheExchange
+from kanal.dataplane.cache.client import CacheExchange, abort_fill, feed_body, finish_fill
 from kanal.dataplane.cache.entries import (
     BYPASS,
     HIT,
@@ -231,23 +231,12 @@ def head(conn: ForwardClient, request: ForwardRequestView, origin: AnswerHead) -
 
 def body(conn: ForwardClient, chunk: bytes) -> bool:
     """A piece of the origin's body; True when it is dropped (the cache answered)."""
-    exchange = conn.cache_exchange
-    if exchange is None:
-        return False
-    if exchange.swallow:
-        return True
-    if exchange.fill is not None:
-        exchange.fill.feed(chunk)
-    return False
+    return feed_body(conn.cache_exchange, chunk)
 
 
 def done(conn: ForwardClient) -> None:
     """The origin's answer ended cleanly: store what streamed, if it may be."""
-    exchange = conn.cache_exchange
-    if exchange is not None and exchange.fill is not None:
-        fill = exchange.fill
-        exchange.fill = None
-        fill.finish()
+    finish_fill(conn.cache_exchange)
 
 
 def error(conn: ForwardClient, request: ForwardRequestView, status: int) -> bool:
@@ -270,11 +259,7 @@ def error(conn: ForwardClient, request: ForwardRequestView, status: int) -> bool
 
 def failed(conn: ForwardClient) -> None:
     """The origin's answer broke off (or the client left): nothing is stored."""
-    exchange = conn.cache_exchange
-    if exchange is not None and exchange.fill is not None:
-        fill = exchange.fill
-        exchange.fill = None
-        fill.abort()
+    abort_fill(conn.cache_exchange)
 
 
 __all__ = ["begin", "body", "done", "egress_cache", "error", "failed", "head"]

@@ -13,6 +13,7 @@ import time
 import pytest
 from aiohttp import web
 
+from tests.access.helpers import serve_app
 from tests.conftest import free_port, header_values, raw_request, upstream_yaml
 
 
@@ -43,9 +44,7 @@ class AuthService:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", check)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runner = await serve_app(app, self.port)
 
     async def stop(self) -> None:
         if self.runner is not None:

@@ -11,8 +11,9 @@ import time
 
 from aiohttp import web
 
+from tests.access.helpers import api_manifests, serve_app
 from tests.access.keys import claims, jwks, rsa_key
-from tests.conftest import free_port, raw_request, upstream_yaml
+from tests.conftest import free_port, raw_request
 
 
 class Issuer:
@@ -29,9 +30,7 @@ class Issuer:
 
         app = web.Application()
         app.router.add_get("/jwks", serve)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.runner = await serve_app(app, self.port)
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -40,18 +39,11 @@ class Issuer:
 
 
 def manifests(backend, issuer_port: int, cache: str = "1h") -> dict[str, str]:
-    route = f"""\
-apiVersion: kanal.dev/v1alpha1
-kind: Route
-metadata: {{name: api}}
-spec:
-  policies:
+    return api_manifests(backend, f"""\
     jwt:
       audiences: [shop]
       remoteJWKS: {{uri: "http://127.0.0.1:{issuer_port}/jwks", cacheDuration: {cache}}}
-  rules: [{{backends: [{{upstream: api}}]}}]
-"""
-    return {"route.yaml": route, "up.yaml": upstream_yaml("api", backend)}
+""")
 
 
 async def call(k, token: str) -> int:

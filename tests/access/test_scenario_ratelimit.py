@@ -7,21 +7,15 @@ import asyncio
 import json
 import urllib.request
 
+from tests.access.helpers import api_manifests
 from tests.conftest import raw_request, upstream_yaml
 
 
 def manifests(backend, limits: str) -> dict[str, str]:
-    route = f"""\
-apiVersion: kanal.dev/v1alpha1
-kind: Route
-metadata: {{name: api}}
-spec:
-  policies:
+    return api_manifests(backend, f"""\
     rateLimit:
       limits: {limits}
-  rules: [{{backends: [{{upstream: api}}]}}]
-"""
-    return {"route.yaml": route, "up.yaml": upstream_yaml("api", backend)}
+""")
 
 
 async def get(k, client: str = ""):

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import free_port, raw_request, upstream_yaml, wait_until
+from tests.access.helpers import api_manifests
+from tests.conftest import free_port, raw_request, wait_until
 
 REDIS = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS is None, reason="redis-server is not installed "
@@ -66,19 +67,12 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def manifests(backend, limit: str, failure_mode: str = "Open") -> dict[str, str]:
-    route = f"""\
-apiVersion: kanal.dev/v1alpha1
-kind: Route
-metadata: {{name: api}}
-spec:
-  policies:
+    return api_manifests(backend, f"""\
     rateLimit:
       type: Global
       failureMode: {failure_mode}
       limits: [{limit}]
-  rules: [{{backends: [{{upstream: api}}]}}]
-"""
-    return {"route.yaml": route, "up.yaml": upstream_yaml("api", backend)}
+""")
 
 
 async def get(k) -> int:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import aiohttp
 import pytest
 
-from tests.cache.origin import Origin, start_origin
-from tests.cache.test_cache_hits import get, q
-from tests.conftest import BackendThread, Kanal
+from tests.cache.helpers import get, q, upstream
+from tests.cache.origin import Origin
+from tests.conftest import Kanal
 
 ROUTE = """\
     apiVersion: kanal.dev/v1alpha1
@@ -23,23 +23,6 @@ ROUTE = """\
         - backends: [{upstream: origin}]
           cache: {}
     """
-
-
-def upstream(origin: Origin) -> str:
-    return f"""\
-        apiVersion: kanal.dev/v1alpha1
-        kind: Upstream
-        metadata: {{name: origin}}
-        spec:
-          endpoints: [{{address: 127.0.0.1, port: {origin.port}}}]
-        """
-
-
-@pytest.fixture(scope="module")
-def origin() -> Iterator[Origin]:
-    pool = BackendThread()
-    yield start_origin(pool)
-    pool.close()
 
 
 @pytest.fixture(scope="module")

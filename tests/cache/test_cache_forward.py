@@ -4,31 +4,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
-from tests.cache.origin import Origin, start_origin
-from tests.cache.test_cache_hits import q
-from tests.conftest import BackendThread, Kanal, RawResponse, free_port, raw_request, read_response
-
-
-@pytest.fixture(scope="module")
-def pool() -> Iterator[BackendThread]:
-    threads = BackendThread()
-    yield threads
-    threads.close()
-
-
-@pytest.fixture(scope="module")
-def origin(pool: BackendThread) -> Origin:
-    return start_origin(pool)
-
-
-@pytest.fixture(scope="module")
-def fragile(pool: BackendThread) -> Origin:
-    """An origin a test stops."""
-    return start_origin(pool)
+from tests.cache.helpers import failing, q
+from tests.cache.origin import Origin
+from tests.conftest import Kanal, RawResponse, free_port, raw_request, read_response
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +87,8 @@ async def test_connect_tunnels_are_never_cached(proxy, origin, forward_port):
 async def test_stale_if_error_on_the_forward_listener(proxy, origin, fragile, pool, forward_port):
     target = "/fwd-sie?" + q(cc="max-age=0, stale-if-error=600")
     first = await fetch(forward_port, origin, target)
-    origin.failing.add("/fwd-sie")
-    try:
+    with failing(origin, "/fwd-sie"):
         stale = await fetch(forward_port, origin, target)
-    finally:
-        origin.failing.discard("/fwd-sie")
     assert stale.status == 200 and stale.header("X-Cache") == "STALE" and stale.body == first.body
     page = "/fwd-down?" + q(cc="max-age=0, stale-if-error=600")
     kept = await fetch(forward_port, fragile, page)

@@ -6,31 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
-from tests.cache.origin import Origin, start_origin
-from tests.cache.test_cache_hits import get, q
-from tests.conftest import BackendThread, Kanal, async_wait_until
-
-
-@pytest.fixture(scope="module")
-def pool() -> Iterator[BackendThread]:
-    threads = BackendThread()
-    yield threads
-    threads.close()
-
-
-@pytest.fixture(scope="module")
-def origin(pool: BackendThread) -> Origin:
-    return start_origin(pool)
-
-
-@pytest.fixture(scope="module")
-def fragile(pool: BackendThread) -> Origin:
-    """An origin a test stops (its own upstream, a strict circuit breaker)."""
-    return start_origin(pool)
+from tests.cache.helpers import failing, get, q
+from tests.cache.origin import Origin
+from tests.conftest import Kanal, async_wait_until
 
 
 @pytest.fixture(scope="module")
@@ -111,20 +93,14 @@ async def test_stale_while_revalidate_answers_at_once_and_refreshes(proxy, origi
 async def test_stale_if_error_serves_the_entry_when_the_origin_answers_5xx(proxy, origin):
     target = "/sie?" + q(cc="max-age=0, stale-if-error=60")
     await get(proxy, target)
-    origin.failing.add("/sie")
-    try:
+    with failing(origin, "/sie"):
         stale = await get(proxy, target)
-    finally:
-        origin.failing.discard("/sie")
     assert stale.status == 200 and stale.header("X-Cache") == "STALE"
     assert stale.body == b"/sie #1 "
     strict = "/strict?" + q(cc="max-age=0, stale-if-error=60, must-revalidate")
     await get(proxy, strict)
-    origin.failing.add("/strict")
-    try:
+    with failing(origin, "/strict"):
         answer = await get(proxy, strict)
-    finally:
-        origin.failing.discard("/strict")
     assert answer.status == 503 and answer.header("X-Cache") == "MISS"
 
 

@@ -3,33 +3,19 @@ and every answer of the rule says what the cache did (`X-Cache`)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Iterator
-from urllib.parse import quote
+from collections.abc import Callable
 
 import pytest
 
-from tests.cache.origin import Origin, start_origin
-from tests.conftest import BackendThread, Kanal, RawResponse, raw_request, read_response
-
-
-@pytest.fixture(scope="module")
-def origin() -> Iterator[Origin]:
-    pool = BackendThread()
-    yield start_origin(pool)
-    pool.close()
+from tests.cache.helpers import get, q, upstream
+from tests.cache.origin import Origin
+from tests.conftest import Kanal, raw_request
 
 
 @pytest.fixture(scope="module")
 def proxy(origin: Origin, module_kanal: Callable[..., Kanal]) -> Kanal:
     manifests = {
-        "origin.yaml": f"""\
-            apiVersion: kanal.dev/v1alpha1
-            kind: Upstream
-            metadata: {{name: origin}}
-            spec:
-              endpoints: [{{address: 127.0.0.1, port: {origin.port}}}]
-            """,
+        "origin.yaml": upstream(origin),
         "route.yaml": """\
             apiVersion: kanal.dev/v1alpha1
             kind: Route
@@ -55,26 +41,6 @@ def proxy(origin: Origin, module_kanal: Callable[..., Kanal]) -> Kanal:
             """,
     }
     return module_kanal(manifests)
-
-
-async def get(proxy: Kanal, target: str, *headers: str, method: str = "GET",
-              timeout: float = 10.0) -> RawResponse:
-    lines = "".join(f"{h}\r\n" for h in headers)
-    data = f"{method} {target} HTTP/1.1\r\nHost: site.test\r\n{lines}Connection: close\r\n\r\n"
-    if method != "HEAD":
-        [answer] = await raw_request(proxy.port, data.encode(), timeout=timeout)
-        return answer
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-    try:
-        writer.write(data.encode())
-        async with asyncio.timeout(10):
-            return await read_response(reader, head_request=True)
-    finally:
-        writer.close()
-
-
-def q(**fields: str) -> str:
-    return "&".join(f"{name}={quote(value)}" for name, value in fields.items())
 
 
 async def test_a_fresh_answer_is_served_from_the_cache_with_age(proxy: Kanal, origin: Origin):

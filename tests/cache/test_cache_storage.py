@@ -4,22 +4,10 @@ once, counted); answers with a huge Vary are not stored."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.cache.origin import Origin, start_origin
-from tests.cache.test_cache_admin import ROUTE, admin, metric, upstream
-from tests.cache.test_cache_hits import get, q
-from tests.conftest import BackendThread
-
-
-@pytest.fixture(scope="module")
-def origin() -> Iterator[Origin]:
-    pool = BackendThread()
-    yield start_origin(pool)
-    pool.close()
+from tests.cache.helpers import get, q, upstream
+from tests.cache.test_cache_admin import ROUTE, admin, metric
 
 
 async def test_entries_spill_to_disk_and_are_served_from_it(origin, kanal, tmp_path: Path):
