@@ -1210,12 +1210,7 @@ class ClientConnection(asyncio.Protocol):
     def _end_exchange(self, status: int) -> None:
         request = self.current
         assert request is not None
-        if self.context.observing:
-            self._observed(request, status)
-        self.context.metrics.observe(
-            self.route_key, self.upstream_key, status, time.monotonic() - request.started,
-            request.received, self.body_sent,
-        )
+        self._record(request, status)
         if self.timer is not None:
             self._cancel_timer()
         if self.try_timer is not None or self.retries is not None or self.last_failure is not None:
