@@ -629,6 +629,11 @@ def fmt_lat(v: float | None) -> str:
     return "" if v is None else f"{v:,.0f} µs"
 
 
+def added(p50: float | None, backend_p50: float | None) -> float | None:
+    """Latency a proxy adds at c1: its p50 minus the backend's own (None unmeasured)."""
+    return None if p50 is None or backend_p50 is None else p50 - backend_p50
+
+
 def ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or not b else f"{a / b:.2f}"
 
@@ -657,6 +662,7 @@ def report(targets: list[Target], meta: dict[str, Any]) -> str:
                      f"{fmt_us(s['cpu_100'])} | {fmt_us(s['cpu_16k'])} | {fmt_lat(s['p50'])} | "
                      f"{fmt_lat(s['p99'])} |")
     lines.append("")
+    backend_p50 = sums["backend"]["p50"] if "backend" in sums else None
     if "nginx" in sums:
         n = sums["nginx"]
         for name in ("kanal", "kanal-b", "haproxy"):
@@ -667,7 +673,8 @@ def report(targets: list[Target], meta: dict[str, Any]) -> str:
                     f"rps 16 KiB {ratio(s['rps_16k'], n['rps_16k'])}, "
                     f"CPU per request 100 B {ratio(s['cpu_100'], n['cpu_100'])}, "
                     f"16 KiB {ratio(s['cpu_16k'], n['cpu_16k'])}, "
-                    f"p50 at c1 {ratio(s['p50'], n['p50'])}")
+                    f"p50 at c1 {ratio(s['p50'], n['p50'])}, "
+                    f"added p50 at c1 {ratio(added(s['p50'], backend_p50), added(n['p50'], backend_p50))}")
         if "kanal" not in sums:
             lines.append("kanal / nginx: n/a (kanal not measured in this run)")
     else:
