@@ -129,10 +129,11 @@ def add_observability_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracing-service-name", default="kanal", metavar="NAME",
                         help="service.name of the spans (default kanal)")
 
-    parser.add_argument("--access-log", type=access_log_target, default="off",
-                        metavar="stdout|PATH|off",
-                        help="one line per request on every listener, to standard output or "
-                             "appended to a file (default off)")
+    parser.add_argument("--access-log", type=access_log_target, action="append", default=None,
+                        metavar="[LISTENER=]stdout|PATH|off",
+                        help="one line per request, to standard output or appended to a file "
+                             "(default off); repeat with a listener prefix (reverse=, inbound=, "
+                             "forward=) to give that listener a place of its own")
     parser.add_argument("--access-log-format", default="json", choices=FORMATS,
                         help="json (one object a line, the default) or text (logfmt: "
                              "name=value pairs)")
@@ -142,24 +143,39 @@ def add_observability_flags(parser: argparse.ArgumentParser) -> None:
                              "log or tracing is)")
     parser.add_argument("--access-log-listeners", type=listener_names, default=LISTENERS,
                         metavar="NAME,...",
-                        help="the listeners that write access log lines: reverse (--listen, "
-                             "--tls-listen), inbound, forward (default all three)")
+                        help="the listeners the --access-log without a prefix serves: reverse "
+                             "(--listen, --tls-listen), inbound, forward (default all three)")
     parser.add_argument("--access-log-fields", type=field_names, default=FIELDS,
                         metavar="NAME,...",
                         help=f"the fields to write, in this order (default all: {','.join(FIELDS)})")
 
 
-def access_log_target(text: str) -> str:
-    """stdout, off, or a file that can be appended to (checked now, not at the first line)."""
+def access_log_target(text: str) -> tuple[str | None, str]:
+    """`[LISTENER=]stdout|off|PATH`: (listener or None for every one, destination). A
+    file must be one that can be appended to (checked now, not at the first line). A
+    path whose start looks like a prefix (`name=...`) is written `./name=...`."""
+    from kanal.dataplane.accesslog import LISTENERS
+
+    listener: str | None = None
+    prefix, sep, rest = text.partition("=")
+    if sep and prefix.isidentifier():
+        if prefix not in LISTENERS:
+            raise argparse.ArgumentTypeError(
+                f"unknown listener {prefix!r} in {text!r} (known: {', '.join(LISTENERS)}; "
+                f"a path is written ./{text})")
+        listener, text = prefix, rest
     if text in ("stdout", "off"):
-        return text
+        return listener, text
+    if not text:
+        raise argparse.ArgumentTypeError("expected stdout, off or a file path after "
+                                         f"{listener}=")
     try:
         with open(text, "a", encoding="utf-8"):
             pass
     except OSError as exc:
         raise argparse.ArgumentTypeError(f"cannot write the access log {text}: "
                                          f"{exc.strerror or exc}") from None
-    return text
+    return listener, text
 
 
 def ratio(text: str) -> float:
@@ -203,15 +219,15 @@ def field_names(text: str) -> tuple[str, ...]:
 def observability_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The DataplaneOptions fields the observability flags set (the access log is opened
     here, so a path that cannot be written is refused before anything starts)."""
-    from kanal.dataplane.accesslog import AccessLog
+    from kanal.dataplane.accesslog import destinations, open_access_logs
     from kanal.dataplane.requestid import RequestIds
 
     found: dict[str, Any] = {}
-    target = getattr(args, "access_log", "off")
-    if target not in ("off", "", None):
-        found["access_log"] = AccessLog(target, form=args.access_log_format,
-                                        fields=args.access_log_fields)
-        found["access_log_listeners"] = frozenset(args.access_log_listeners)
+    plan = destinations(getattr(args, "access_log", None) or (),
+                        getattr(args, "access_log_listeners", LISTENERS))
+    if plan:
+        found["access_logs"] = open_access_logs(plan, form=args.access_log_format,
+                                                fields=args.access_log_fields)
     endpoint = getattr(args, "tracing_endpoint", None)
     if endpoint:
         from kanal.dataplane.tracing import Tracing
@@ -226,7 +242,9 @@ def observability_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def observability_argv(args: argparse.Namespace) -> list[str]:
     """The observability flags again, for a worker's command line."""
-    return ["--access-log", args.access_log, "--access-log-format", args.access_log_format,
+    logs = [part for listener, target in args.access_log or ()
+            for part in ("--access-log", target if listener is None else f"{listener}={target}")]
+    return [*logs, "--access-log-format", args.access_log_format,
             "--access-log-fields", ",".join(args.access_log_fields),
             "--access-log-listeners", ",".join(args.access_log_listeners),
             "--request-id", args.request_id,

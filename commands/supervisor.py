@@ -4,8 +4,9 @@ Each worker is a full `kanal run` of its own that reads the same files (so every
 worker compiles the same Snapshot, with the same version) and binds the listening
 port with SO_REUSEPORT, so the kernel spreads connections over them. Each worker
 serves its admin endpoints on a private loopback port; this process serves `--admin`
-for the whole group: `/ready` when every worker is ready, `/config`, `/explain` and
-the dashboard from a worker, and `/metrics` summed over the workers.
+for the whole group: `/ready` when every worker is ready, `/config` and `/explain`
+from a worker, and `/metrics` and the dashboard merged over the workers
+(`kanal.commands.dashmerge`).
 
 A worker that dies is started again, after a pause that grows while it keeps dying;
 one that cannot bind a listening address (exit code `EXIT_CANNOT_BIND`) is not: the
@@ -18,20 +19,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
 import sys
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from kanal.commands.dashmerge import merge_views
 from kanal.commands.options import EXIT_CANNOT_BIND, limit_argv, observability_argv
 from kanal.commands.splitmerge import merged_split_samples
 from kanal.dataplane.access.sharedlimits import share_between_workers
+from kanal.dataplane.dashboard import headers as dashboard_headers
+from kanal.dataplane.dashboard import render_page
+from kanal.dataplane.dashview import render_tables
 
 log = logging.getLogger("kanal.supervisor")
 
@@ -182,6 +189,26 @@ def group_admin_app(workers: list[Worker]) -> web.Application:
                     texts.append(body.decode())
         return web.Response(text=merge_metrics(texts), content_type="text/plain")
 
+    async def dashboard_state() -> dict[str, Any]:
+        views = []
+        for worker in workers:
+            with contextlib.suppress(aiohttp.ClientError, OSError, ValueError):
+                status, body, _type = await fetch(worker, "/ui/state.json")
+                if status == 200:
+                    views.append(json.loads(body))
+        return merge_views(views, len(workers))
+
+    async def dashboard_page(_: web.Request) -> web.Response:
+        return web.Response(text=render_page(await dashboard_state()), content_type="text/html",
+                            headers=dashboard_headers())
+
+    async def dashboard_tables(_: web.Request) -> web.Response:
+        return web.Response(text=render_tables(await dashboard_state()),
+                            content_type="text/html", headers=dashboard_headers())
+
+    async def dashboard_json(_: web.Request) -> web.Response:
+        return web.json_response(await dashboard_state(), headers=dashboard_headers())
+
     async def purge(request: web.Request) -> web.Response:
         # Each worker has its own cache: the purge goes to every one, counts summed.
         client = await session()
@@ -209,8 +236,11 @@ def group_admin_app(workers: list[Worker]) -> web.Application:
     app.router.add_get("/config", forward)
     app.router.add_get("/explain", forward)
     app.router.add_get("/metrics", metrics)
-    for path in ("/", "/ui", "/ui/tables", "/ui/state.json"):
-        app.router.add_get(path, forward)  # the dashboard of the first worker that answers
+    # The dashboard: every worker's data, merged.
+    app.router.add_get("/", dashboard_page)
+    app.router.add_get("/ui", dashboard_page)
+    app.router.add_get("/ui/tables", dashboard_tables)
+    app.router.add_get("/ui/state.json", dashboard_json)
     app.on_cleanup.append(close_session)
     return app
 

@@ -6,16 +6,21 @@ seconds, formats what is queued (`kanal.dataplane.logformat`) and writes it in o
 go. A slow or stuck sink (a full disk, a pipe nobody reads) never stalls a request:
 once `capacity` records wait, new ones are dropped and counted
 (`kanal_access_log_dropped_total`).
+
+Each listener may write to a place of its own (`--access-log reverse=PATH`):
+`destinations` says which listener writes where, `open_access_logs` opens one writer
+per place, so listeners naming one file share its writer (and its order of lines).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from kanal.dataplane import logformat
@@ -25,6 +30,12 @@ log = logging.getLogger("kanal.accesslog")
 
 if TYPE_CHECKING:
     from kanal.dataplane.metrics import RequestMetrics
+
+LISTENERS = ("reverse", "inbound", "forward")
+"""The listeners that write access log lines: reverse (`--listen`, `--tls-listen`),
+inbound (a sidecar's `--inbound-listen`), forward (`--forward-listen`)."""
+OFF = "off"
+STDOUT = "stdout"
 
 CAPACITY = 16384
 """Records waiting for the writer at most; more are dropped."""
@@ -129,3 +140,56 @@ class AccessLog:
                 self.metrics.access_log_dropped += lost
             return
         self.written += len(lines) - 1
+
+
+Destination = tuple[str | None, str]
+"""One `--access-log`: (listener, stdout | path | off), listener None for every one."""
+
+
+def destinations(chosen: Iterable[Destination],
+                 default_listeners: Iterable[str] = LISTENERS) -> dict[str, str]:
+    """Where each listener writes (listeners that write nothing are left out). Pure.
+
+    The last destination without a listener serves `default_listeners`; one with a
+    listener (the last given for it) overrides that for its listener, `off` included.
+    """
+    chosen = list(chosen)
+    default = OFF
+    for listener, target in chosen:
+        if listener is None:
+            default = target
+    plan = {listener: default for listener in default_listeners}
+    for listener, target in chosen:
+        if listener is not None:
+            if listener not in LISTENERS:
+                raise ValueError(f"unknown listener {listener!r} (known: {', '.join(LISTENERS)})")
+            plan[listener] = target
+    return {listener: target for listener, target in plan.items() if target != OFF}
+
+
+def open_access_logs(plan: dict[str, str], *, form: str = "json",
+                     fields: Sequence[str] = logformat.FIELDS) -> dict[str, AccessLog]:
+    """One writer per destination of `plan` (`destinations`), by listener: standard
+    output once, and each file once however it is spelled (relative or absolute)."""
+    writers: dict[str, AccessLog] = {}
+    found: dict[str, AccessLog] = {}
+    try:
+        for listener, target in sorted(plan.items()):
+            place = target if target == STDOUT else os.path.abspath(target)
+            writer = writers.get(place)
+            if writer is None:
+                writer = writers[place] = AccessLog(target, form=form, fields=fields)
+            found[listener] = writer
+    except (OSError, ValueError):
+        for writer in writers.values():
+            writer.close()
+        raise
+    return found
+
+
+def distinct(logs: Iterable[AccessLog]) -> list[AccessLog]:
+    """Each writer once (several listeners may share one)."""
+    seen: dict[int, AccessLog] = {}
+    for writer in logs:
+        seen.setdefault(id(writer), writer)
+    return list(seen.values())

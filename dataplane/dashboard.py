@@ -23,7 +23,7 @@ from kanal.dataplane.dashview import Traffic, dashboard_view, render_tables
 from kanal.dataplane.runtime import Runtime
 from kanal.dataplane.splitwatch import SplitWatch
 
-__all__ = ["PATHS", "add_dashboard"]
+__all__ = ["PATHS", "add_dashboard", "headers", "render_page"]
 
 PATHS = ("/", "/ui", "/ui/tables", "/ui/state.json")
 """What the dashboard serves on the admin port."""
@@ -35,6 +35,16 @@ _SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 @lru_cache(maxsize=1)
 def _page() -> str:
     return (resources.files("kanal.dataplane") / "static" / "dashboard.html").read_text("utf-8")
+
+
+def render_page(view: dict[str, Any]) -> str:
+    """The whole page, its tables rendered from `view` (a `dashboard_view`)."""
+    return _page().replace(_MARK, render_tables(view), 1)
+
+
+def headers() -> dict[str, str]:
+    """The headers of every dashboard answer."""
+    return dict(_headers())
 
 
 @lru_cache(maxsize=1)
@@ -60,7 +70,7 @@ def add_dashboard(app: web.Application, runtime: Runtime, splits: SplitWatch) ->
         return dashboard_view(runtime.config, runtime.metrics, splits, traffic, time.time())
 
     async def page(_: web.Request) -> web.Response:
-        html = _page().replace(_MARK, render_tables(view()), 1)
+        html = render_page(view())
         return web.Response(text=html, content_type="text/html", headers=_headers())
 
     async def tables(_: web.Request) -> web.Response:

@@ -242,6 +242,11 @@ def render_tables(view: Mapping[str, Any]) -> str:
     else:
         out.append(f'Version <code id="version">{escape(str(version))}</code>, applied '
                    f'<span id="applied-at">{escape(str(view.get("appliedAt")))}</span>.')
+    workers = view.get("workers")
+    if workers:
+        out.append(f' <span id="workers">Counts, rates, splits and requests in flight are '
+                   f'sums over {int(workers["answered"])} of {int(workers["total"])} '
+                   "workers.</span>")
     out.append(f' <span class="muted">Read at {escape(str(view.get("generatedAt")))}.</span>')
     out.append("</p></section>")
 
@@ -325,9 +330,14 @@ def render_tables(view: Mapping[str, Any]) -> str:
             health = endpoint["health"]
             if not upstream["healthChecked"]:
                 health += " (passive)"
+            spread = endpoint.get("workers")  # a group's view: the workers may disagree
+            if spread and spread["healthy"] != spread["total"]:
+                health += f' (healthy in {spread["healthy"]} of {spread["total"]} workers)'
             out.append(_cell(health, "good" if endpoint["health"] == "healthy" else "bad"))
-            out.append(_cell(endpoint["circuit"], "good" if endpoint["circuit"] == "closed"
-                             else "bad"))
+            circuit = endpoint["circuit"]
+            if spread and spread["circuitClosed"] != spread["total"]:
+                circuit += f' (closed in {spread["circuitClosed"]} of {spread["total"]} workers)'
+            out.append(_cell(circuit, "good" if endpoint["circuit"] == "closed" else "bad"))
             out.append(_cell(endpoint["activeRequests"], "num"))
             out.append("</tr>")
     out.append("</tbody></table></section>")

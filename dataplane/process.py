@@ -14,7 +14,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kanal.contract.snapshot import Snapshot
@@ -53,14 +53,20 @@ class DataplaneOptions:
     body_idle_timeout: float = BODY_IDLE_TIMEOUT  # between two bytes of a request body
     max_connections: int | None = None  # client connections per listener (None: no cap)
     compression: bool = False  # every rule without a Compression filter compresses
-    access_log: AccessLog | None = None  # --access-log (None: off); closed by run_dataplane
+    # --access-log: the writer of each listener that writes lines (reverse, inbound,
+    # forward; listeners may share one); absent: none. Closed by run_dataplane.
+    access_logs: dict[str, AccessLog] = field(default_factory=dict)
     request_ids: RequestIds | None = None  # --request-id (None: off)
     tracing: Tracing | None = None  # --tracing-endpoint (None: off); closed by run_dataplane
-    # --access-log-listeners: which listeners write access log lines.
-    access_log_listeners: frozenset[str] = frozenset({"reverse", "inbound", "forward"})
 
     def access_log_for(self, listener: str) -> AccessLog | None:
-        return self.access_log if listener in self.access_log_listeners else None
+        return self.access_logs.get(listener)
+
+    def access_log_writers(self) -> list[AccessLog]:
+        """Each writer once."""
+        from kanal.dataplane.accesslog import distinct
+
+        return distinct(self.access_logs.values())
     cache_size: int = 64 * 1024 * 1024  # memory for cached answers (the process's store)
     cache_dir: str | None = None  # where cached answers spill when memory is full
     cache_disk_size: int = 1024 * 1024 * 1024  # bytes cache_dir may hold
@@ -249,17 +255,18 @@ async def run_dataplane(
     from kanal.dataplane.server import housekeeping, tune_gc
 
     runtime = runtime or Runtime(gateway=options.gateway)
-    if options.access_log is not None:
-        options.access_log.metrics = runtime.metrics  # drops are counted in /metrics
+    writers = options.access_log_writers()
+    for writer in writers:
+        writer.metrics = runtime.metrics  # drops are counted in /metrics
     configure_cache(options.cache_size, options.cache_dir, options.cache_disk_size)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
-    if options.access_log is not None:  # after a rotation: write to the path again
+    if writers:  # after a rotation: every file is opened again by its path
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(signal.SIGHUP, options.access_log.reopen)
+            loop.add_signal_handler(signal.SIGHUP, reopen_all, writers)
     # Active health checkers follow each applied configuration, on this loop.
     runtime.on_apply.append(lambda _config: runtime.start_health_checks(loop))
     runtime.start_health_checks(loop)
@@ -290,11 +297,16 @@ async def run_dataplane(
         if runner is not None:
             await runner.cleanup()
         runtime.close()
-        if options.access_log is not None:
-            await asyncio.to_thread(options.access_log.close)
+        for writer in writers:
+            await asyncio.to_thread(writer.close)
         if options.tracing is not None:
             await asyncio.to_thread(options.tracing.close)
     return 0
+
+
+def reopen_all(writers: list[AccessLog]) -> None:
+    for writer in writers:
+        writer.reopen()
 
 
 async def drain(runtime: Runtime, timeout: float) -> None:

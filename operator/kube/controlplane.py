@@ -371,12 +371,17 @@ class ControlPlane:
         self.metrics.status_patches.inc(patched)
 
     def split_conditions(self) -> dict[str, dict[str, Any]]:
-        """Each weighted Route's SplitObserved condition, from the split reports of this
-        replica's dataplanes (with leader election: the leader's)."""
+        """Each weighted Route's SplitObserved condition, from the last split report of
+        every dataplane: this replica's, and with leader election every replica's (from
+        the shared records, each dataplane once), their windows summed."""
         if self.publisher is None or self.publisher.current is None:
             return {}
-        return route_conditions(self.publisher.current,
-                                ((plane.id, plane.splits) for plane in self.publisher.dataplanes()))
+        if self.records is not None:
+            reports = [(plane, record.splits)
+                       for plane, record in self.records.merged().items()]
+        else:
+            reports = [(plane.id, plane.splits) for plane in self.publisher.dataplanes()]
+        return route_conditions(self.publisher.current, reports)
 
     def programmed(self) -> Programmed | None:
         if self.publisher is None or self.publisher.current is None:
@@ -451,4 +456,5 @@ def _record(plane: DataplaneStatus) -> DataplaneRecord:
     refused = None
     if plane.nack is not None:
         refused = (plane.nack[0], plane.nack[1][:ERROR_CHARS])
-    return DataplaneRecord(acked=plane.acked_version, refused=refused, seen=plane.last_seen)
+    return DataplaneRecord(acked=plane.acked_version, refused=refused, seen=plane.last_seen,
+                           splits=plane.splits)

@@ -11,10 +11,12 @@ it. Two things need one replica or all of them:
   renews every `retry_period`, and stops writing once it could not renew for two thirds
   of the lease duration, before anyone else may take over. A replica that stops cleanly
   hands the Lease back at once; a killed one is replaced after the lease duration.
-- **`Programmed` counts every replica's dataplanes** (`DataplaneRecords`): each replica
-  keeps one annotation on a second Lease (`<name>-dataplanes`) holding
-  {dataplane id: acked version, refused version and error, last seen}, rewritten when an
-  ACK arrives and renewed every third of the lease duration. Every replica reads them
+- **`Programmed` and `SplitObserved` count every replica's dataplanes**
+  (`DataplaneRecords`): each replica keeps one annotation on a second Lease
+  (`<name>-dataplanes`) holding {dataplane id: acked version, refused version and
+  error, last seen, last split report}, rewritten when an ACK arrives or (at most every
+  `retry_period`) when a report changed it, and renewed every third of the lease
+  duration. Every replica reads them
   every `retry_period` (so a new leader counts right at once); the leader drops a replica's records once they are older than the lease duration
   (by their wall-clock stamp or by this replica's own observation, whichever says so
   first), and counts each dataplane id once (its freshest record): "N of M" is the same
@@ -44,6 +46,7 @@ from typing import Any
 
 import aiohttp
 
+from kanal.contract.splits import SplitObservation, SplitShare
 from kanal.operator.kube.client import KubeClient, KubeError
 
 log = logging.getLogger("kanal.operator.election")
@@ -53,6 +56,9 @@ RECORD_PREFIX = "dataplanes.kanal.dev/"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 ERROR_CHARS = 200
 """A refused version's error is cut to this length in the shared records."""
+SPLITS_PER_DATAPLANE = 100
+"""Weighted rules of one dataplane carried in the shared records at most (those with
+the largest windows): every replica's records share one object's 256 KiB of annotations."""
 
 API_ERRORS = (KubeError, aiohttp.ClientError, OSError, asyncio.TimeoutError)
 
@@ -289,10 +295,19 @@ class DataplaneRecord:
     """The last (version, error) the dataplane refused."""
     seen: float
     """Wall-clock time of its last request to that replica."""
+    splits: tuple[SplitObservation, ...] = ()
+    """Its last split report (what its weighted rules did lately)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"acked": self.acked,
-                "refused": list(self.refused) if self.refused else None, "seen": self.seen}
+        found: dict[str, Any] = {
+            "acked": self.acked, "refused": list(self.refused) if self.refused else None,
+            "seen": self.seen}
+        if self.splits:
+            largest = sorted(self.splits, key=lambda o: -o.window)[:SPLITS_PER_DATAPLANE]
+            found["splits"] = [
+                [o.route, o.rule, o.name, [[s.upstream, s.weight, s.observed] for s in o.shares]]
+                for o in largest]
+        return found
 
     @classmethod
     def from_json(cls, data: Any) -> DataplaneRecord | None:
@@ -306,7 +321,24 @@ class DataplaneRecord:
         if isinstance(refused, list) and len(refused) == 2 \
                 and all(isinstance(item, str) for item in refused):
             pair = (refused[0], refused[1])
-        return cls(acked, pair, float(seen))
+        return cls(acked, pair, float(seen), _splits_from_json(data.get("splits")))
+
+
+def _splits_from_json(data: Any) -> tuple[SplitObservation, ...]:
+    """`DataplaneRecord.to_json`'s compact splits back; what does not parse is left out."""
+    if not isinstance(data, list):
+        return ()
+    found = []
+    for item in data:
+        try:
+            route, rule, name, shares = item
+            found.append(SplitObservation(
+                str(route), int(rule), None if name is None else str(name),
+                tuple(SplitShare(str(up), int(weight), int(observed))
+                      for up, weight, observed in shares)))
+        except (TypeError, ValueError):
+            continue
+    return tuple(found)
 
 
 def count(records: Mapping[str, DataplaneRecord], version: str
@@ -474,7 +506,7 @@ class DataplaneRecords:
 
 
 def _without_seen(view: Mapping[str, Mapping[str, DataplaneRecord]]
-                  ) -> dict[str, dict[str, tuple[str | None, tuple[str, str] | None]]]:
-    return {key: {dataplane: (record.acked, record.refused)
+                  ) -> dict[str, dict[str, tuple[Any, ...]]]:
+    return {key: {dataplane: (record.acked, record.refused, record.splits)
                   for dataplane, record in records.items()}
             for key, records in view.items()}

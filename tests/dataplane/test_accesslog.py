@@ -33,7 +33,7 @@ from kanal.contract.snapshot import (
     Snapshot,
     Upstream,
 )
-from kanal.dataplane.accesslog import AccessLog
+from kanal.dataplane.accesslog import LISTENERS, AccessLog
 from kanal.dataplane.logformat import FIELDS
 from kanal.dataplane.process import DataplaneOptions, start_listeners
 from kanal.dataplane.runtime import Runtime
@@ -71,7 +71,7 @@ async def test_every_listener_writes_one_json_line_per_request(backends, tmp_pat
     options = DataplaneOptions(
         listen=("127.0.0.1", ports[0]), forward_listen=("127.0.0.1", ports[1]),
         inbound_listen=("127.0.0.1", ports[2]), app_port=app.port, admin=None,
-        access_log=access,
+        access_logs=dict.fromkeys(LISTENERS, access),
     )
     runtime = Runtime()
     policy = EgressPolicy(key="default/egress", allow=(EgressRule("localhost", (app.port,)),),
@@ -138,8 +138,7 @@ async def test_listeners_can_be_left_out_of_the_log(backends, tmp_path):
     ports = free_port(), free_port()
     options = DataplaneOptions(
         listen=("127.0.0.1", ports[0]), inbound_listen=("127.0.0.1", ports[1]),
-        app_port=app.port, admin=None, access_log=access,
-        access_log_listeners=frozenset({"inbound"}))
+        app_port=app.port, admin=None, access_logs={"inbound": access})
     runtime = Runtime()
     runtime.apply(shop(app.port))
     servers = await start_listeners(runtime, options)
@@ -292,7 +291,7 @@ async def test_mesh_requests_through_the_forward_listener_get_a_request_id(backe
                                           "requestId"))
     port = free_port()
     options = DataplaneOptions(listen=None, forward_listen=("127.0.0.1", port), admin=None,
-                               access_log=access, request_ids=RequestIds(b"mesh"))
+                               access_logs={"forward": access}, request_ids=RequestIds(b"mesh"))
     runtime = Runtime()
     runtime.apply(Snapshot(
         routes=(Route(key="default/orders", hostnames=("orders.mesh",), gateways=("mesh",),
@@ -396,13 +395,116 @@ spec:
         pool.close()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_each_listener_writes_to_its_own_file_and_sighup_reopens_both(kanal, tmp_path, workers):
+    import signal
+    import urllib.request
+
+    from tests.conftest import BackendThread
+
+    pool = BackendThread()
+    try:
+        app = pool.start("app")
+        forward_port = free_port()
+        reverse_log, forward_log = tmp_path / "reverse.log", tmp_path / "forward.log"
+        files = {
+            "app.yaml": upstream_yaml("app", app),
+            "route.yaml": "apiVersion: kanal.dev/v1alpha1\nkind: Route\n"
+                          "metadata: {name: web}\nspec:\n  rules: [{backends: [{upstream: app}]}]\n",
+            "policy.yaml": "apiVersion: kanal.dev/v1alpha1\nkind: EgressPolicy\n"
+                           "metadata: {name: egress}\nspec:\n"
+                           f"  allow: [{{host: localhost, ports: [{app.port}]}}]\n"
+                           "  allowPrivateNetworks: true\n",
+        }
+        # The default (the inbound listener's, unused here) is overridden for both.
+        k = kanal(files, "--forward-listen", f"127.0.0.1:{forward_port}",
+                  "--access-log", "off", "--access-log", f"reverse={reverse_log}",
+                  "--access-log", f"forward={forward_log}",
+                  "--access-log-fields", "listener,path,status", "--workers", workers)
+        through_forward = urllib.request.build_opener(urllib.request.ProxyHandler(
+            {"http": f"http://127.0.0.1:{forward_port}"}))
+
+        def reverse(page: str) -> None:
+            with urllib.request.urlopen(f"{k.url}/{page}", timeout=5) as answer:
+                assert answer.status == 200
+
+        def forward(page: str) -> None:
+            with through_forward.open(f"http://localhost:{app.port}/{page}", timeout=5) as answer:
+                assert answer.status == 200
+
+        for i in range(3):
+            reverse(f"in-{i}")
+            forward(f"out-{i}")
+        wait_until(lambda: len(_text_lines(reverse_log)) == 3 and len(_text_lines(forward_log)) == 3)
+        assert sorted(read_json_lines(reverse_log), key=str) == [
+            {"listener": "reverse", "path": f"/in-{i}", "status": 200} for i in range(3)]
+        # The forward listener logs the absolute target it was asked for.
+        assert sorted(read_json_lines(forward_log), key=str) == [
+            {"listener": "forward", "path": f"http://localhost:{app.port}/out-{i}", "status": 200}
+            for i in range(3)]
+
+        # Rotation: both files renamed, one SIGHUP, and both are written at their path again.
+        reverse_log.rename(tmp_path / "reverse.log.1")
+        forward_log.rename(tmp_path / "forward.log.1")
+        assert k.process is not None
+        k.process.send_signal(signal.SIGHUP)
+
+        def reopened() -> bool:
+            reverse("after")
+            forward("after")
+            return (any(line["path"] == "/after" for line in read_json_lines(reverse_log))
+                    and any(line["path"].endswith("/after") for line in read_json_lines(forward_log)))
+
+        wait_until(reopened)
+        assert k.process.poll() is None
+        assert {line["listener"] for line in read_json_lines(reverse_log)} == {"reverse"}
+        assert {line["listener"] for line in read_json_lines(forward_log)} == {"forward"}
+    finally:
+        pool.close()
+
+
+def test_destinations_per_listener():
+    from kanal.dataplane.accesslog import destinations
+
+    assert destinations([(None, "stdout")]) == dict.fromkeys(LISTENERS, "stdout")
+    assert destinations([]) == {}
+    # A prefixed one overrides the default for its listener, `off` included.
+    assert destinations([(None, "all.log"), ("forward", "egress.log"), ("inbound", "off")]) == {
+        "reverse": "all.log", "forward": "egress.log"}
+    assert destinations([("reverse", "r.log"), (None, "off")]) == {"reverse": "r.log"}
+    # --access-log-listeners narrows the default only.
+    assert destinations([(None, "all.log"), ("forward", "egress.log")], ("inbound",)) == {
+        "inbound": "all.log", "forward": "egress.log"}
+
+
+def test_listeners_naming_one_file_share_one_writer(tmp_path, monkeypatch):
+    from kanal.dataplane.accesslog import open_access_logs
+
+    monkeypatch.chdir(tmp_path)
+    logs = open_access_logs({"reverse": "a.log", "inbound": str(tmp_path / "a.log"),
+                             "forward": "b.log"}, fields=("listener",))
+    try:
+        assert logs["reverse"] is logs["inbound"] and logs["forward"] is not logs["reverse"]
+        for listener, writer in logs.items():
+            writer.put((0.0, listener) + (None,) * (len(FIELDS) - 2))
+    finally:
+        for writer in {id(w): w for w in logs.values()}.values():
+            writer.close()
+    assert sorted(read_json_lines(tmp_path / "a.log"), key=str) == [
+        {"listener": "inbound"}, {"listener": "reverse"}]
+    assert read_json_lines(tmp_path / "b.log") == [{"listener": "forward"}]
+
+
 def test_unknown_field_or_unwritable_path_is_refused_at_start(tmp_path):
     import subprocess
     import sys
 
     for flags, said in ((["--access-log-fields", "status,colour"], "unknown access log field colour"),
                         (["--access-log", str(tmp_path / "no" / "such" / "dir.log")],
-                         "cannot write the access log")):
+                         "cannot write the access log"),
+                        (["--access-log", f"reverse={tmp_path / 'no' / 'dir.log'}"],
+                         "cannot write the access log"),
+                        (["--access-log", "backwards=stdout"], "unknown listener 'backwards'")):
         result = subprocess.run(
             [sys.executable, "-m", "kanal", "run", str(tmp_path), *flags],
             capture_output=True, text=True, timeout=60)

@@ -169,3 +169,79 @@ spec:
     assert 18 <= canary <= 22  # each worker keeps 90/10 to within one request
     # The group's share is the share over both workers' windows, not a sum of shares.
     assert abs(found[("kanal_split_observed_share", "default/v2")] - canary / 200) < 1e-9
+
+
+async def test_with_workers_the_dashboard_sums_what_every_worker_served(kanal, backends):
+    import asyncio
+
+    from tests.conftest import free_port
+
+    v1, v2 = await backends("v1"), await backends("v2")
+    dead = free_port()  # nothing listens there: every request to it fails
+    k = kanal({
+        "up.yaml": upstream_yaml("v1", v1) + "---\n" + upstream_yaml("v2", v2) + "---\n"
+        + f"apiVersion: kanal.dev/v1alpha1\nkind: Upstream\nmetadata: {{name: dead}}\n"
+          f"spec: {{endpoints: [{{address: 127.0.0.1, port: {dead}}}]}}\n",
+        "route.yaml": """\
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: web}
+spec:
+  hostnames: [web.test]
+  rules: [{backends: [{upstream: v1, weight: 50}, {upstream: v2, weight: 50}]}]
+---
+apiVersion: kanal.dev/v1alpha1
+kind: Route
+metadata: {name: broken}
+spec:
+  hostnames: [broken.test]
+  rules: [{backends: [{upstream: dead}]}]
+""",
+    }, "--workers", "2")
+
+    async def state(session: aiohttp.ClientSession) -> dict:
+        async with session.get(k.admin + "/ui/state.json") as answer:
+            assert answer.status == 200
+            return await answer.json()
+
+    async with aiohttp.ClientSession() as session:
+        await state(session)  # the first read: each worker's rates start from here
+        for i in range(60):
+            # A new connection each time, so the kernel spreads them over both workers.
+            host = "broken.test" if i % 6 == 0 else "web.test"
+            async with session.get(k.url + "/", headers={"Host": host,
+                                                        "Connection": "close"}) as answer:
+                assert answer.status == 200 if host == "web.test" else answer.status >= 500
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while True:
+            view = await state(session)
+            routes = {route["key"]: route for route in view["routes"]}
+            if routes["default/web"]["requestRate"] is not None or loop.time() > deadline:
+                break
+        async with session.get(k.admin + "/ui") as answer:
+            page = await answer.text()
+
+    web, broken = routes["default/web"], routes["default/broken"]
+    # Every request, whichever worker served it: one worker's share would be about half.
+    assert (web["requests"], web["errors"]) == (50, 0)
+    assert (broken["requests"], broken["errors"]) == (10, 10)
+    assert view["workers"] == {"answered": 2, "total": 2}
+    assert web["requestRate"] > 0 and broken["errorRate"] > 0
+    (split,) = view["splits"]
+    assert split["window"] == 50
+    assert sum(b["observed"] for b in split["backends"]) == 50
+    # Each worker alternates its own requests: the group is within one per worker of 25.
+    assert all(23 <= b["observed"] <= 27 for b in split["backends"])
+    (rule,) = web["rules"]
+    assert rule["split"] == split["message"]
+    assert [b["observedShare"] for b in rule["backends"]] == [
+        b["observedShare"] for b in split["backends"]]
+    # Recent errors of both workers, newest first: their counts add up to every failure.
+    failures = [re.match(r"(\d+) × \d+ from route default/broken", e["message"])
+                for e in view["recentErrors"]]
+    assert sum(int(m.group(1)) for m in failures if m) == 10
+    assert [e["at"] for e in view["recentErrors"]] == sorted(
+        (e["at"] for e in view["recentErrors"]), reverse=True)
+    assert "sums over 2 of 2 workers" in page
+    assert '<td class="num">50</td>' in page

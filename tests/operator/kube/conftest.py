@@ -11,6 +11,7 @@ can run against it. What it emulates, and only that:
 - GET /api/v1/namespaces: kmock 0.8 cannot parse that path (500); kopf lists and
   watches namespaces when given `--namespaces`. Answered with the namespaces that hold
   objects; a watch of it stays open and silent.
+- PUT (kmock 0.8 has none): replaces a named object, 409 on a stale `resourceVersion`.
 - PATCH: a new `resourceVersion` every time; `generation` + 1 when `spec` changes. For
   resources declared with the `status` subresource (our CRDs), a PATCH of `.../status`
   changes only `status`, and a PATCH of the object itself leaves `status` alone.
@@ -97,7 +98,36 @@ class FilledEmulator(kmock.KubernetesEmulator):
     async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         if raw_request.path == "/api/v1/namespaces" and raw_request.method == "GET":
             return await self._serve_namespaces(raw_request)
+        if raw_request.method == "PUT":
+            return await self._serve_replace(raw_request)
         return await super().__call__(raw_request)
+
+    async def _serve_replace(self, raw_request: aiohttp.web.BaseRequest
+                             ) -> aiohttp.web.StreamResponse:
+        """PUT of a named object (kmock 0.8 has none; leader election renews its Lease
+        so): 409 when the body's resourceVersion is not the stored one, as an API server
+        answers; the object is then the body, with a new resourceVersion."""
+        parts = raw_request.path.strip("/").split("/")
+        if len(parts) < 4 or parts[-4] != "namespaces":
+            return aiohttp.web.json_response({"code": 404}, status=404)
+        namespace, plural, name = parts[-3], parts[-2], parts[-1]
+        body = await raw_request.json()
+        async with self._lock:
+            found = [(key, stored) for key, stored in self._objects.items()
+                     if key[0].plural == plural and key[1] == namespace and key[2] == name
+                     and not stored.deleted]
+            if not found:
+                return aiohttp.web.json_response({"code": 404, "reason": "NotFound"}, status=404)
+            (resource, _, _), stored = found[0]
+            meta = body.setdefault("metadata", {})
+            current = stored.raw.get("metadata", {}).get("resourceVersion")
+            if meta.get("resourceVersion") not in (None, current):
+                return aiohttp.web.json_response({"code": 409, "reason": "Conflict"}, status=409)
+            meta["resourceVersion"] = str(next(self._versions))
+            stored.patch(body)
+            raw = stored.raw
+            await self._buses[resource].put({"type": "MODIFIED", "object": raw})
+        return aiohttp.web.json_response(raw)
 
     async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest
                                 ) -> aiohttp.web.StreamResponse:
@@ -238,6 +268,10 @@ def declare_resources(emulator: FilledEmulator) -> None:
         verbs={"list", "watch", "get", "patch", "create", "delete"})
     emulator.resources["authentication.k8s.io/v1/tokenreviews"] = kmock.ResourceInfo(
         kind="TokenReview", singular="tokenreview", namespaced=False, verbs={"create"})
+    # Leader election and the replicas' shared dataplane records.
+    emulator.resources["coordination.k8s.io/v1/leases"] = kmock.ResourceInfo(
+        kind="Lease", singular="lease", namespaced=True,
+        verbs={"get", "create", "patch", "update", "list", "watch"})
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """The parts of leader election that need no API server: settings, counting, merging.
 
 Taking, renewing and handing back the Lease, and the shared records, run against a
-real kube-apiserver in tests/k8s/test_operator.py (kmock's emulator has no Leases).
+real kube-apiserver in tests/k8s/test_operator.py, and against kmock's emulator (with
+PUT added by tests/operator/kube/conftest.py) in test_kube_split_status.py.
 """
 
 from __future__ import annotations
@@ -62,6 +63,31 @@ def test_refusals_of_the_current_version_are_named() -> None:
     assert count(records, "v2") == (1, 3, (("dp-a", "bad certificate"),))
     assert DataplaneRecord.from_json(records["dp-a"].to_json()) == records["dp-a"]
     assert DataplaneRecord.from_json({"acked": 3, "seen": 1}) is None
+
+
+def test_a_dataplanes_split_report_travels_in_its_record() -> None:
+    from kanal.contract.splits import SplitObservation, SplitShare
+    from kanal.operator.kube.election import SPLITS_PER_DATAPLANE
+
+    canary = SplitObservation("default/shop", 0, "main", (
+        SplitShare("default/v1", 90, 897), SplitShare("default/v2", 10, 103)))
+    record = DataplaneRecord("v2", None, seen=1.0, splits=(canary,))
+    assert DataplaneRecord.from_json(record.to_json()) == record
+    # A record without splits is written as before; splits that do not parse are left out.
+    assert "splits" not in DataplaneRecord("v2", None, seen=1.0).to_json()
+    broken = {**record.to_json(), "splits": [["default/shop", "x", None, []], canary_json(record)]}
+    assert DataplaneRecord.from_json(broken) == record
+    # Bounded: the rules with the largest windows are kept.
+    many = tuple(SplitObservation("default/r", i, None, (SplitShare("a", 1, i), SplitShare("b", 1, 0)))
+                 for i in range(SPLITS_PER_DATAPLANE + 20))
+    kept = DataplaneRecord.from_json(DataplaneRecord("v2", None, 1.0, many).to_json())
+    assert kept is not None and len(kept.splits) == SPLITS_PER_DATAPLANE
+    assert min(o.window for o in kept.splits) == 20
+
+
+def canary_json(record: DataplaneRecord) -> list[object]:
+    (item,) = record.to_json()["splits"]
+    return list(item)
 
 
 def test_annotation_keys_are_valid_names() -> None:

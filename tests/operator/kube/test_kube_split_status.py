@@ -80,6 +80,51 @@ async def test_the_route_status_says_what_the_dataplane_observed(
     await eventually(flipped, timeout=15)
 
 
+async def test_with_replicas_the_leader_counts_the_dataplanes_of_every_replica(
+    cluster: Cluster, operator: Operator, dataplane: Dataplanes, backends: Any,
+) -> None:
+    from kanal.contract.splits import SplitObservation, merge_observations
+    from kanal.operator.kube.election import ElectionSettings
+
+    def replica(identity: str) -> ElectionSettings:
+        return ElectionSettings("default", "kanal-operator", identity,
+                                lease_duration=2.0, retry_period=0.2)
+
+    v1, v2 = await backends("v1"), await backends("v2")
+    leader = await operator(allow_loopback_endpoints=True, leader_election=replica("a"))
+    assert leader.control_plane.leading
+    other = await operator(allow_loopback_endpoints=True, leader_election=replica("b"))
+    assert not other.control_plane.leading
+    await cluster.create(upstream("v1", endpoints=[("127.0.0.1", v1.port)]))
+    await cluster.create(upstream("v2", endpoints=[("127.0.0.1", v2.port)]))
+    await cluster.create(route("shop", "v1", "v2", weights=(70, 30)))
+    # One dataplane on each replica (as a Service would spread them), with unequal
+    # traffic: the status must weigh each by its requests.
+    near = await dataplane(leader.config_url, "--split-report-interval", "0.2")
+    far = await dataplane(other.config_url, "--split-report-interval", "0.2")
+    await near.wait_for({"v1", "v2"}, tries=10)
+    await far.wait_for({"v1", "v2"}, tries=10)
+    for _ in range(150):
+        assert (await far.get())[0] == 200
+    for _ in range(40):
+        assert (await near.get())[0] == 200
+
+    # No request after this: each dataplane's window is final.
+    windows = [await explained_split(dp) for dp in (near, far)]
+    assert windows[0]["window"] != windows[1]["window"]
+    (both,) = merge_observations(SplitObservation.from_dict(w) for w in windows)
+    assert both.window == windows[0]["window"] + windows[1]["window"]
+
+    def counted() -> bool:
+        condition = cluster.condition("Route", "default", "shop", "SplitObserved")
+        assert condition is not None
+        assert condition["message"] == both.message() + " on 2 dataplanes", condition
+        assert condition["status"] == "True"
+        return True
+
+    await eventually(counted, timeout=20)
+
+
 async def test_a_report_without_the_token_or_in_another_shape_is_refused(
     cluster: Cluster, operator: Operator,
 ) -> None:
