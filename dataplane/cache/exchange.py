@@ -51,6 +51,7 @@ from kanal.dataplane.cache.store import FILL_LOCK, PROCESS_STORE, Entry, Fill, l
 from kanal.dataplane.http1 import status_line
 
 if TYPE_CHECKING:
+    from kanal.contract.snapshot import Rule
     from kanal.dataplane.cache.client import CacheClient, CachedRequest
     from kanal.dataplane.pool import UpstreamConnection
     from kanal.dataplane.router import Selection
@@ -395,6 +396,17 @@ def over(conn: CacheClient) -> None:
     abort_fill(conn.cache_exchange)
 
 
+_NOT_ASKED = b"X-Cache: " + BYPASS + b"\r\n"
+
+
+def not_asked(rule: Rule | None) -> bytes:
+    """The X-Cache line of an answer the proxy made before its rule's cache was asked
+    (refused by the access policy, rate limited, a body too large, no backend...):
+    BYPASS on a rule with a cache, none on another."""
+    settings = rule.cache if rule is not None else None
+    return _NOT_ASKED if settings is not None and settings.enabled else b""
+
+
 def error(conn: CacheClient, request: CachedRequest, status: int) -> bytes | None:
     """The proxy answers with an error of its own: serve a stale entry instead when
     `stale-if-error` allows (None: answered), else the X-Cache line to add."""
@@ -412,5 +424,5 @@ def error(conn: CacheClient, request: CachedRequest, status: int) -> bytes | Non
     return b"X-Cache: " + exchange.outcome + b"\r\n"
 
 
-__all__ = ["CacheExchange", "begin", "body", "done", "error", "head", "over", "serve",
-           "upstream_failed"]
+__all__ = ["BYPASS", "CacheExchange", "begin", "body", "done", "error", "head", "not_asked", "over",
+           "serve", "upstream_failed"]
