@@ -556,9 +556,9 @@ class ForwardConnection(asyncio.Protocol):
             return
         request.decision = "allow"
         cache_rule = proxy.cache_rule
-        if cache_rule is not None and not connect and forward_cache.begin(
+        if cache_rule is not None and not connect and await forward_cache.begin(
                 self, request, path, cache_rule):
-            return  # answered from the cache
+            return  # answered from the cache (or the client left while it waited)
         origin = self.origin
         if (origin is not None and origin.reusable and not connect
                 and origin.key == (host, port)):

@@ -1270,19 +1270,26 @@ class ClientConnection(asyncio.Protocol):
             extra += b"X-Kanal-Overloaded: true\r\n"
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
+        cache_line = b""  # X-Cache, on a rule with a cache
         if self.cache_exchange is not None:
-            cache_line = cache.error(self, request, status)
-            if cache_line is None:
+            outcome = cache.error(self, request, status)
+            if outcome is None:
                 return  # a stale entry answered instead (stale-if-error)
-            extra += cache_line
+            cache_line = outcome
+        elif self.current is request:
+            cache_line = cache.not_asked(self.route_rule)  # answered before the cache was asked
+            if cache_line:
+                self.cache_outcome = cache.BYPASS  # (the access log's `cache` field)
+        extra += cache_line
         rid = self.request_id if self.current is request else None
         if rid is not None:
             extra += REQUEST_ID + b": " + rid + b"\r\n"
         extra += extra_headers
         if own is not None:  # an answer a filter gives (redirect, direct response, preflight)
             data = own.encode(keep_alive=keep, head_only=request.method == b"HEAD")
-            if rid is not None:  # after the status line
-                data = data.replace(b"\r\n", b"\r\n" + REQUEST_ID + b": " + rid + b"\r\n", 1)
+            lines = (REQUEST_ID + b": " + rid + b"\r\n" if rid is not None else b"") + cache_line
+            if lines:  # after the status line
+                data = data.replace(b"\r\n", b"\r\n" + lines, 1)
             self._write(data)
             self.body_sent = 0 if request.method == b"HEAD" else len(own.body)
         else:

@@ -24,7 +24,7 @@ class CacheExchange:
 
     __slots__ = ("entry", "fill", "key", "outcome", "request", "request_cc", "request_time",
                  "route", "rule", "served", "store", "swallow", "timeout", "url",
-                 "client_headers", "fields")
+                 "client_headers", "fields", "held")
 
     def __init__(self, store: CacheStore, rule: RuleCache, request: CachedRequest, route: str) -> None:
         self.store = store
@@ -44,6 +44,22 @@ class CacheExchange:
         self.fields: policy.RequestFields | None = None
         self.client_headers: list[tuple[bytes, bytes]] | None = None
         """The request's fields as the client sent them, when the cache changed them."""
+        self.held: tuple[Entry, bytes] | None = None
+        """The entry this exchange looked up and its body (read from disk if it was
+        there), kept so the entry may be served whether it stays in memory or not."""
+
+    def hold(self, entry: Entry, body: bytes | None) -> None:
+        self.held = (entry, body) if body is not None else None
+
+
+def entry_body(exchange: CacheExchange | None, entry: Entry) -> bytes | None:
+    """The body to serve `entry` with: in memory, or as the exchange read it."""
+    if exchange is None:
+        return entry.body
+    body = exchange.store.body(entry)
+    if body is None and exchange.held is not None and exchange.held[0] is entry:
+        body = exchange.held[1]
+    return body
 
 
 def feed_body(exchange: CacheExchange | None, chunk: bytes) -> bool:

@@ -26,7 +26,13 @@ import time
 from typing import TYPE_CHECKING
 
 from kanal.dataplane.cache import policy
-from kanal.dataplane.cache.client import CacheExchange, abort_fill, feed_body, finish_fill
+from kanal.dataplane.cache.client import (
+    CacheExchange,
+    abort_fill,
+    entry_body,
+    feed_body,
+    finish_fill,
+)
 from kanal.dataplane.cache.entries import (
     BYPASS,
     HIT,
@@ -45,6 +51,7 @@ from kanal.dataplane.cache.store import FILL_LOCK, PROCESS_STORE, Entry, Fill, l
 from kanal.dataplane.http1 import status_line
 
 if TYPE_CHECKING:
+    from kanal.contract.snapshot import Rule
     from kanal.dataplane.cache.client import CacheClient, CachedRequest
     from kanal.dataplane.pool import UpstreamConnection
     from kanal.dataplane.router import Selection
@@ -77,12 +84,27 @@ def begin(conn: CacheClient, request: CachedRequest, selection: Selection) -> bo
     exchange.url = url
     key = exchange.key = url + rule.extra_key(request.headers, request.cookie)
     fields = exchange.fields = policy.RequestFields(request.headers)
-    request_cc = exchange.request_cc = policy.parse_cache_control(fields.cache_control)
+    exchange.request_cc = policy.parse_cache_control(fields.cache_control)
     exchange.request_time = time.time()
     # Whatever is stored may be used for any request (RFC 9111 3.5): an answer to a
     # request with Authorization was stored only if it said a shared cache may.
     entry = lookup(store, key, request_fields(request))
+    if entry is not None and entry.body is None:
+        _load(conn, request, exchange, entry)  # on disk: read off the loop, then decide
+        return True
+    return _decide(conn, request, exchange, entry, entry.body if entry is not None else None)
+
+
+def _decide(conn: CacheClient, request: CachedRequest, exchange: CacheExchange,
+            entry: Entry | None, body: bytes | None) -> bool:
+    """What to do with the stored entry (its body at hand) or with none; True when the
+    request was answered (or is waiting for a fill)."""
+    store = exchange.store
+    request_cc = exchange.request_cc
+    fields = exchange.fields
+    assert fields is not None
     if entry is not None:
+        exchange.hold(entry, body)  # kept for this exchange, wherever the entry goes
         now = exchange.request_time
         age = entry.age(now)
         verdict = policy.lookup_verdict(entry.response_cc, request_cc, age=age,
@@ -99,13 +121,30 @@ def begin(conn: CacheClient, request: CachedRequest, selection: Selection) -> bo
             exchange.entry = entry
     elif request_cc.only_if_cached:
         store.stats.count("miss", exchange.route)
+        exchange.outcome = MISS  # the cache was asked: nothing stored
         conn._fail_request(504, "only-if-cached: no stored answer")
         return True
-    elif method == b"GET" and (pending := store.active_fill(key)) is not None:
+    elif request.method == b"GET" and (pending := store.active_fill(exchange.key)) is not None:
         _wait(conn, request, exchange, pending)
         return True
     _go_upstream(request, exchange)
     return False
+
+
+def _load(conn: CacheClient, request: CachedRequest, exchange: CacheExchange,
+          entry: Entry) -> None:
+    """A disk hit: the body is read on a worker thread; the request goes on with it
+    once read (answered from it, or revalidating it), or as a miss if it is unreadable."""
+    exchange.outcome = MISS  # until answered: an error meanwhile comes from a lookup
+
+    def loaded(read: asyncio.Future[bytes | None]) -> None:
+        if conn.current is not request or conn.closed or conn.cache_exchange is not exchange:
+            return  # answered meanwhile (a timeout), or the client left
+        body = read.result()
+        if not _decide(conn, request, exchange, entry if body is not None else None, body):
+            _proceed(conn, request, exchange)
+
+    exchange.store.load(entry).add_done_callback(loaded)
 
 
 EVENTS = {HIT: "hit", MISS: "miss", STALE: "stale", REVALIDATED: "revalidated",
@@ -128,6 +167,7 @@ def _wait(conn: CacheClient, request: CachedRequest, exchange: CacheExchange, fi
     """Concurrent miss: wait for the fill in progress (bounded), then look again."""
     loop = asyncio.get_running_loop()
     woken = False
+    exchange.outcome = MISS  # the cache was asked: nothing stored yet
 
     def wake(stored: bool) -> None:
         nonlocal woken
@@ -139,6 +179,9 @@ def _wait(conn: CacheClient, request: CachedRequest, exchange: CacheExchange, fi
             return
         if stored:
             entry = lookup(exchange.store, exchange.key, request_fields(request))
+            if entry is not None and entry.body is None:
+                _load(conn, request, exchange, entry)  # spilled at once: read it first
+                return
             if entry is not None and serve(conn, request, entry, HIT, time.time()):
                 return
         _go_upstream(request, exchange)
@@ -170,7 +213,7 @@ def serve(conn: CacheClient, request: CachedRequest, entry: Entry, outcome: byte
     """Answer the request from a stored entry; False when its body cannot be read."""
     exchange = conn.cache_exchange
     store = exchange.store if exchange is not None else PROCESS_STORE
-    body = store.body(entry)
+    body = entry_body(exchange, entry)
     if body is None:
         return False
     if not request.complete and not request.chunked and request.content_length in (None, b"0"):
@@ -353,6 +396,17 @@ def over(conn: CacheClient) -> None:
     abort_fill(conn.cache_exchange)
 
 
+_NOT_ASKED = b"X-Cache: " + BYPASS + b"\r\n"
+
+
+def not_asked(rule: Rule | None) -> bytes:
+    """The X-Cache line of an answer the proxy made before its rule's cache was asked
+    (refused by the access policy, rate limited, a body too large, no backend...):
+    BYPASS on a rule with a cache, none on another."""
+    settings = rule.cache if rule is not None else None
+    return _NOT_ASKED if settings is not None and settings.enabled else b""
+
+
 def error(conn: CacheClient, request: CachedRequest, status: int) -> bytes | None:
     """The proxy answers with an error of its own: serve a stale entry instead when
     `stale-if-error` allows (None: answered), else the X-Cache line to add."""
@@ -370,5 +424,5 @@ def error(conn: CacheClient, request: CachedRequest, status: int) -> bytes | Non
     return b"X-Cache: " + exchange.outcome + b"\r\n"
 
 
-__all__ = ["CacheExchange", "begin", "body", "done", "error", "head", "over", "serve",
-           "upstream_failed"]
+__all__ = ["BYPASS", "CacheExchange", "begin", "body", "done", "error", "head", "not_asked", "over",
+           "serve", "upstream_failed"]

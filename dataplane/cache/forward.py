@@ -2,21 +2,31 @@
 requests, under the `cache` section of the listener's EgressPolicy.
 
 The same store, keys (`http://host:port/path?query`), storability and freshness as
-the reverse proxy's; CONNECT tunnels are never looked into, so never cached. On the
-forward listener a stale entry is revalidated (`If-None-Match` / `If-Modified-Since`,
-a 304 answers from the entry) and stands in for a failed origin within
-`stale-if-error`; it is not served stale while revalidating, and concurrent misses are
-not collapsed: each client connection has its own origin connection here.
+the reverse proxy's; CONNECT tunnels are never looked into, so never cached. A stale
+entry is revalidated (`If-None-Match` / `If-Modified-Since`, a 304 answers from the
+entry), stands in for a failed origin within `stale-if-error`, and within
+`stale-while-revalidate` is served at once while `forwardrefresh` revalidates it in the
+background. Concurrent misses for one key wait for the first one's answer (bounded by
+`FILL_LOCK`), as on the reverse listener. `begin` is a coroutine: the forward proxy
+decides each request in a task of its own, so waiting for a fill or for a disk read
+holds nothing else up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from kanal.contract.snapshot import Snapshot
 from kanal.dataplane.cache import policy
-from kanal.dataplane.cache.client import CacheExchange, abort_fill, feed_body, finish_fill
+from kanal.dataplane.cache.client import (
+    CacheExchange,
+    abort_fill,
+    entry_body,
+    feed_body,
+    finish_fill,
+)
 from kanal.dataplane.cache.entries import (
     BYPASS,
     HIT,
@@ -30,13 +40,11 @@ from kanal.dataplane.cache.entries import (
     start_fill,
     upstream_fields,
 )
+from kanal.dataplane.cache.forwardrefresh import is_background, revalidate
 from kanal.dataplane.cache.policy import header, header_values
 from kanal.dataplane.cache.rule import RuleCache, rule_cache
-from kanal.dataplane.cache.store import PROCESS_STORE, Entry, lookup
+from kanal.dataplane.cache.store import FILL_LOCK, PROCESS_STORE, Entry, Fill, lookup
 from kanal.dataplane.http1 import status_line
-
-if TYPE_CHECKING:
-    import asyncio
 
 
 def egress_cache(snapshot: Snapshot, namespace: str) -> RuleCache | None:
@@ -58,6 +66,8 @@ class ForwardRequestView(Protocol):
 
     @property
     def method(self) -> bytes: ...
+    @property
+    def target(self) -> bytes: ...
     @property
     def host(self) -> str: ...
     @property
@@ -84,6 +94,10 @@ class ForwardClient(Protocol):
 
     @property
     def transport(self) -> asyncio.Transport | None: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def proxy(self) -> Any: ...
 
     def _end_exchange(self, request: Any) -> None: ...
 
@@ -108,9 +122,10 @@ class _Request:
         self.content_length = request.content_length
 
 
-def begin(conn: ForwardClient, request: ForwardRequestView, path: bytes,
-          rule: RuleCache) -> bool:
-    """An allowed plain-HTTP request: True when answered from the cache."""
+async def begin(conn: ForwardClient, request: ForwardRequestView, path: bytes,
+                rule: RuleCache) -> bool:
+    """An allowed plain-HTTP request: True when answered from the cache (or when its
+    client left while it waited)."""
     view = _Request(request, path)
     exchange = CacheExchange(PROCESS_STORE, rule, view, "egress")
     conn.cache_exchange = exchange
@@ -126,17 +141,40 @@ def begin(conn: ForwardClient, request: ForwardRequestView, path: bytes,
     cc_values = header_values(view.headers, b"cache-control")
     exchange.request_cc = policy.parse_cache_control(cc_values)
     pragma = not cc_values and b"no-cache" in (header(view.headers, b"pragma") or b"").lower()
-    now = exchange.request_time = time.time()
+    exchange.outcome = MISS
     entry = lookup(store, key, request_fields(view))
+    if entry is None and view.method == b"GET" and (pending := store.active_fill(key)):
+        # Concurrent misses: wait for the one under way (bounded), then look again.
+        await _wait_for(pending)
+        if conn.closed:
+            return True
+        entry = lookup(store, key, request_fields(view))
+    body = entry.body if entry is not None else None
+    if entry is not None and body is None:
+        body = await store.load(entry)  # on disk: read off the event loop
+        if conn.closed:
+            return True
+        if body is None:
+            entry = None  # unreadable (dropped): a miss
+    now = exchange.request_time = time.time()
     if entry is not None:
+        exchange.hold(entry, body)
         verdict = policy.lookup_verdict(entry.response_cc, exchange.request_cc,
                                         age=entry.age(now), lifetime=entry.lifetime,
                                         pragma_no_cache=pragma)
+        if verdict == "stale-while-revalidate" and is_background(conn.transport):
+            verdict = "revalidate"  # this is the revalidation
         if verdict == "fresh" and serve(conn, request, exchange, entry, HIT, now):
             conn._end_exchange(request)
             return True
+        if verdict == "stale-while-revalidate" and serve(conn, request, exchange, entry,
+                                                         STALE, now):
+            if view.method == b"GET":
+                revalidate(conn, key, request.target, request.headers,
+                           conn.transport.get_extra_info("peername") if conn.transport else None)
+            conn._end_exchange(request)
+            return True
         exchange.entry = entry
-    exchange.outcome = MISS
     if view.method == b"GET":
         exchange.client_headers = request.headers
         request.headers = upstream_fields(request.headers, exchange.entry)
@@ -145,11 +183,30 @@ def begin(conn: ForwardClient, request: ForwardRequestView, path: bytes,
     return False
 
 
+async def _wait_for(fill: Fill) -> bool:
+    """Wait for a fill in progress, at most what is left of FILL_LOCK; whether it stored."""
+    woken: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def wake(stored: bool) -> None:
+        if not woken.done():
+            woken.set_result(stored)
+
+    fill.waiters.append(wake)
+    try:
+        async with asyncio.timeout(max(0.0, FILL_LOCK - (time.monotonic() - fill.started))):
+            return await woken
+    except TimeoutError:
+        return False
+    finally:
+        if wake in fill.waiters:
+            fill.waiters.remove(wake)
+
+
 def serve(conn: ForwardClient, request: ForwardRequestView, exchange: CacheExchange,
           entry: Entry, outcome: bytes, now: float) -> bool:
     """Write a stored answer to the client; False when its body cannot be read."""
     transport = conn.transport
-    body = exchange.store.body(entry)
+    body = entry_body(exchange, entry)
     if body is None or transport is None:
         return False
     fields = exchange.client_headers if exchange.client_headers is not None else request.headers

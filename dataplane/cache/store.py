@@ -3,9 +3,12 @@
 An answer enters through a `Fill`, fed as its body streams to the client; it becomes
 an entry only when the upstream's answer ended intact (its length as announced, no
 larger than the rule's maximum). Entries evicted from memory move to the disk folder
-when one is set, and leave it in LRU order too. Anything that goes wrong with the
-folder (not writable, full) costs the entry, never an answer: it is logged once per
-kind of error and counted.
+when one is set, and leave it in LRU order too. Files are written, read and removed on
+worker threads (`disk.DiskIO`), never on the event loop: an entry being written keeps
+its body in memory (and is served from there) until its file is complete; a disk hit
+is read first (`load`), then answered. Anything that goes wrong with the folder (not
+writable, full, a file gone or cut short) costs the entry, never an answer: it is
+logged once per kind of error and counted.
 
 One store serves a process (both listeners). Concurrent misses for one key meet here
 too: the first `Fill` for a key is the one the others wait for (`wait_for`).
@@ -13,7 +16,7 @@ too: the first `Fill` for a key is the one the others wait for (`wait_for`).
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import hashlib
 import logging
 import os
@@ -23,6 +26,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
+from kanal.dataplane.cache.disk import DiskIO
 from kanal.dataplane.cache.policy import CacheControl, HeaderList, variant_of
 
 log = logging.getLogger("kanal.cache")
@@ -82,6 +86,7 @@ class Entry:
         self.headers = headers
         self.head_block = block(headers)
         self.body: bytes | None = body
+        """In memory; None once the entry's file on disk is complete (`disk_path`)."""
         self.disk_path: Path | None = None
         self.size = len(body)
         self.response_cc = response_cc
@@ -105,6 +110,13 @@ class Entry:
 def block(headers: list[tuple[bytes, bytes]]) -> bytes:
     """Fields as they go on the wire, each line ended: written once per entry, not per hit."""
     return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+
+
+def file_name(key: str, variant: tuple[str, ...], serial: int) -> str:
+    """The name of an entry's file in the disk folder (the `serial`-th spilled by the
+    store: a name is never reused, so a late removal cannot hit a newer file)."""
+    digest = hashlib.sha256(f"{key}\0{variant}".encode()).hexdigest()
+    return f"{digest}-{serial}"
 
 
 Waiter = Callable[[bool], None]
@@ -194,7 +206,9 @@ class CacheStore:
         self.disk: OrderedDict[Entry, None] = OrderedDict()
         self.filling: dict[str, Fill] = {}
         self.stats = CacheStats()
+        self.disk_io = DiskIO()
         self._logged: set[str] = set()
+        self._files = 0
 
     def configure(self, memory_bytes: int, disk_dir: str | None, disk_bytes: int) -> None:
         """Set the bounds (the process's flags); entries over them leave at once."""
@@ -219,23 +233,43 @@ class CacheStore:
         return self.by_key.get(key) or []
 
     def body(self, entry: Entry) -> bytes | None:
-        """An entry's body (read from disk if spilled); None when it cannot be read,
-        and the entry is then dropped."""
-        if entry.body is not None:
-            self.memory.move_to_end(entry)
-            return entry.body
+        """An entry's body if it is in memory (an entry being written to disk still is),
+        marked as used; None when it is on disk only (`load` reads it)."""
+        body = entry.body
+        if body is not None:
+            if entry in self.memory:
+                self.memory.move_to_end(entry)
+            elif entry in self.disk:
+                self.disk.move_to_end(entry)
+        return body
+
+    def load(self, entry: Entry) -> asyncio.Future[bytes | None]:
+        """Read a spilled entry's body off the event loop; None when it cannot be read
+        (the entry is then dropped, the error logged once and counted)."""
+        loop = asyncio.get_running_loop()
+        result: asyncio.Future[bytes | None] = loop.create_future()
         path = entry.disk_path
-        try:
-            data = path.read_bytes() if path is not None else None
-        except OSError as exc:
-            self.log_once("disk-read", f"cache file {path} cannot be read: {exc}")
-            data = None
-        if data is None or len(data) != entry.size:
-            self.stats.count("disk_error")
-            self.remove(entry)
-            return None
-        self.disk.move_to_end(entry)
-        return data
+        if entry.body is not None or path is None:
+            result.set_result(entry.body)
+            return result
+
+        def read(job: asyncio.Future[bytes]) -> None:
+            error = job.exception()
+            if error is None:
+                data: bytes | None = job.result()
+                if entry in self.disk:
+                    self.disk.move_to_end(entry)
+            else:
+                data = None
+                if entry in self.disk:  # (a purge meanwhile took it already)
+                    self.log_once("disk-read", f"cache file {path} cannot be read: {error}")
+                    self.stats.count("disk_error")
+                    self.remove(entry)
+            if not result.done():
+                result.set_result(data)
+
+        self.disk_io.read(path, entry.size).add_done_callback(read)
+        return result
 
     # --- changes ---------------------------------------------------------------------
 
@@ -274,9 +308,9 @@ class CacheStore:
         elif entry in self.disk:
             del self.disk[entry]
             self.stats.disk_bytes -= entry.cost
-            if entry.disk_path is not None:
-                with contextlib.suppress(OSError):
-                    entry.disk_path.unlink()
+            if entry.disk_path is not None and entry.body is None:
+                self.disk_io.remove(entry.disk_path)
+            # (An entry still being written: its file goes when the write is over.)
 
     def refresh(self, entry: Entry, headers: list[tuple[bytes, bytes]]) -> None:
         """New fields for a stored answer (a 304's), its size accounted again."""
@@ -314,32 +348,40 @@ class CacheStore:
         self.stats.count("eviction")
 
     def _spill(self, entry: Entry) -> bool:
-        """Move an entry from memory to the disk folder; False when it cannot go there."""
+        """Move an entry from memory to the disk folder; False when it cannot go there
+        (no folder, too large for it, or the queue of writes is full)."""
         folder = self.disk_dir
         cost = entry.cost
-        if folder is None or entry.body is None or cost > self.disk_limit:
+        body = entry.body
+        if (folder is None or body is None or cost > self.disk_limit
+                or not self.disk_io.can_write(len(body))):
             return False
         while self.disk and self.stats.disk_bytes + cost > self.disk_limit:
             self._evict(next(iter(self.disk)))
-        name = hashlib.sha256(f"{entry.key}\0{entry.variant}\0{id(entry)}".encode()).hexdigest()
-        path = folder / name
-        temporary = folder / (name + ".tmp")
-        try:
-            temporary.write_bytes(entry.body)
-            os.replace(temporary, path)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-            self.stats.count("disk_error")
-            self.log_once(f"disk-write-{exc.errno}",
-                          f"cache folder {folder} cannot take entries: {exc}")
-            return False
+        self._files += 1
+        path = folder / file_name(entry.key, entry.variant, self._files)
         del self.memory[entry]
         self.stats.memory_bytes -= cost
-        entry.body = None
         entry.disk_path = path
         self.disk[entry] = None
         self.stats.disk_bytes += cost
+
+        def written(job: asyncio.Future[None]) -> None:
+            error = job.exception()
+            if entry not in self.disk:  # dropped while it was being written
+                if error is None:
+                    self.disk_io.remove(path)
+                return
+            if error is None:
+                entry.body = None  # served from its file from now on
+                return
+            self.stats.count("disk_error")
+            errno = getattr(error, "errno", None)
+            self.log_once(f"disk-write-{errno}",
+                          f"cache folder {folder} cannot take entries: {error}")
+            self.remove(entry)
+
+        self.disk_io.write(path, body).add_done_callback(written)
         return True
 
     # --- concurrent misses -----------------------------------------------------------

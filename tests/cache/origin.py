@@ -27,6 +27,8 @@ class Origin:
     requests: list[dict[str, Any]] = field(default_factory=list)
     failing: set[str] = field(default_factory=set)
     """Paths answered 503 (an origin in trouble)."""
+    delayed: dict[str, float] = field(default_factory=dict)
+    """Paths answered only after this many seconds (a slow origin, from now on)."""
     runner: web.AppRunner | None = None
 
     def count(self, path: str) -> int:
@@ -50,6 +52,8 @@ def origin_app(origin: Origin) -> web.Application:
             return web.Response(status=503, text="down")
         if "slow" in query:
             await asyncio.sleep(float(query["slow"]))
+        if request.path in origin.delayed:
+            await asyncio.sleep(origin.delayed[request.path])
         headers: dict[str, str] = {}
         for name, key in (("Cache-Control", "cc"), ("ETag", "etag"), ("Last-Modified", "lm"),
                           ("Vary", "vary"), ("Expires", "expires"), ("Set-Cookie", "cookie"),

@@ -4,13 +4,22 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import pytest
 
 from tests.cache.helpers import failing, q
 from tests.cache.origin import Origin
-from tests.conftest import Kanal, RawResponse, free_port, raw_request, read_response
+from tests.cache.test_cache_admin import admin, metric
+from tests.conftest import (
+    Kanal,
+    RawResponse,
+    async_wait_until,
+    free_port,
+    raw_request,
+    read_response,
+)
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +107,44 @@ async def test_stale_if_error_on_the_forward_listener(proxy, origin, fragile, po
     assert down.status == 200 and down.header("X-Cache") == "STALE" and down.body == kept.body
     never = await fetch(forward_port, fragile, "/fwd-never")
     assert never.status == 502
+
+
+async def test_concurrent_misses_through_the_forward_listener_make_one_origin_request(
+        proxy, origin, forward_port):
+    target = "/fwd-collapse?" + q(cc="max-age=60", slow="0.5")
+    answers = await asyncio.gather(*(fetch(forward_port, origin, target) for _ in range(6)))
+    assert origin.count("/fwd-collapse") == 1
+    assert {a.body for a in answers} == {b"/fwd-collapse #1 "}
+    assert sorted(a.header("X-Cache") or "" for a in answers) == ["HIT"] * 5 + ["MISS"]
+
+
+async def test_stale_while_revalidate_on_the_forward_listener(proxy, origin, forward_port):
+    target = "/fwd-swr?" + q(cc="max-age=0, stale-while-revalidate=60", etag='"s"')
+    first = await fetch(forward_port, origin, target)
+    before = await revalidations(proxy)
+    origin.delayed["/fwd-swr"] = 2.0  # the revalidation takes long: nobody waits for it
+    try:
+        started = time.monotonic()
+        stale = [await fetch(forward_port, origin, target) for _ in range(3)]
+        assert time.monotonic() - started < 1.5
+        assert [a.header("X-Cache") for a in stale] == ["STALE"] * 3
+        assert {a.body for a in stale} == {first.body} == {b"/fwd-swr #1 "}
+
+        async def revalidated() -> bool:
+            return await revalidations(proxy) == before + 1
+        await async_wait_until(revalidated, timeout=10)
+    finally:
+        origin.delayed.pop("/fwd-swr", None)
+    # One background request for the three stale answers, with the entry's validator,
+    # sent by the listener like any request (its Via).
+    assert origin.count("/fwd-swr") == 2
+    revalidation = origin.requests[-1]["headers"]
+    assert revalidation.get("If-None-Match") == '"s"'
+    assert "kanal" in revalidation.get("Via", "")
+
+
+async def revalidations(proxy: Kanal) -> float:
+    """The forward listener's entries its origin confirmed (304), so far."""
+    _, text = await admin(proxy, "GET", "/metrics")
+    assert isinstance(text, str)
+    return metric(text, "kanal_cache_events_total", event="revalidated", route="egress")

@@ -4,8 +4,12 @@ once, counted); answers with a huge Vary are not stored."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
 
+from kanal.dataplane.cache.policy import url_key
+from kanal.dataplane.cache.store import file_name
 from tests.cache.helpers import get, q, upstream
 from tests.cache.test_cache_admin import ROUTE, admin, metric
 
@@ -34,6 +38,37 @@ async def test_entries_spill_to_disk_and_are_served_from_it(origin, kanal, tmp_p
         assert probe.body == bodies[index]
         hits += 1
     assert 64 * 1024 // 5000 < hits < 40  # more than memory holds: some came from disk
+
+
+async def test_a_slow_disk_holds_up_no_request(origin, kanal, tmp_path: Path):
+    """The file of a spilled entry is a FIFO nobody reads: its write never ends until
+    the test reads it. Meanwhile every request is answered, the spilled one from memory."""
+    folder = tmp_path / "cache"
+    proxy = kanal({"origin.yaml": upstream(origin), "route.yaml": ROUTE},
+                  "--cache-size", "100Ki", "--cache-dir", str(folder))
+    [worker] = list(folder.glob("worker-*"))
+    big = "/slow-disk/big?" + q(cc="max-age=60", size="60000")
+    fifo = worker / (file_name(url_key("http", "site.test", big.encode()), (), 1) + ".tmp")
+    os.mkfifo(fifo)
+    first = await get(proxy, big)
+    try:
+        # Stored at its end, the next large answer makes the first one spill to disk.
+        await get(proxy, "/slow-disk/next?" + q(cc="max-age=60", size="60000"))
+        others = [get(proxy, f"/slow-disk/small/{i}?" + q(cc="max-age=60"), timeout=5)
+                  for i in range(10)]
+        *smalls, again = await asyncio.gather(*others, get(proxy, big, timeout=5))
+        assert [a.status for a in smalls] == [200] * 10
+        assert again.header("X-Cache") == "HIT" and again.body == first.body
+    finally:
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the write goes on
+    os.set_blocking(reader, True)
+    try:
+        chunks = []
+        while chunk := await asyncio.to_thread(os.read, reader, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(reader)
+    assert b"".join(chunks) == first.body  # the write was under way all along
 
 
 async def test_an_unusable_folder_costs_entries_not_answers(origin, kanal, tmp_path: Path):

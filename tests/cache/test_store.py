@@ -3,13 +3,16 @@ only whole answers, purges, and concurrent misses meeting on a key."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kanal.dataplane.cache.policy import NO_DIRECTIVES
-from kanal.dataplane.cache.store import ENTRY_OVERHEAD, CacheStore, Entry, lookup
+from kanal.dataplane.cache.store import ENTRY_OVERHEAD, CacheStore, Entry, file_name, lookup
 
 
 def entry(key: str, size: int = 100, variant: tuple[str, ...] = ()) -> Entry:
@@ -47,7 +50,15 @@ def test_least_recently_used_goes_first() -> None:
     assert store.stats.events[("eviction", "")] == 1
 
 
-def test_evicted_entries_spill_to_disk_and_come_back(tmp_path: Path) -> None:
+async def written(store: CacheStore) -> None:
+    """Until every spilled entry's file is complete (its body left memory)."""
+    deadline = time.monotonic() + 10
+    while any(e.body is not None for e in store.disk):
+        assert time.monotonic() < deadline, "spilled entries not written within 10s"
+        await asyncio.sleep(0.01)
+
+
+async def test_evicted_entries_spill_to_disk_and_come_back(tmp_path: Path) -> None:
     cost = entry("http://h/x", 1000).cost
     store = CacheStore()
     store.configure(2 * cost, str(tmp_path), 2 * cost)
@@ -55,25 +66,66 @@ def test_evicted_entries_spill_to_disk_and_come_back(tmp_path: Path) -> None:
         store.insert(entry(f"http://h/{name}", 1000))
     on_disk = [e for e in store.disk]
     assert [e.key for e in on_disk] == ["http://h/a", "http://h/b"]
-    assert store.body(on_disk[0]) == b"x" * 1000 and store.stats.disk_bytes == 2 * cost
+    # Being written (on a worker thread): still served from memory, never from its file.
+    assert store.body(on_disk[0]) == b"x" * 1000
+    await written(store)
+    assert store.body(on_disk[0]) is None  # on disk only now: read off the loop
+    assert await store.load(on_disk[0]) == b"x" * 1000 and store.stats.disk_bytes == 2 * cost
     store.insert(entry("http://h/e", 1000))  # c spills; b, least recently used on disk, goes
     assert not store.variants("http://h/b")
     assert store.variants("http://h/a") and store.variants("http://h/c")
+    await written(store)
     store.purge("http://h/", prefix=True)
     assert store.stats.disk_bytes == store.stats.memory_bytes == 0
-    assert not [p for p in tmp_path.iterdir() if p.is_file()]
+    deadline = time.monotonic() + 10
+    while [p for p in tmp_path.iterdir() if p.is_file()]:  # removed on a worker thread
+        assert time.monotonic() < deadline, list(tmp_path.iterdir())
+        await asyncio.sleep(0.01)
 
 
-def test_a_missing_disk_file_is_a_miss_not_a_wrong_body(tmp_path: Path) -> None:
+async def test_a_missing_disk_file_is_a_miss_not_a_wrong_body(tmp_path: Path) -> None:
     cost = entry("http://h/x", 1000).cost
     store = CacheStore()
     store.configure(cost, str(tmp_path), 4 * cost)
     store.insert(entry("http://h/a", 1000))
     store.insert(entry("http://h/b", 1000))
     [spilled] = list(store.disk)
+    await written(store)
     assert spilled.disk_path is not None
     spilled.disk_path.write_bytes(b"short")
-    assert store.body(spilled) is None and not store.variants("http://h/a")
+    assert await store.load(spilled) is None and not store.variants("http://h/a")
+    assert store.stats.events[("disk_error", "")] == 1
+
+
+async def test_a_slow_disk_holds_up_nothing_and_the_entry_is_served_meanwhile(
+        tmp_path: Path) -> None:
+    """A write that never ends (a FIFO nobody reads, where the spilled entry's file
+    goes) blocks a worker thread only: the store keeps answering, from memory."""
+    cost = entry("http://h/big", 50_000).cost
+    store = CacheStore()
+    store.configure(cost + 100, str(tmp_path), 4 * cost)
+    fifo = tmp_path / (file_name("http://h/big", (), 1) + ".tmp")
+    os.mkfifo(fifo)
+    store.insert(entry("http://h/big", 50_000))
+    store.insert(entry("http://h/next", 50_000))  # big spills: its write blocks
+    [spilled] = list(store.disk)
+    try:
+        for _ in range(20):  # the loop turns, the store answers
+            await asyncio.sleep(0)
+            assert store.body(spilled) == b"x" * 50_000
+        assert spilled.body is not None and store.disk_io.pending_writes == 1
+    finally:
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the write goes on
+    os.set_blocking(reader, True)
+    try:
+        chunks = []
+        while chunk := await asyncio.to_thread(os.read, reader, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(reader)
+    assert b"".join(chunks) == b"x" * 50_000  # the whole body went to the file
+    await written(store)
+    assert store.disk_io.pending_writes == 0
 
 
 def test_fills_store_only_whole_answers() -> None:
