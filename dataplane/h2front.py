@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -270,11 +271,14 @@ class Http2Connection(asyncio.Protocol):
             return
         stream = Stream(stream_id, head.method, head.chunked)
         stream.grpc = head.grpc
+        conn = ClientConnection(self.context)
+        if head.grpc:
+            conn.grpc_deadline = math.inf
         if head.grpc_timeout is not None:
             stream.deadline = asyncio.get_running_loop().call_later(
                 head.grpc_timeout, self._deadline, stream, head.grpc_timeout)
+            conn.grpc_deadline = stream.deadline.when()
         transport = StreamTransport(self, stream)
-        conn = ClientConnection(self.context)
         conn.transport = transport
         conn.peer = self.peer
         conn.server_name = self.server_name
