@@ -49,6 +49,10 @@ FLOOD_WINDOW = 10.0
 MAX_RESETS = 200
 """Streams a client may reset before their answer is complete, per FLOOD_WINDOW
 seconds: rapid reset (CVE-2023-44487) makes the server start work and abandons it."""
+MAX_REFUSED_STREAMS = 100
+"""Streams a client may open beyond SETTINGS_MAX_CONCURRENT_STREAMS (each refused with
+REFUSED_STREAM) per FLOOD_WINDOW seconds: a client that read our SETTINGS opens none,
+one that did not yet only a few; more is a flood."""
 MAX_PINGS = 1000
 MAX_SETTINGS = 100
 MAX_EMPTY_FRAMES = 1000
