@@ -225,6 +225,15 @@ _SERVER_RULES: dict[str, dict[str, Any]] = {
             "message": "compression is only for type Compression",
         }],
     },
+    "GrpcTranscoderSpec": {
+        "x-kubernetes-validations": [{
+            "rule": "(has(self.descriptorSecretName) ? 1 : 0) + "
+                    "(has(self.descriptorConfigMapName) ? 1 : 0) + "
+                    "(has(self.descriptorFile) ? 1 : 0) == 1",
+            "message": "set exactly one of descriptorSecretName, descriptorConfigMapName or "
+                       "descriptorFile",
+        }],
+    },
     "HealthCheckSpec": {
         "x-kubernetes-validations": [{
             "rule": "duration(has(self.timeout) ? self.timeout : '1s') <= "
