@@ -707,7 +707,9 @@ class ClientConnection(asyncio.Protocol):
             self.aggregated = None
             config = self.context.config
             assert config is not None
-            aggregate_begin(self, request.target, request.host, request.get, aggregated, config)
+            exchange = self.exchange
+            aggregate_begin(self, request.target, request.host, request.get, aggregated, config,
+                            exchange.part_headers if exchange is not None else None)
             return
         selection = self.cache_selection
         if selection is not None:

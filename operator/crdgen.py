@@ -209,6 +209,11 @@ _SERVER_RULES: dict[str, dict[str, Any]] = {
         }, {
             "rule": "!has(self.aggregate) || !has(self.backends) || size(self.backends) == 0",
             "message": "a rule has backends or aggregate, not both",
+        }, {
+            "rule": "!has(self.aggregate) || !has(self.filters) || !self.filters.exists(f, "
+                    "f.type == 'URLRewrite' || f.type == 'RequestMirror')",
+            "message": "an aggregate rule takes no URLRewrite or RequestMirror filter",
+            "fieldPath": ".filters",
         }],
     },
     "FilterSpec": {

@@ -1215,6 +1215,11 @@ class RuleSpec(KanalModel):
         if not self.backends and not answers and self.aggregate is None:
             raise ValueError("backends: at least one, unless the rule aggregates or a "
                              "RequestRedirect or DirectResponse filter answers")
+        if self.aggregate is not None and {"URLRewrite", "RequestMirror"} & {
+                f.type for f in self.filters}:
+            # Each part's path, Host and upstream are its own: nothing to rewrite or copy.
+            raise ValueError("an aggregate rule takes no URLRewrite or RequestMirror filter "
+                             "(each part's path and upstream are its own)")
         for item in self.filters + [f for b in self.backends for f in b.filters]:
             modifier = (item.url_rewrite or item.request_redirect)
             path = modifier.path if modifier is not None else None
