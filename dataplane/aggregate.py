@@ -47,15 +47,20 @@ class AggregateClient(ResponseSink, Protocol):
     set_cookie: bytes | None
 
 
+PartHeaders = Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]
+"""The rule's request header filters, applied to a part's own headers."""
+
+
 def begin(client: AggregateClient, target: bytes, host: bytes | None,
-          header: Callable[[str], str | None], rule: Rule, config: Config) -> None:
+          header: Callable[[str], str | None], rule: Rule, config: Config,
+          part_headers: PartHeaders | None = None) -> None:
     """Answer the current request of `client` with `rule`'s aggregate."""
     answer = AggregateAnswer()
     client.upstream = answer  # a client that leaves aborts it, which cancels the parts
     client.upstream_key = "aggregate"
     client.set_cookie = None
     answer.task = asyncio.get_running_loop().create_task(
-        _run(client, answer, target, host, header, rule, config))
+        _run(client, answer, target, host, header, rule, config, part_headers))
 
 
 class AggregateAnswer(UpstreamConnection):
@@ -84,7 +89,7 @@ _NO_POOL = EndpointPool("127.0.0.1", 0)
 
 async def _run(client: AggregateClient, answer: AggregateAnswer, target: bytes,
                host: bytes | None, header: Callable[[str], str | None], rule: Rule,
-               config: Config) -> None:
+               config: Config, part_headers: PartHeaders | None) -> None:
     aggregate = rule.aggregate
     assert aggregate is not None
     path, _, query = target.decode("latin-1").partition("?")
@@ -96,7 +101,7 @@ async def _run(client: AggregateClient, answer: AggregateAnswer, target: bytes,
     else:
         authority = host.decode("latin-1") if host is not None else ""
         results = await asyncio.gather(*(
-            _part(part, part_target, rule, config, authority, client.peer)
+            _part(part, part_target, rule, config, authority, client.peer, part_headers)
             for part, part_target in zip(aggregate.parts, targets, strict=True)))
         status, body = merge(results, aggregate.on_error)
     deliver(client, answer, status, body)
@@ -116,25 +121,29 @@ def deliver(client: AggregateClient, answer: AggregateAnswer, status: int, body:
 
 
 async def _part(part: AggregatePart, target: str, rule: Rule, config: Config,
-                authority: str, peer: str) -> PartResult:
+                authority: str, peer: str, part_headers: PartHeaders | None) -> PartResult:
     upstream = config.upstreams.get(part.upstream)
     if upstream is None:
         return PartResult(part.name, error=f"upstream {part.upstream} does not exist")
     try:
         async with asyncio.timeout(part.timeout):
-            return await _tries(part, target, rule, upstream, authority, peer)
+            return await _tries(part, target, rule, upstream, authority, peer, part_headers)
     except TimeoutError:
         return PartResult(part.name, error=f"no answer within {part.timeout:g}s")
 
 
 async def _tries(part: AggregatePart, target: str, rule: Rule, upstream: UpstreamRuntime,
-                 authority: str, peer: str) -> PartResult:
+                 authority: str, peer: str, part_headers: PartHeaders | None) -> PartResult:
     """Tries of one part, as the rule's retry policy allows."""
-    lines = [f"{part.method} {target} HTTP/1.1", f"Host: {authority or upstream.key}",
-             "Accept: application/json", f"X-Forwarded-For: {peer}"]
+    fields = [(b"Host", (authority or upstream.key).encode("latin-1")),
+              (b"Accept", b"application/json"), (b"X-Forwarded-For", peer.encode("latin-1"))]
+    if part_headers is not None:
+        fields = part_headers(fields)
+    lines = [f"{part.method} {target} HTTP/1.1".encode("latin-1"),
+             *(name + b": " + value for name, value in fields)]
     if part.method in ("POST", "PUT", "PATCH"):
-        lines.append("Content-Length: 0")
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        lines.append(b"Content-Length: 0")
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
     result, _ = await exchange(part.name, part.method, head, b"", rule, upstream)
     return result
 

@@ -491,6 +491,14 @@ class Exchange:
             elif lower == b"range":
                 self.ranged = True
 
+    def part_headers(self, headers: Headers) -> Headers:
+        """An aggregate part's own request headers with the rule's RequestHeaderModifiers
+        applied (in order), as they apply to a backend's request."""
+        for step in self.filters.rule_stage.steps:
+            if isinstance(step, _RequestHeaders):
+                headers = step.ops.apply(list(headers), self.values)
+        return headers
+
     def _response_ops(self) -> list[HeaderOps]:
         ops = self.filters.rule_stage.response
         if self.backend_stage is not None and self.backend_stage.response:

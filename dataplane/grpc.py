@@ -59,6 +59,27 @@ def parse_timeout(value: bytes) -> float | None:
     return int(digits) * _TIMEOUT_UNITS[unit]
 
 
+_UNITS_FINEST_FIRST = ((b"m", 1e3), (b"S", 1.0), (b"M", 1 / 60), (b"H", 1 / 3600))
+_MAX_TIMEOUT_DIGITS = 99_999_999
+
+
+def format_timeout(seconds: float) -> bytes:
+    """`grpc-timeout` for `seconds`: the finest unit from milliseconds up whose value
+    fits the 8 digits the wire format allows, rounded down (the callee gives up no later
+    than the proxy would), as Envoy writes it."""
+    for unit, per_second in _UNITS_FINEST_FIRST:
+        value = int(max(seconds, 0.0) * per_second)
+        if value <= _MAX_TIMEOUT_DIGITS:
+            return b"%d%b" % (value, unit)
+    return b"%dH" % _MAX_TIMEOUT_DIGITS
+
+
+def with_timeout(head: bytes, seconds: float) -> bytes:
+    """An HTTP/1.1 request head (ending with its empty line) with a `grpc-timeout` of
+    `seconds` added as its last field."""
+    return head[:-2] + b"grpc-timeout: " + format_timeout(seconds) + b"\r\n\r\n"
+
+
 def encode_message(text: str) -> bytes:
     """`grpc-message`: UTF-8, percent-encoded outside printable ASCII and `%`."""
     raw = text.encode("utf-8")[:MAX_MESSAGE]

@@ -14,10 +14,11 @@ answer the logic writes (llhttp again) and turns it into HEADERS and DATA frames
 maps the logic's flow control (pause and resume reading, pause and resume writing) to
 the stream's HTTP/2 windows.
 
-Limits: SETTINGS_MAX_CONCURRENT_STREAMS, the header list size (enforced by the HPACK
+Limits: SETTINGS_MAX_CONCURRENT_STREAMS (a stream over it is refused alone, with
+RST_STREAM(REFUSED_STREAM): `h2server`), the header list size (enforced by the HPACK
 decoder while it decodes), per-stream and per-connection windows (the bound on buffered
 request bytes), a bound on queued answer bytes per stream, and flood counters (rapid
-reset, PING, SETTINGS, empty DATA frames) that end the connection with
+reset, refused streams, PING, SETTINGS, empty DATA frames) that end the connection with
 GOAWAY(ENHANCE_YOUR_CALM). A stream whose answer waits on a window the client keeps at
 zero is reset after the listener's body timeout. A graceful stop sends GOAWAY naming
 the last stream taken, finishes those streams and refuses later ones.
@@ -27,12 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import h2.config
-import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
@@ -41,6 +42,7 @@ import httptools
 from hyperframe.frame import GoAwayFrame
 
 from kanal.dataplane import grpc, h2rules
+from kanal.dataplane.h2server import ServerConnection, StreamRefused
 from kanal.dataplane.http1 import KEEPALIVE_TIMEOUT
 from kanal.dataplane.proxy import ClientConnection
 
@@ -118,7 +120,7 @@ class Http2Connection(asyncio.Protocol):
         config = h2.config.H2Configuration(client_side=False, header_encoding=None,
                                            validate_outbound_headers=False,
                                            normalize_outbound_headers=False)
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = ServerConnection(config)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: h2rules.MAX_CONCURRENT_STREAMS,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: h2rules.MAX_HEADER_LIST_SIZE,
@@ -136,6 +138,7 @@ class Http2Connection(asyncio.Protocol):
         self.pings = h2rules.WindowCounter(h2rules.MAX_PINGS)
         self.settings = h2rules.WindowCounter(h2rules.MAX_SETTINGS)
         self.empty_frames = h2rules.WindowCounter(h2rules.MAX_EMPTY_FRAMES)
+        self.refusals = h2rules.WindowCounter(h2rules.MAX_REFUSED_STREAMS)
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -193,6 +196,11 @@ class Http2Connection(asyncio.Protocol):
             # The client's GOAWAY: finish what it sent, then close.
             self.going_away = event.last_stream_id or 0
             self._close_when_idle()
+        elif isinstance(event, StreamRefused):
+            log.debug("HTTP/2 client %s: stream %d refused: over %d streams open",
+                      self.peer, event.stream_id, h2rules.MAX_CONCURRENT_STREAMS)
+            if self.refusals.hit(now):
+                self._calm_down("streams opened beyond SETTINGS_MAX_CONCURRENT_STREAMS")
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -270,11 +278,14 @@ class Http2Connection(asyncio.Protocol):
             return
         stream = Stream(stream_id, head.method, head.chunked)
         stream.grpc = head.grpc
+        conn = ClientConnection(self.context)
+        if head.grpc:
+            conn.grpc_deadline = math.inf
         if head.grpc_timeout is not None:
             stream.deadline = asyncio.get_running_loop().call_later(
                 head.grpc_timeout, self._deadline, stream, head.grpc_timeout)
+            conn.grpc_deadline = stream.deadline.when()
         transport = StreamTransport(self, stream)
-        conn = ClientConnection(self.context)
         conn.transport = transport
         conn.peer = self.peer
         conn.server_name = self.server_name

@@ -49,6 +49,10 @@ FLOOD_WINDOW = 10.0
 MAX_RESETS = 200
 """Streams a client may reset before their answer is complete, per FLOOD_WINDOW
 seconds: rapid reset (CVE-2023-44487) makes the server start work and abandons it."""
+MAX_REFUSED_STREAMS = 100
+"""Streams a client may open beyond SETTINGS_MAX_CONCURRENT_STREAMS (each refused with
+REFUSED_STREAM) per FLOOD_WINDOW seconds: a client that read our SETTINGS opens none,
+one that did not yet only a few; more is a flood."""
 MAX_PINGS = 1000
 MAX_SETTINGS = 100
 MAX_EMPTY_FRAMES = 1000
@@ -114,7 +118,7 @@ class RequestHead:
     method: bytes
     chunked: bool  # DATA is sent as chunks (no content-length and a body follows)
     grpc: bool = False  # content-type application/grpc: errors are answered as gRPC
-    grpc_timeout: float | None = None  # seconds, from grpc-timeout
+    grpc_timeout: float | None = None  # seconds, from grpc-timeout (then not in `head`)
 
 
 def request_head(headers: list[tuple[bytes, bytes]], ended: bool) -> RequestHead | str:
@@ -128,6 +132,7 @@ def request_head(headers: list[tuple[bytes, bytes]], ended: bool) -> RequestHead
     has_length = False
     is_grpc = False
     grpc_timeout = None
+    timeout_line = -1
     if len(headers) > MAX_HEADERS + 4:
         return f"more than {MAX_HEADERS} request headers"
     for name, value in headers:
@@ -153,7 +158,11 @@ def request_head(headers: list[tuple[bytes, bytes]], ended: bool) -> RequestHead
             is_grpc = grpc.is_grpc(value)
         elif name == b"grpc-timeout":
             grpc_timeout = grpc.parse_timeout(value)
+            timeout_line = len(lines)
         lines.append(name + b": " + value)
+    if is_grpc and timeout_line >= 0:
+        # The proxy writes the time left, bounded by the route's timeout, when it sends.
+        del lines[timeout_line]
     if method == b"CONNECT":
         path = authority
     if not method or not path or _TARGET_BAD.search(path) or _TARGET_BAD.search(method):

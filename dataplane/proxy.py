@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import struct
 import time
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from kanal.dataplane import grpc as grpc_rules
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane import http1, mirror
 from kanal.dataplane.access import gate as access_gate
@@ -160,6 +162,9 @@ class ClientConnection(asyncio.Protocol):
         self.paused_for_body = False
         self.tunnel = False
         self.timer: asyncio.TimerHandle | None = None
+        # A gRPC call over HTTP/2 (set by the stream's owner): the loop time its client's
+        # grpc-timeout runs out (inf without one). None for every other request.
+        self.grpc_deadline: float | None = None
         self.batch: list[bytes] | None = None
         self.forwarded_key: bytes | None = None
         self.host_bytes: bytes | None = b"\x00"
@@ -702,7 +707,9 @@ class ClientConnection(asyncio.Protocol):
             self.aggregated = None
             config = self.context.config
             assert config is not None
-            aggregate_begin(self, request.target, request.host, request.get, aggregated, config)
+            exchange = self.exchange
+            aggregate_begin(self, request.target, request.host, request.get, aggregated, config,
+                            exchange.part_headers if exchange is not None else None)
             return
         selection = self.cache_selection
         if selection is not None:
@@ -812,7 +819,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _send(self, conn: UpstreamConnection, request: Request) -> None:
         self.upstream = conn
-        conn.start(self, self.head, request.method == b"HEAD")
+        head = self.head
+        if self.grpc_deadline is not None:
+            head = self._with_grpc_timeout(head, self.grpc_deadline)
+        conn.start(self, head, request.method == b"HEAD")
         self.request_sent = True
         chunks: list[bytes] = []
         if self.is_retry and self.kept_body:
@@ -833,6 +843,17 @@ class ClientConnection(asyncio.Protocol):
         if self.paused_for_body and not self.waiting and self.transport is not None:
             self.paused_for_body = False
             self.transport.resume_reading()
+
+    def _with_grpc_timeout(self, head: bytes, deadline: float) -> bytes:
+        """A gRPC call's head with the time this try has left as its `grpc-timeout`: the
+        client's deadline, cut to the route's timeout and the per-try timeout (Envoy's
+        max_grpc_timeout), so the server stops when the proxy stops waiting for it."""
+        for timer in (self.timer, self.try_timer):
+            if timer is not None:
+                deadline = min(deadline, timer.when())
+        if deadline == math.inf:
+            return head
+        return grpc_rules.with_timeout(head, deadline - asyncio.get_running_loop().time())
 
     def _keep(self, chunks: list[bytes]) -> None:
         """Remember body bytes sent, while they fit, so a retry can send them again."""

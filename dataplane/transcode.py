@@ -44,7 +44,7 @@ def transcoder(descriptor_set: str) -> Transcoder | str:
     if found is None:
         try:
             found = Transcoder.from_base64(descriptor_set) if descriptor_set else (
-                "no descriptor set (its Secret is missing or has no such key)")
+                "no descriptor set (its Secret, ConfigMap or file is missing or lacks the key)")
         except (ValueError, KeyError, TypeError) as exc:
             found = f"the descriptor set does not load: {exc}"
         if len(_TRANSCODERS) > 64:

@@ -38,8 +38,11 @@ from kanal.operator.conditions import (
     ACCEPTED,
     REASON_ACCEPTED,
     REASON_BACKEND_NOT_FOUND,
+    REASON_CONFIG_MAP_NOT_FOUND,
     REASON_CONFLICTED,
+    REASON_FILE_NOT_READ,
     REASON_INVALID,
+    REASON_INVALID_CONFIG_MAP,
     REASON_INVALID_SECRET,
     REASON_NOT_ACCEPTED,
     REASON_RESOLVED_REFS,
@@ -55,6 +58,7 @@ from kanal.operator.durations import parse_duration
 from kanal.operator.filtercompile import compile_filters, mirrored_upstreams
 from kanal.operator.models import (
     CacheSpec,
+    ConfigMap,
     EgressPolicy,
     EgressRuleSpec,
     KanalResource,
@@ -77,6 +81,9 @@ ServiceKey = tuple[str, str, int]
 """(namespace, Service name, Service port)."""
 
 ServiceEndpoints = Mapping[ServiceKey, Sequence[snap.Endpoint]]
+
+DescriptorFiles = Mapping[str, bytes | str]
+"""A `descriptorFile` path to the file's bytes, or to why it could not be read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,14 +114,18 @@ def compile_snapshot(
     resources: Iterable[Resource],
     *,
     service_endpoints: ServiceEndpoints | None = None,
+    descriptor_files: DescriptorFiles | None = None,
 ) -> CompileResult:
     """Compile validated objects into a Snapshot and statuses.
 
     `service_endpoints` maps (namespace, Service, port) to the ready endpoints of
     Services that Upstreams name with `spec.service`; None means there is no service
     discovery (standalone mode), and such Upstreams get no endpoints.
+    `descriptor_files` maps the `descriptorFile` paths of Routes (as they are written
+    in the models) to the files' bytes, or to why a file could not be read; None means
+    files are not read here (the operator), and such rules get no descriptor set.
     """
-    index = _Index.build(resources)
+    index = _Index.build(resources, descriptor_files)
     statuses: list[ObjectStatus] = []
 
     upstreams: list[snap.Upstream] = []
@@ -145,7 +156,7 @@ def compile_snapshot(
 
 # --------------------------------------------------------------------------- index
 
-_R = TypeVar("_R", bound=KanalResource | Secret)
+_R = TypeVar("_R", bound=KanalResource | Secret | ConfigMap)
 
 
 @dataclass(slots=True)
@@ -156,10 +167,13 @@ class _Index:
     upstreams: dict[str, Upstream]
     egress_policies: dict[str, EgressPolicy]
     secrets: dict[str, Secret]
+    config_maps: dict[str, ConfigMap]
+    descriptor_files: DescriptorFiles | None = None
 
     @classmethod
-    def build(cls, resources: Iterable[Resource]) -> _Index:
-        index = cls({}, {}, {}, {})
+    def build(cls, resources: Iterable[Resource],
+              descriptor_files: DescriptorFiles | None = None) -> _Index:
+        index = cls({}, {}, {}, {}, {}, descriptor_files)
         for resource in resources:
             if isinstance(resource, Route):
                 _put(index.routes, resource)
@@ -169,6 +183,8 @@ class _Index:
                 _put(index.egress_policies, resource)
             elif isinstance(resource, Secret):
                 _put(index.secrets, resource)
+            elif isinstance(resource, ConfigMap):
+                _put(index.config_maps, resource)
             else:  # pragma: no cover - the type says this cannot happen
                 raise TypeError(f"cannot compile {type(resource).__name__}")
         return index
@@ -184,7 +200,7 @@ def _put(table: dict[str, _R], resource: _R) -> None:
         table[key] = resource
 
 
-def _canonical(resource: KanalResource | Secret) -> str:
+def _canonical(resource: KanalResource | Secret | ConfigMap) -> str:
     return resource.model_dump_json(by_alias=True)
 
 
@@ -534,23 +550,56 @@ def _compile_rule(position: int, rule: RuleSpec, namespace: str) -> snap.Rule:
 
 def _with_descriptor_set(compiled: snap.Rule, rule: RuleSpec, index: _Index, namespace: str,
                          problems: _Problems) -> snap.Rule:
-    """A transcoding rule's descriptor set, base64 as the Secret holds it (binary data)."""
+    """A transcoding rule's descriptor set, base64 (as a Secret's data and a ConfigMap's
+    binaryData hold it), from whichever of the three sources the rule names; "" (and
+    a problem) when it does not resolve."""
     settings = rule.grpc_transcoder
     if settings is None:
         return compiled
-    name, key = settings.descriptor_secret_name, settings.descriptor_key
-    secret = index.secret(namespace, name)
-    data = ""
-    if secret is None:
-        problems.add(REASON_SECRET_NOT_FOUND,
-                     f"descriptor set Secret {namespace}/{name} not found")
-    elif key in secret.data:
-        data = secret.data[key]
-    elif key in secret.string_data:
-        data = base64.b64encode(secret.string_data[key].encode()).decode()
+    key = settings.descriptor_key
+    data: str | None = None
+    if settings.descriptor_secret_name is not None:
+        name = settings.descriptor_secret_name
+        secret = index.secret(namespace, name)
+        if secret is None:
+            problems.add(REASON_SECRET_NOT_FOUND,
+                         f"descriptor set Secret {namespace}/{name} not found")
+        elif key in secret.string_data:
+            data = base64.b64encode(secret.string_data[key].encode()).decode()
+        elif key in secret.data:
+            data = secret.data[key]
+        else:
+            problems.add(REASON_INVALID_SECRET,
+                         f"descriptor set Secret {namespace}/{name} has no {key}")
+    elif settings.descriptor_config_map_name is not None:
+        name = settings.descriptor_config_map_name
+        config_map = index.config_maps.get(f"{namespace}/{name}")
+        if config_map is None:
+            problems.add(REASON_CONFIG_MAP_NOT_FOUND,
+                         f"descriptor set ConfigMap {namespace}/{name} not found")
+        else:
+            data = config_map.binary(key)
+            if data is None:
+                problems.add(REASON_INVALID_CONFIG_MAP,
+                             f"descriptor set ConfigMap {namespace}/{name} has no {key}")
     else:
-        problems.add(REASON_INVALID_SECRET, f"descriptor set Secret {namespace}/{name} has no {key}")
-    return dataclasses.replace(compiled, grpc_transcoder=snap.GrpcTranscoder(descriptor_set=data))
+        data = _descriptor_file(settings.descriptor_file or "", index.descriptor_files, problems)
+    return dataclasses.replace(compiled,
+                               grpc_transcoder=snap.GrpcTranscoder(descriptor_set=data or ""))
+
+
+def _descriptor_file(path: str, files: DescriptorFiles | None, problems: _Problems) -> str | None:
+    if files is None:
+        problems.add(REASON_FILE_NOT_READ,
+                     f"descriptor set file {path}: files are read by kanal run only; in a "
+                     "cluster, use descriptorConfigMapName or descriptorSecretName")
+        return None
+    found = files.get(path)
+    if not isinstance(found, bytes):
+        problems.add(REASON_FILE_NOT_READ,
+                     f"descriptor set file {path} cannot be read: {found or 'not found'}")
+        return None
+    return base64.b64encode(found).decode()
 
 
 def _compile_match(match: MatchSpec) -> snap.Match:

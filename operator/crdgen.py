@@ -209,6 +209,11 @@ _SERVER_RULES: dict[str, dict[str, Any]] = {
         }, {
             "rule": "!has(self.aggregate) || !has(self.backends) || size(self.backends) == 0",
             "message": "a rule has backends or aggregate, not both",
+        }, {
+            "rule": "!has(self.aggregate) || !has(self.filters) || !self.filters.exists(f, "
+                    "f.type == 'URLRewrite' || f.type == 'RequestMirror')",
+            "message": "an aggregate rule takes no URLRewrite or RequestMirror filter",
+            "fieldPath": ".filters",
         }],
     },
     "FilterSpec": {
@@ -223,6 +228,15 @@ _SERVER_RULES: dict[str, dict[str, Any]] = {
             ("DirectResponse", "directResponse"))] + [{
             "rule": "self.type == 'Compression' || !has(self.compression)",
             "message": "compression is only for type Compression",
+        }],
+    },
+    "GrpcTranscoderSpec": {
+        "x-kubernetes-validations": [{
+            "rule": "(has(self.descriptorSecretName) ? 1 : 0) + "
+                    "(has(self.descriptorConfigMapName) ? 1 : 0) + "
+                    "(has(self.descriptorFile) ? 1 : 0) == 1",
+            "message": "set exactly one of descriptorSecretName, descriptorConfigMapName or "
+                       "descriptorFile",
         }],
     },
     "HealthCheckSpec": {

@@ -10,6 +10,8 @@ refuses it: the copy that served before keeps serving (or, for an object new to 
 reload, the first in reading order), and each other copy is reported with both files.
 A Secret whose certificate and key do not load together (or whose `ca.crt` does not
 load) is invalid like any other object, so its last good version keeps serving.
+Descriptor set files that Routes name (`descriptorFile`) are read on every reload;
+a change to one in a watched folder is a reason to reload.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kanal.contract.snapshot import Snapshot
-from kanal.operator import manifests
+from kanal.operator import descriptorfiles, manifests
 from kanal.operator.compiler import CompileResult, compile_snapshot
 from kanal.operator.models import Secret
 
@@ -56,6 +58,7 @@ class FileSource:
     def __init__(self, paths: Sequence[str | Path]) -> None:
         self.paths = [Path(path) for path in paths]
         self.last_good: dict[ObjectKey, tuple[Any, str]] = {}
+        self.descriptor_files: set[Path] = set()  # named by Routes at the last reload
 
     def watch_roots(self) -> list[Path]:
         """Folders to watch: the folders given, and the folders of the files given.
@@ -71,6 +74,8 @@ class FileSource:
 
     def is_relevant(self, changed: str) -> bool:
         path = Path(changed)
+        if path.resolve() in self.descriptor_files:
+            return True  # a Route's descriptor set file, in a watched folder
         for given in self.paths:
             if given.is_dir():
                 if path.suffix in (".yaml", ".yml") and _inside(path, given):
@@ -136,8 +141,14 @@ class FileSource:
             if key not in current and file in broken_files:
                 current[key] = (resource, file)
                 kept.append(key)
-        resources = [resource for resource, _ in current.values()]
-        result = compile_snapshot(resources)
+        resources: list[Any] = []
+        files: dict[str, bytes | str] = {}
+        for resource, path in current.values():
+            resource, read = descriptorfiles.resolve(resource, path)
+            resources.append(resource)
+            files.update(read)
+        self.descriptor_files = {Path(path) for path in files}
+        result = compile_snapshot(resources, descriptor_files=files)
         compile_errors = [
             f"{current[key][1]}: {message}" if key in current else message
             for key, message in _rejections(result)

@@ -15,7 +15,7 @@ Rules (written down because `kanal run` relies on them too):
   extension.
 - Documents are counted from 1 in each file, empty ones included (so the count
   matches the `---` separators) but empty ones are otherwise skipped.
-- Kanal objects (`kanal.dev/v1alpha1`) and core `v1` Secrets are read; any other kind
+- Kanal objects (`kanal.dev/v1alpha1`) and core `v1` Secrets and ConfigMaps are read; any other kind
   (a Deployment next to the Routes, say) is skipped with a note, not an error. An
   unknown kind or version in the `kanal.dev` group is an error.
 - A YAML syntax error makes the whole file unreadable: it contributes no documents
@@ -38,9 +38,14 @@ import yaml
 from pydantic import ValidationError
 
 from kanal.contract.pem import load_pem_pair
-from kanal.operator.models import API_VERSION, GROUP, RESOURCES, Resource, Secret
+from kanal.operator import descriptorfiles
+from kanal.operator.models import API_VERSION, GROUP, RESOURCES, ConfigMap, Resource, Secret
 
 YAML_SUFFIXES = (".yaml", ".yml")
+
+_CORE_KINDS: dict[str, type[Secret | ConfigMap]] = {"Secret": Secret, "ConfigMap": ConfigMap}
+"""Core v1 kinds Kanal objects name: Secrets (TLS, CA, basic auth, descriptor sets) and
+ConfigMaps (descriptor sets)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,7 +238,7 @@ def _is_ours(document: Document, notes: list[str] | None) -> bool:
     api_version, kind = body.get("apiVersion"), body.get("kind")
     if not isinstance(api_version, str) or not isinstance(kind, str):
         return True
-    if api_version.split("/")[0] == GROUP or (api_version == "v1" and kind == "Secret"):
+    if api_version.split("/")[0] == GROUP or (api_version == "v1" and kind in _CORE_KINDS):
         return True
     if notes is not None:
         notes.append(f"{document.source}: skipped {api_version} {kind} (not a Kanal object)")
@@ -322,8 +327,8 @@ def _model_for(body: Mapping[str, Any]) -> tuple[Any, tuple[str, str]]:
         return None, ("apiVersion", "must be a string")
     if not isinstance(kind, str):
         return None, ("kind", "must be a string")
-    if api_version == "v1" and kind == "Secret":
-        return Secret, ("", "")
+    if api_version == "v1" and kind in _CORE_KINDS:
+        return _CORE_KINDS[kind], ("", "")
     if api_version.split("/")[0] != GROUP:
         return None, ("apiVersion", f"{api_version} {kind} is not a Kanal object")
     if api_version != API_VERSION:
@@ -503,7 +508,13 @@ def compile_problems(manifests: Sequence[Manifest], notes: list[str] | None = No
     """What the compiler has to say about valid objects, as error lines naming the file."""
     from kanal.operator.compiler import SERVICE_DISCOVERY_UNAVAILABLE, compile_snapshot
 
-    result = compile_snapshot([manifest.resource for manifest in manifests])
+    resources: list[Resource] = []
+    files: dict[str, bytes | str] = {}
+    for each in manifests:
+        resource, read = descriptorfiles.resolve(each.resource, each.source.path)
+        resources.append(resource)
+        files.update(read)
+    result = compile_snapshot(resources, descriptor_files=files)
     sources: dict[tuple[str, str], Manifest] = {
         (m.resource.kind, m.resource.key): m for m in manifests
     }

@@ -1106,17 +1106,43 @@ class AggregateSpec(KanalModel):
 
 
 class GrpcTranscoderSpec(KanalModel):
-    """REST/JSON requests made into gRPC calls, from a protobuf descriptor set."""
+    """REST/JSON requests made into gRPC calls, from a protobuf descriptor set (made by
+    `protoc --include_imports --descriptor_set_out`): methods with a google.api.http
+    annotation are exposed, others are not. Set exactly one of descriptorSecretName,
+    descriptorConfigMapName or descriptorFile."""
 
-    descriptor_secret_name: ObjectName = Field(
-        description="Secret (same namespace) holding a descriptor set made by `protoc "
-        "--include_imports --descriptor_set_out`; methods with a google.api.http "
-        "annotation are exposed, others are not.",
+    descriptor_secret_name: ObjectName | None = Field(
+        default=None,
+        description="Secret (same namespace) whose key `descriptorKey` holds the "
+        "descriptor set.",
+    )
+    descriptor_config_map_name: ObjectName | None = Field(
+        default=None,
+        description="ConfigMap (same namespace) whose binaryData key `descriptorKey` holds "
+        "the descriptor set (`kubectl create configmap NAME --from-file=descriptors.pb`).",
+    )
+    descriptor_file: str | None = Field(
+        default=None, min_length=1, max_length=4096,
+        description="`kanal run` only: a descriptor set file, relative to the manifest's "
+        "folder or absolute. In a cluster, use a ConfigMap or a Secret.",
     )
     descriptor_key: str = Field(
         default="descriptors.pb", pattern=r"^[-._a-zA-Z0-9]+$", max_length=253,
-        description="The Secret's key holding the descriptor set (default descriptors.pb).",
+        description="The Secret's or ConfigMap's key holding the descriptor set (default "
+        "descriptors.pb).",
     )
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> GrpcTranscoderSpec:
+        chosen = [name for name, value in (
+            ("descriptorSecretName", self.descriptor_secret_name),
+            ("descriptorConfigMapName", self.descriptor_config_map_name),
+            ("descriptorFile", self.descriptor_file)) if value is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                "set exactly one of descriptorSecretName, descriptorConfigMapName or "
+                "descriptorFile" + (f" (got {', '.join(chosen)})" if chosen else ""))
+        return self
 
 
 class RuleSpec(KanalModel):
@@ -1189,6 +1215,11 @@ class RuleSpec(KanalModel):
         if not self.backends and not answers and self.aggregate is None:
             raise ValueError("backends: at least one, unless the rule aggregates or a "
                              "RequestRedirect or DirectResponse filter answers")
+        if self.aggregate is not None and {"URLRewrite", "RequestMirror"} & {
+                f.type for f in self.filters}:
+            # Each part's path, Host and upstream are its own: nothing to rewrite or copy.
+            raise ValueError("an aggregate rule takes no URLRewrite or RequestMirror filter "
+                             "(each part's path and upstream are its own)")
         for item in self.filters + [f for b in self.backends for f in b.filters]:
             modifier = (item.url_rewrite or item.request_redirect)
             path = modifier.path if modifier is not None else None
@@ -1544,5 +1575,40 @@ class Secret(KanalModel):
         return decoded
 
 
-Resource = Route | Upstream | EgressPolicy | Secret
+def _binary_values(value: dict[str, str]) -> dict[str, str]:
+    for key, item in value.items():
+        try:
+            base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{key}: not valid base64 (use data for plain text)") from None
+    return value
+
+
+class ConfigMap(KanalModel):
+    """A core v1 ConfigMap, as `kanal run` reads it from a manifest: only what Kanal needs
+    (`binaryData`, base64, for descriptor sets; `data`, text)."""
+
+    api_version: Literal["v1"] = Field(description="v1")
+    kind: Literal["ConfigMap"] = Field(description="ConfigMap")
+    metadata: ObjectMeta = Field(description="Standard object metadata.")
+    data: dict[str, str] = Field(default_factory=dict, description="Values, plain text.")
+    binary_data: Annotated[dict[str, str], AfterValidator(_binary_values)] = Field(
+        default_factory=dict, description="Values, base64-encoded."
+    )
+    immutable: bool | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.metadata.namespace}/{self.metadata.name}"
+
+    def binary(self, name: str) -> str | None:
+        """The value of `name`, base64: from binaryData, or data's text encoded."""
+        if name in self.binary_data:
+            return self.binary_data[name]
+        if name in self.data:
+            return base64.b64encode(self.data[name].encode()).decode()
+        return None
+
+
+Resource = Route | Upstream | EgressPolicy | Secret | ConfigMap
 """Anything a manifest may hold that Kanal reads."""

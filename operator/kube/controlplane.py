@@ -65,13 +65,16 @@ Address = tuple[str, int]
 
 WATCHED: tuple[tuple[str, str, str], ...] = (
     # (kind, API prefix, plural), in the order the initial listing applies them:
-    # referrers first, so the Secrets they name are kept when their turn comes.
+    # referrers first, so the Secrets and ConfigMaps they name are kept when their turn
+    # comes.
     *((kind, f"/apis/{GROUP}/{VERSION}", model.plural) for kind, model in RESOURCES.items()),
     ("Service", "/api/v1", "services"),
     ("EndpointSlice", "/apis/discovery.k8s.io/v1", "endpointslices"),
     ("Secret", "/api/v1", "secrets"),
+    ("ConfigMap", "/api/v1", "configmaps"),
 )
-API_VERSIONS = {"Service": "v1", "Secret": "v1", "EndpointSlice": "discovery.k8s.io/v1",
+API_VERSIONS = {"Service": "v1", "Secret": "v1", "ConfigMap": "v1",
+                "EndpointSlice": "discovery.k8s.io/v1",
                 **{kind: f"{GROUP}/{VERSION}" for kind in RESOURCES}}
 
 PROPAGATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -323,17 +326,24 @@ class ControlPlane:
             self.builder.poke()
         return changed
 
-    async def _fetch_secrets(self) -> None:
+    async def _fetch_referenced(self) -> None:
+        """Secrets and ConfigMaps named since their watch events were ignored."""
         assert self.client is not None
-        for namespace, name in sorted(self.store.secrets_to_fetch()):
-            try:
-                body = await self.client.get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
-            except KubeError as exc:
-                if exc.status != 404:
-                    raise
-                self.store.dormant_secrets.discard((namespace, name))
-                continue
-            self.store.apply(self._typed("Secret", body))
+        store = self.store
+        for kind, plural, wanted, dormant in (
+                ("Secret", "secrets", store.secrets_to_fetch(), store.dormant_secrets),
+                ("ConfigMap", "configmaps", store.config_maps_to_fetch(),
+                 store.dormant_config_maps)):
+            for namespace, name in sorted(wanted):
+                try:
+                    body = await self.client.get(
+                        f"/api/v1/namespaces/{namespace}/{plural}/{name}")
+                except KubeError as exc:
+                    if exc.status != 404:
+                        raise
+                    dormant.discard((namespace, name))
+                    continue
+                store.apply(self._typed(kind, body))
 
     # ------------------------------------------------------------------ building
 
@@ -341,8 +351,9 @@ class ControlPlane:
         assert self.publisher is not None and self.metrics is not None
         loop = asyncio.get_running_loop()
         since, self._changed_since = self._changed_since, None
-        await self._fetch_secrets()
+        await self._fetch_referenced()
         self.store.forget_unreferenced_secrets()
+        self.store.forget_unreferenced_config_maps()
         result = self.store.compile()
         self.metrics.compiles.inc()
         self.result = result

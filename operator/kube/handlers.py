@@ -107,3 +107,10 @@ async def endpoint_slice_event(type: str | None, body: kopf.Body, memo: kopf.Mem
 async def secret_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     # The store keeps a Secret's data only if something names it.
     _feed("Secret", memo, body, type)
+
+
+@kopf.on.event("v1", "configmaps")
+async def config_map_event(type: str | None, body: kopf.Body, memo: kopf.Memo,
+                           **_: Any) -> None:
+    # The store keeps a ConfigMap's data only if a Route names it (descriptor sets).
+    _feed("ConfigMap", memo, body, type)

@@ -7,7 +7,8 @@ cost no rebuild:
 - a status-only change (our own status patches come back as MODIFIED events), or
   a change of annotations, labels or managed fields of a Route, Upstream or EgressPolicy;
 - a Secret that no Route, Upstream or EgressPolicy names (its data is not even kept:
-  only its name, so that a later reference knows it exists and fetches it);
+  only its name, so that a later reference knows it exists and fetches it), and the
+  same for a ConfigMap that no Route names (descriptor sets);
 - a Service or EndpointSlice of a Service no Upstream names;
 - the same object again (every new watch replays every object as ADDED).
 
@@ -46,6 +47,7 @@ from kanal.operator.manifests import describe_validation_error
 from kanal.operator.models import (
     API_VERSION,
     RESOURCES,
+    ConfigMap,
     EgressPolicy,
     KanalResource,
     Resource,
@@ -102,6 +104,7 @@ class KanalEntry:
     status: Mapping[str, Any] | None = None
     secret_refs: frozenset[NamespacedName] = frozenset()
     service_refs: frozenset[NamespacedName] = frozenset()
+    config_map_refs: frozenset[NamespacedName] = frozenset()
 
     def rejection(self) -> ObjectStatus | None:
         if self.error is None:
@@ -160,7 +163,21 @@ def _secret_refs(model: KanalResource) -> frozenset[NamespacedName]:
     if isinstance(model, Route):
         names.extend(policy_secret_names(model.spec.policies,
                                          *(rule.policies for rule in model.spec.rules)))
+        names.extend(rule.grpc_transcoder.descriptor_secret_name for rule in model.spec.rules
+                     if rule.grpc_transcoder is not None
+                     and rule.grpc_transcoder.descriptor_secret_name is not None)
     return frozenset((namespace, name) for name in names)
+
+
+def _config_map_refs(model: KanalResource) -> frozenset[NamespacedName]:
+    """The ConfigMaps a Route's rules take descriptor sets from."""
+    if not isinstance(model, Route):
+        return frozenset()
+    return frozenset(
+        (model.metadata.namespace, rule.grpc_transcoder.descriptor_config_map_name)
+        for rule in model.spec.rules
+        if rule.grpc_transcoder is not None
+        and rule.grpc_transcoder.descriptor_config_map_name is not None)
 
 
 def _service_refs(model: KanalResource) -> frozenset[NamespacedName]:
@@ -278,8 +295,11 @@ class Store:
     slices: dict[NamespacedName, SliceInfo] = field(default_factory=dict)
     secrets: dict[NamespacedName, Secret] = field(default_factory=dict)
     dormant_secrets: set[NamespacedName] = field(default_factory=set)
+    config_maps: dict[NamespacedName, ConfigMap] = field(default_factory=dict)
+    dormant_config_maps: set[NamespacedName] = field(default_factory=set)
     _secret_refs: Counter[NamespacedName] = field(default_factory=Counter)
     _service_refs: Counter[NamespacedName] = field(default_factory=Counter)
+    _config_map_refs: Counter[NamespacedName] = field(default_factory=Counter)
 
     # ----------------------------------------------------------------- events
 
@@ -290,6 +310,8 @@ class Store:
             return self._apply_kanal(str(kind), body)
         if kind == "Secret":
             return self._apply_secret(body)
+        if kind == "ConfigMap":
+            return self._apply_config_map(body)
         if kind == "Service":
             return self._put(self.services, namespaced_name(body), ServiceInfo.from_body(body))
         if kind == "EndpointSlice":
@@ -309,6 +331,9 @@ class Store:
         if kind == "Secret":
             self.dormant_secrets.discard(name)
             return self.secrets.pop(name, None) is not None
+        if kind == "ConfigMap":
+            self.dormant_config_maps.discard(name)
+            return self.config_maps.pop(name, None) is not None
         if kind == "Service":
             return self.services.pop(name, None) is not None and name in self._service_refs
         if kind == "EndpointSlice":
@@ -338,6 +363,7 @@ class Store:
             fingerprint=fingerprint, ref=object_ref(body), status=status,
             secret_refs=_secret_refs(model) if model is not None else frozenset(),
             service_refs=_service_refs(model) if model is not None else frozenset(),
+            config_map_refs=_config_map_refs(model) if model is not None else frozenset(),
         )
         if old is not None:
             self._count_refs(old, -1)
@@ -347,7 +373,8 @@ class Store:
 
     def _count_refs(self, entry: KanalEntry, sign: int) -> None:
         for counter, refs in ((self._secret_refs, entry.secret_refs),
-                              (self._service_refs, entry.service_refs)):
+                              (self._service_refs, entry.service_refs),
+                              (self._config_map_refs, entry.config_map_refs)):
             for ref in refs:
                 counter[ref] += sign
                 if counter[ref] <= 0:
@@ -374,6 +401,30 @@ class Store:
         old = self.secrets.get(name)
         self.secrets[name] = secret
         return old is None or old.values() != secret.values() or old.type != secret.type
+
+    def _apply_config_map(self, body: Mapping[str, Any]) -> bool:
+        name = namespaced_name(body)
+        if name not in self._config_map_refs:
+            # Nobody names it: remember that it exists, not what it holds.
+            self.config_maps.pop(name, None)
+            self.dormant_config_maps.add(name)
+            return False
+        self.dormant_config_maps.discard(name)
+        try:
+            config_map = ConfigMap.model_validate({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": name[1], "namespace": name[0]},
+                "data": body.get("data") or {}, "binaryData": body.get("binaryData") or {},
+            })
+        except ValidationError:
+            # Unusable: the referrers say what they miss.
+            config_map = ConfigMap.model_validate({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": name[1], "namespace": name[0]}})
+        old = self.config_maps.get(name)
+        self.config_maps[name] = config_map
+        return old is None or (old.data, old.binary_data) != (config_map.data,
+                                                               config_map.binary_data)
 
     def _apply_slice(self, body: Mapping[str, Any]) -> bool:
         name = namespaced_name(body)
@@ -408,6 +459,19 @@ class Store:
             del self.secrets[name]
             self.dormant_secrets.add(name)
 
+    def referenced_config_maps(self) -> set[NamespacedName]:
+        return set(self._config_map_refs)
+
+    def config_maps_to_fetch(self) -> set[NamespacedName]:
+        """ConfigMaps someone names that exist but whose data was not kept: fetch them."""
+        return self.dormant_config_maps & set(self._config_map_refs)
+
+    def forget_unreferenced_config_maps(self) -> None:
+        """Drop the data of ConfigMaps nobody names any more (they stay known by name)."""
+        for name in [name for name in self.config_maps if name not in self._config_map_refs]:
+            del self.config_maps[name]
+            self.dormant_config_maps.add(name)
+
     # ----------------------------------------------------------------- compiling
 
     def service_endpoints(self) -> dict[ServiceKey, list[snap.Endpoint]]:
@@ -436,6 +500,8 @@ class Store:
                                   if isinstance(entry.model, Route | Upstream | EgressPolicy)]
         models.extend(secret for name, secret in self.secrets.items()
                       if name in self._secret_refs)
+        models.extend(config_map for name, config_map in self.config_maps.items()
+                      if name in self._config_map_refs)
         return models
 
     def rejections(self) -> list[ObjectStatus]:

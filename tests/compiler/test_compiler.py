@@ -7,7 +7,7 @@ from typing import Any
 
 from kanal.contract.snapshot import Endpoint
 from kanal.operator.compiler import compile_snapshot
-from kanal.operator.models import Route, Secret, Upstream
+from kanal.operator.models import ConfigMap, Route, Secret, Upstream
 
 
 def upstream(name: str, namespace: str = "shop", **spec: Any) -> Upstream:
@@ -118,3 +118,52 @@ def test_a_thousand_routes_and_ten_thousand_endpoints_compile_well_under_a_secon
     assert all(status.ok for status in result.statuses)
     # About 0.55 s here, 0.35 s of which is Snapshot.with_version hashing the content.
     assert elapsed < 1.0, f"compiling took {elapsed:.3f}s"
+
+
+def transcoding_route(**transcoder: Any) -> Route:
+    return route("books", namespace="lib", rules=[
+        {"backends": [{"upstream": "books"}], "grpcTranscoder": transcoder}])
+
+
+def refs_of(result: Any, key: str) -> tuple[str, str, str]:
+    status = result.status("Route", key)
+    refs = status.condition("ResolvedRefs")
+    return refs.status, refs.reason, refs.message
+
+
+def test_a_descriptor_file_is_taken_by_its_path_when_files_are_read() -> None:
+    books = upstream("books", namespace="lib", protocol="H2C")
+    named = transcoding_route(descriptorFile="/srv/protos/books.pb")
+
+    read = compile_snapshot([books, named], descriptor_files={"/srv/protos/books.pb": b"\n\x05books"})
+    [rule] = read.snapshot.routes[0].rules
+    assert rule.grpc_transcoder is not None
+    assert rule.grpc_transcoder.descriptor_set == "CgVib29rcw=="
+    assert refs_of(read, "lib/books")[0] == "True"
+
+    unreadable = compile_snapshot([books, named], descriptor_files={
+        "/srv/protos/books.pb": "Permission denied"})
+    assert refs_of(unreadable, "lib/books") == (
+        "False", "FileNotRead",
+        "descriptor set file /srv/protos/books.pb cannot be read: Permission denied")
+    # The operator reads no files: the rule says where to put the descriptor set instead.
+    in_cluster = compile_snapshot([books, named])
+    status, reason, message = refs_of(in_cluster, "lib/books")
+    assert (status, reason) == ("False", "FileNotRead")
+    assert "descriptorConfigMapName" in message
+    assert in_cluster.snapshot.routes[0].rules[0].grpc_transcoder.descriptor_set == ""  # type: ignore[union-attr]
+
+
+def test_a_descriptor_config_map_takes_binary_data_and_says_when_it_is_missing() -> None:
+    books = upstream("books", namespace="lib", protocol="H2C")
+    named = transcoding_route(descriptorConfigMapName="protos")
+    config_map = ConfigMap.model_validate({
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "protos", "namespace": "lib"},
+        "binaryData": {"descriptors.pb": "CgVib29rcw=="}})
+
+    found = compile_snapshot([books, named, config_map])
+    assert found.snapshot.routes[0].rules[0].grpc_transcoder.descriptor_set == "CgVib29rcw=="  # type: ignore[union-attr]
+    assert refs_of(found, "lib/books")[0] == "True"
+    missing = compile_snapshot([books, named])
+    assert refs_of(missing, "lib/books") == (
+        "False", "ConfigMapNotFound", "descriptor set ConfigMap lib/protos not found")

@@ -38,6 +38,17 @@ spec:
         parts:
           - {name: fine, upstream: users, path: "/fine"}
           - {name: broken, upstream: dead, path: "/x"}
+    - matches: [{path: {type: PathPrefix, value: /bff/filtered}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{name: x-internal, value: bff}, {name: accept, value: application/x-ndjson}]
+            add: [{name: x-route, value: "${route_name}"}]
+            remove: [x-drop-me]
+      aggregate:
+        parts:
+          - {name: one, upstream: users, path: "/one"}
+          - {name: two, upstream: orders, path: "/two/{header.x-internal}"}
     - matches: [{path: {type: PathPrefix, value: /bff/retried}}]
       retries: {attempts: 2, retryOn: ["503", connect-failure]}
       aggregate:
@@ -75,6 +86,22 @@ async def test_parts_are_merged_under_their_names(proxy):
     assert body["orders"]["path"] == "/orders?user=42&q=a%20b"
     # Values are percent-encoded: a header cannot add a segment or a query to the part.
     assert body["who"]["raw_path"] == "/h/a%2Fb%3Fc"
+
+
+async def test_the_rules_request_header_filters_apply_to_every_part(proxy):
+    """A RequestHeaderModifier of the aggregate rule acts on each part's request (its
+    own headers: no header of the client's is sent to parts) and on what `{header.X}`
+    reads."""
+    status, _, body = await get(proxy, "/bff/filtered", {"x-internal": "from-client",
+                                                         "x-drop-me": "1"})
+    assert status == 200
+    for name in ("one", "two"):
+        fields = {k.lower(): v for k, v in body[name]["headers"]}
+        assert fields["x-internal"] == "bff"
+        assert fields["accept"] == "application/x-ndjson"
+        assert fields["x-route"] == "default/bff"
+        assert "x-drop-me" not in fields
+    assert body["two"]["path"] == "/two/bff"
 
 
 async def test_a_missing_value_is_400(proxy):

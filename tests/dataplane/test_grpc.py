@@ -36,6 +36,7 @@ class EchoServer:
             "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
             "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
             "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
+            "Deadline": grpc.unary_unary_rpc_method_handler(self.deadline),
             "Flaky": grpc.unary_unary_rpc_method_handler(self.flaky),
             "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
             "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
@@ -78,6 +79,11 @@ class EchoServer:
             time.sleep(0.01)
         return b"slow done"
 
+    def deadline(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """The seconds left of the deadline this server was given, or "none"."""
+        left = context.time_remaining()  # grpcio: None or a huge number without one
+        return b"none" if left is None or left > 1e9 else b"%f" % left
+
     def server_stream(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         count, size = (int(x) for x in request.decode().split(","))
         for index in range(count):
@@ -113,6 +119,13 @@ spec:
     - matches: [{{path: {{type: PathPrefix, value: /{SERVICE}/Slow}}}}]
       backends: [{{upstream: echo}}]
       timeout: 1s
+    - matches: [{{path: {{type: Exact, value: /{SERVICE}/Deadline}}, headers: [{{name: x-bound, value: "route"}}]}}]
+      backends: [{{upstream: echo}}]
+      timeout: 2s
+    - matches: [{{path: {{type: Exact, value: /{SERVICE}/Deadline}}, headers: [{{name: x-bound, value: "try"}}]}}]
+      backends: [{{upstream: echo}}]
+      timeout: 5s
+      retries: {{attempts: 1, perTryTimeout: 1500ms}}
     - matches: [{{path: {{type: Exact, value: /{SERVICE}/Flaky}}, headers: [{{name: x-retry, value: "yes"}}]}}]
       backends: [{{upstream: echo}}]
       retries: {{attempts: 2, retryOn: [unavailable]}}
@@ -231,6 +244,30 @@ def test_route_timeout_is_deadline_exceeded(channel):
         method(channel, "unary_unary", "Slow")(b"5", timeout=10)
     assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 4
+
+
+def deadline_seen(channel: grpc.Channel, bound: str | None, timeout: float | None) -> float | None:
+    """The deadline (seconds left) the server got for a call with the client's `timeout`."""
+    metadata = (("x-bound", bound),) if bound else ()
+    answer = method(channel, "unary_unary", "Deadline")(b"", metadata=metadata, timeout=timeout)
+    return None if answer == b"none" else float(answer)
+
+
+@pytest.mark.parametrize(("bound", "client", "low", "high"), [
+    ("route", 30.0, 1.0, 2.0),   # the route's 2s timeout cuts the client's 30s
+    ("route", None, 1.0, 2.0),   # no grpc-timeout from the client: the route's is sent
+    ("route", 0.8, 0.3, 0.8),    # the client's, shorter than the route's, is kept
+    ("try", 30.0, 0.5, 1.5),     # the per-try timeout (1.5s) is shorter than the route's
+    (None, 30.0, 25.0, 30.0),    # no route timeout: the client's time left goes on
+])
+def test_grpc_timeout_sent_upstream_is_bounded_by_the_route(channel, bound, client, low, high):
+    seen = deadline_seen(channel, bound, client)
+    # grpcio reads its deadline back through a wall clock: allow it a little slack.
+    assert seen is not None and low < seen <= high + 0.3
+
+
+def test_no_timeout_anywhere_sends_no_deadline(channel):
+    assert deadline_seen(channel, None, None) is None
 
 
 def test_no_server_is_unavailable(channel):

@@ -4,7 +4,7 @@ The client side is the h2 library (with its outbound checks off where an attack 
 it) and hyperframe/hpack for frames h2 would never send. Each attack must be bounded
 and answered with the right code: GOAWAY(ENHANCE_YOUR_CALM) for floods and rapid
 reset, GOAWAY(PROTOCOL_ERROR) for a CONTINUATION flood, RST_STREAM for a malformed
-stream; a zero window that never opens is reset after the body timeout; a graceful
+stream or one over the stream limit; a zero window that never opens is reset after the body timeout; a graceful
 stop finishes the streams in flight.
 """
 
@@ -170,14 +170,39 @@ async def test_settings_announce_the_limits_and_a_request_is_answered(proxy):
     await client.close()
 
 
-async def test_more_streams_than_announced_end_the_connection(proxy):
+async def test_a_stream_over_the_limit_is_refused_and_the_others_finish(proxy):
+    """RFC 9113 5.1.2: the stream past SETTINGS_MAX_CONCURRENT_STREAMS is refused alone
+    (REFUSED_STREAM: safe to send again); the streams already open get their answers,
+    and the connection takes new streams once some have ended."""
     client = await RawH2.open(proxy.port)
     # Sent before the server's SETTINGS are read, so the client library does not stop it.
-    for _ in range(101):
+    opened = [client.request(f"/sleep/0.5?n={n}") for n in range(100)]
+    over = client.request("/sleep/0.5?n=over", method=b"POST", end=False)
+    client.conn.send_data(over, b"x" * 16000, end_stream=True)  # its body still arrives
+    client.flush()
+    refused = await client.until(reset(over))
+    assert isinstance(refused, h2.events.StreamReset)
+    assert refused.error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+    for stream_id in opened:
+        await client.until(ended(stream_id))
+    assert [status_of(client, s) for s in opened] == [200] * 100
+    assert all(f'"path": "/sleep/0.5?n={n}"'.encode() in client.bodies[s]
+               for n, s in enumerate(opened))
+    again = client.request("/again")
+    await client.until(ended(again))
+    assert status_of(client, again) == 200
+    assert not any(isinstance(e, h2.events.ConnectionTerminated) for e in client.events)
+    await client.close()
+
+
+async def test_a_flood_of_streams_over_the_limit_ends_the_connection(proxy):
+    client = await RawH2.open(proxy.port)
+    for _ in range(100 + 150):  # 150 refused in a row: more than a race with SETTINGS
         client.request("/sleep/2")
     event = await client.goaway()
-    assert event.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
+    assert event.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     await client.close()
+    await still_serves(proxy.port)
 
 
 async def test_rapid_reset_ends_the_connection_with_enhance_your_calm(proxy):

@@ -37,10 +37,18 @@ def test_request_head_is_http11_with_host_from_authority():
         (b"cookie", b"a=1"), (b"cookie", b"b=2"),
     ], ended=False)
     assert not isinstance(head, str)
+    # grpc-timeout is left out: the proxy writes the time left when it sends upstream.
     assert head.head == (b"POST /x?y=1 HTTP/1.1\r\nhost: a.test\r\ncontent-type: application/grpc"
-                         b"\r\ngrpc-timeout: 250m\r\ncookie: a=1\r\ncookie: b=2\r\n"
+                         b"\r\ncookie: a=1\r\ncookie: b=2\r\n"
                          b"transfer-encoding: chunked\r\n\r\n")
     assert head.chunked and head.grpc and head.grpc_timeout == 0.25
+
+
+def test_grpc_timeout_of_a_request_that_is_not_grpc_passes_unchanged():
+    head = h2rules.request_head([(b":method", b"GET"), (b":path", b"/"),
+                                 (b"grpc-timeout", b"1S")], ended=True)
+    assert not isinstance(head, str)
+    assert b"grpc-timeout: 1S\r\n" in head.head and head.grpc_timeout is None
 
 
 @pytest.mark.parametrize("headers", [
@@ -107,3 +115,17 @@ def test_grpc_health_messages():
     assert grpc.health_status(b"\x00\x00\x00\x00\x00") == 0  # UNKNOWN: the field's default
     assert grpc.health_status(b"\x01\x00\x00\x00\x02\x08\x01") is None  # compressed
     assert grpc.health_status(b"\x00\x00\x00\x00\x09\x08") is None  # cut short
+
+
+@pytest.mark.parametrize(("seconds", "wire"), [
+    (0.25, b"250m"), (2.0, b"2000m"), (0.0, b"0m"), (-1.0, b"0m"),
+    (99_999.999, b"99999999m"), (100_000.0, b"100000S"), (1e9, b"16666666M"),
+    (1e12, b"99999999H")])
+def test_grpc_timeout_written_in_the_finest_unit_that_fits_eight_digits(seconds, wire):
+    assert grpc.format_timeout(seconds) == wire
+    assert grpc.parse_timeout(wire) <= max(seconds, 0.0)  # never later than asked
+
+
+def test_grpc_timeout_is_added_as_the_heads_last_field():
+    head = b"POST /a HTTP/1.1\r\nhost: a\r\n\r\n"
+    assert grpc.with_timeout(head, 1.5) == b"POST /a HTTP/1.1\r\nhost: a\r\ngrpc-timeout: 1500m\r\n\r\n"

@@ -125,9 +125,22 @@ def shop(tmp_path_factory) -> Iterator[tuple[int, bytes]]:
     server.stop(grace=None)
 
 
+def upstream_yaml(port: int) -> str:
+    return textwrap.dedent(f"""\
+        apiVersion: kanal.dev/v1alpha1
+        kind: Upstream
+        metadata: {{name: books}}
+        spec:
+          protocol: H2C
+          endpoints: [{{address: 127.0.0.1, port: {port}}}]
+        """)
+
+
 @pytest.fixture(scope="module")
-def proxy(module_kanal, shop):
+def proxy(module_kanal, shop, tmp_path_factory):
     port, data = shop
+    descriptor_file = tmp_path_factory.mktemp("descriptor-file") / "shop.pb"
+    descriptor_file.write_bytes(data)
     files = {
         "secret.yaml": textwrap.dedent(f"""\
             apiVersion: v1
@@ -135,6 +148,13 @@ def proxy(module_kanal, shop):
             metadata: {{name: shop-descriptors}}
             data:
               descriptors.pb: {base64.b64encode(data).decode()}
+            """),
+        "configmap.yaml": textwrap.dedent(f"""\
+            apiVersion: v1
+            kind: ConfigMap
+            metadata: {{name: shop-protos}}
+            binaryData:
+              shop.pb: {base64.b64encode(data).decode()}
             """),
         "upstream.yaml": textwrap.dedent(f"""\
             apiVersion: kanal.dev/v1alpha1
@@ -144,23 +164,32 @@ def proxy(module_kanal, shop):
               protocol: H2C
               endpoints: [{{address: 127.0.0.1, port: {port}}}]
             """),
-        "route.yaml": textwrap.dedent("""\
+        "route.yaml": textwrap.dedent(f"""\
             apiVersion: kanal.dev/v1alpha1
             kind: Route
-            metadata: {name: books}
+            metadata: {{name: books}}
             spec:
               rules:
-                - matches: [{path: {type: PathPrefix, value: /v1}}]
-                  backends: [{upstream: books}]
-                  grpcTranscoder: {descriptorSecretName: shop-descriptors}
+                - matches: [{{path: {{type: PathPrefix, value: /v1}},
+                              headers: [{{name: x-descriptors, value: configmap}}]}}]
+                  backends: [{{upstream: books}}]
+                  grpcTranscoder: {{descriptorConfigMapName: shop-protos, descriptorKey: shop.pb}}
+                - matches: [{{path: {{type: PathPrefix, value: /v1}},
+                              headers: [{{name: x-descriptors, value: file}}]}}]
+                  backends: [{{upstream: books}}]
+                  grpcTranscoder: {{descriptorFile: {descriptor_file}}}
+                - matches: [{{path: {{type: PathPrefix, value: /v1}}}}]
+                  backends: [{{upstream: books}}]
+                  grpcTranscoder: {{descriptorSecretName: shop-descriptors}}
             """),
     }
     return module_kanal(files)
 
 
-async def call(proxy, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+async def call(proxy, method: str, path: str, body: Any = None,
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as session, session.request(
-            method, proxy.url + path, json=body) as answer:
+            method, proxy.url + path, json=body, headers=headers) as answer:
         assert answer.headers["Content-Type"] == "application/json"
         return answer.status, await answer.json()
 
@@ -197,3 +226,36 @@ async def test_transcoding_for_an_http2_client(proxy):
         answer = await client.post(proxy.url + "/v1/shelves/h2/books", json={"title": "T"})
     assert answer.http_version == "HTTP/2" and answer.status_code == 200
     assert answer.json() == {"id": "7", "title": "T", "shelfName": "h2"}
+
+
+@pytest.mark.parametrize("source", ["configmap", "file"])
+async def test_the_descriptor_set_from_a_config_map_or_a_file(proxy, source):
+    status, body = await call(proxy, "GET", "/v1/shelves/cm/books/3",
+                              headers={"x-descriptors": source})
+    assert (status, body) == (200, {"id": "3", "title": "cm-", "shelfName": "cm"})
+
+
+async def test_a_relative_descriptor_file_is_read_when_it_appears(kanal, shop):
+    """`descriptorFile` relative to the manifest's folder: missing at first (the rule
+    answers UNAVAILABLE as JSON), then written there, and `kanal run` reloads."""
+    import asyncio
+
+    port, data = shop
+    route = textwrap.dedent("""\
+        apiVersion: kanal.dev/v1alpha1
+        kind: Route
+        metadata: {name: books}
+        spec:
+          rules:
+            - backends: [{upstream: books}]
+              grpcTranscoder: {descriptorFile: shop.pb}
+        """)
+    k = kanal({"upstream.yaml": upstream_yaml(port), "route.yaml": route})
+    status, body = await call(k, "GET", "/v1/shelves/a/books/1")
+    assert status == 503 and "no descriptor set" in body["message"]
+    version = k.version()
+    (k.folder / ".shop.pb.tmp").write_bytes(data)
+    (k.folder / ".shop.pb.tmp").rename(k.folder / "shop.pb")
+    await asyncio.to_thread(k.wait_for_new_version, version)
+    status, body = await call(k, "GET", "/v1/shelves/a/books/1")
+    assert (status, body) == (200, {"id": "1", "title": "a-", "shelfName": "a"})

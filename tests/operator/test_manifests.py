@@ -127,7 +127,7 @@ def test_other_kinds_are_skipped_with_a_note_not_an_error() -> None:
         spec: {replicas: 2}
         ---
         apiVersion: v1
-        kind: ConfigMap
+        kind: Service
         metadata: {name: settings}
         """) + "---\n" + UPSTREAM)
     notes: list[str] = []
@@ -138,8 +138,29 @@ def test_other_kinds_are_skipped_with_a_note_not_an_error() -> None:
     assert [m.subject for m in manifests] == ["Upstream default/orders"]
     assert notes == [
         "app.yaml: document 1: skipped apps/v1 Deployment (not a Kanal object)",
-        "app.yaml: document 2: skipped v1 ConfigMap (not a Kanal object)",
+        "app.yaml: document 2: skipped v1 Service (not a Kanal object)",
     ]
+
+
+def test_config_maps_are_read_and_binary_data_must_be_base64() -> None:
+    write("cm.yaml", textwrap.dedent("""\
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {name: protos}
+        binaryData: {descriptors.pb: CgVib29rcw==}
+        ---
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {name: broken}
+        binaryData: {descriptors.pb: "not base64!"}
+        """))
+
+    manifests, errors = load_manifests(["cm.yaml"])
+
+    assert [m.subject for m in manifests] == ["ConfigMap default/protos"]
+    assert [str(e) for e in errors] == [
+        "cm.yaml: document 2 (ConfigMap default/broken): binaryData: descriptors.pb: not "
+        "valid base64 (use data for plain text)"]
 
 
 def test_secrets_are_read() -> None:

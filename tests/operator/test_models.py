@@ -507,3 +507,19 @@ def test_resources_table() -> None:
         "Route": "Route", "Upstream": "Upstream", "EgressPolicy": "EgressPolicy"}
     assert {model.plural for model in RESOURCES.values()} == {"routes", "upstreams",
                                                                "egresspolicies"}
+
+
+@pytest.mark.parametrize("kind", ["URLRewrite", "RequestMirror"])
+def test_an_aggregate_rule_takes_no_rewrite_or_mirror(kind: str) -> None:
+    # Its parts have their own paths and upstreams: there is no one request to rewrite
+    # or copy, so such a filter would do nothing (or break `{path.NAME}`).
+    field = {"URLRewrite": {"urlRewrite": {"hostname": "internal"}},
+             "RequestMirror": {"requestMirror": {"upstream": "copy"}}}[kind]
+    rule = {"aggregate": {"parts": [{"name": "p", "upstream": "a", "path": "/p"}]},
+            "filters": [{"type": kind, **field}]}
+    assert route_errors(rules=[rule]) == [(
+        "spec.rules[0]", "an aggregate rule takes no URLRewrite or RequestMirror filter "
+                         "(each part's path and upstream are its own)")]
+    header = {"type": "RequestHeaderModifier",
+              "requestHeaderModifier": {"set": [{"name": "x-a", "value": "1"}]}}
+    route(rules=[{**rule, "filters": [header]}])  # header filters apply to the parts

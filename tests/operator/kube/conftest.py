@@ -61,6 +61,7 @@ PLURALS = {
     "Service": ("v1", "services"),
     "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices"),
     "Secret": ("v1", "secrets"),
+    "ConfigMap": ("v1", "configmaps"),
     "Event": ("v1", "events"),
     "TokenReview": ("authentication.k8s.io/v1", "tokenreviews"),
 }
@@ -257,8 +258,8 @@ def declare_resources(emulator: FilledEmulator) -> None:
         emulator.resources[f"kanal.dev/v1alpha1/{plural}"] = kmock.ResourceInfo(
             kind=kind, singular=kind.lower(), namespaced=True, subresources={"status"},
             verbs={"list", "watch", "get", "patch", "create", "delete", "update"})
-    core = {"services": "Service", "secrets": "Secret", "events": "Event",
-            "namespaces": "Namespace"}
+    core = {"services": "Service", "secrets": "Secret", "configmaps": "ConfigMap",
+            "events": "Event", "namespaces": "Namespace"}
     for plural, kind in core.items():
         emulator.resources[f"v1/{plural}"] = kmock.ResourceInfo(
             kind=kind, singular=kind.lower(), namespaced=plural != "namespaces",
@@ -495,6 +496,14 @@ def endpoint_slice(name: str, service_name: str, target_port: int,
             "addressType": "IPv4",
             "ports": [{"name": port_name, "port": target_port, "protocol": "TCP"}],
             "endpoints": endpoints}
+
+
+def config_map(name: str, *, namespace: str = "default", **binary: bytes) -> dict[str, Any]:
+    import base64
+
+    return {"kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace},
+            "binaryData": {k.replace("_", "."): base64.b64encode(v).decode()
+                           for k, v in binary.items()}}
 
 
 def secret(name: str, *, namespace: str = "default", type_: str = "Opaque",

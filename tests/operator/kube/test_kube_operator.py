@@ -20,6 +20,7 @@ from tests.operator.kube.conftest import (
     Cluster,
     Dataplane,
     RunningOperator,
+    config_map,
     endpoint_slice,
     route,
     secret,
@@ -236,6 +237,38 @@ async def test_only_changes_that_matter_cost_a_compile(
     # The events that changed nothing were counted as ignored.
     _, text = await admin(op, "/metrics")
     assert metric(text, 'kanal_operator_watch_events_total{effect="ignored",kind="Secret"}') >= 1
+
+
+async def test_a_descriptor_set_config_map_is_watched_and_its_changes_rebuild(
+    cluster: Cluster, operator: Operator,
+) -> None:
+    op = await operator()
+    await cluster.create(upstream("books", endpoints=[("10.0.0.9", 50051)], protocol="H2C"))
+    # Created before anything names it: its data is fetched once a Route does.
+    await cluster.create(config_map("protos", descriptors_pb=b"\n\x05books"))
+    await cluster.create(route("books", "books", rules=[{
+        "backends": [{"upstream": "books"}],
+        "grpcTranscoder": {"descriptorConfigMapName": "protos"}}]))
+
+    def descriptor_set(expected: str) -> Callable[[], bool]:
+        def check() -> bool:
+            snapshot = op.control_plane.publisher.current
+            assert snapshot is not None
+            found = [r for r in snapshot.routes if r.key == "default/books"]
+            assert found and found[0].rules[0].grpc_transcoder is not None
+            assert found[0].rules[0].grpc_transcoder.descriptor_set == expected
+            return True
+        return check
+
+    await eventually(descriptor_set("CgVib29rcw=="))
+    await eventually(lambda: (cluster.condition("Route", "default", "books", "ResolvedRefs")
+                              or {}).get("status") == "True")
+    await cluster.patch("ConfigMap", "default", "protos",
+                        {"binaryData": {"descriptors.pb": "CgRzaG9w"}})
+    await eventually(descriptor_set("CgRzaG9w"))
+    await cluster.delete("ConfigMap", "default", "protos")
+    await eventually(lambda: (cluster.condition("Route", "default", "books", "ResolvedRefs")
+                              or {}).get("reason") == "ConfigMapNotFound")
 
 
 async def test_metrics_programmed_and_nacks(

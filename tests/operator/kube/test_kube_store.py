@@ -12,7 +12,15 @@ import pytest
 
 from kanal.contract.snapshot import Endpoint
 from kanal.operator.kube.store import EndpointPolicy, Store
-from tests.operator.kube.conftest import PLURALS, endpoint_slice, route, secret, service, upstream
+from tests.operator.kube.conftest import (
+    PLURALS,
+    config_map,
+    endpoint_slice,
+    route,
+    secret,
+    service,
+    upstream,
+)
 
 
 def body(manifest: dict[str, Any], generation: int = 1, **meta: Any) -> dict[str, Any]:
@@ -72,6 +80,57 @@ def test_unreferenced_secrets_change_nothing_and_their_data_is_not_kept() -> Non
     store.forget_unreferenced_secrets()
     assert store.secrets == {}
     assert ("default", "shop-tls") in store.dormant_secrets
+
+
+def transcoding(name: str, **transcoder: str) -> dict[str, Any]:
+    return route(name, "web", rules=[{"backends": [{"upstream": "web"}],
+                                      "grpcTranscoder": transcoder}])
+
+
+def descriptor_set_of(store: Store, key: str) -> str:
+    [compiled] = [r for r in store.compile().snapshot.routes if r.key == key]
+    assert compiled.rules[0].grpc_transcoder is not None
+    return compiled.rules[0].grpc_transcoder.descriptor_set
+
+
+def test_descriptor_set_config_maps_and_secrets_are_kept_only_when_a_route_names_them() -> None:
+    store = Store()
+    protos = body(config_map("protos", descriptors_pb=b"\n\x05books"))
+    assert store.apply(body(upstream("web", endpoints=[("10.0.0.1", 80)]))) is True
+    assert store.apply(protos) is False  # nobody names it yet: its data is not kept
+    assert store.config_maps == {} and store.dormant_config_maps == {("default", "protos")}
+
+    # A Route names it: the ConfigMap exists but its data was dropped, so fetch it.
+    assert store.apply(body(transcoding("books", descriptorConfigMapName="protos"))) is True
+    assert store.config_maps_to_fetch() == {("default", "protos")}
+    assert store.apply(protos) is True  # the fetched body
+    assert store.config_maps_to_fetch() == set()
+    assert descriptor_set_of(store, "default/books") == "CgVib29rcw=="
+    assert status_of(store, "Route", "default/books")["ResolvedRefs"][0] == "True"
+    assert store.apply(copy.deepcopy(protos)) is False  # the same data again
+
+    # A change of its data rebuilds; its deletion leaves the Route unresolved.
+    changed = body(config_map("protos", descriptors_pb=b"\n\x04shop"), resourceVersion="2")
+    assert store.apply(changed) is True
+    assert descriptor_set_of(store, "default/books") == "CgRzaG9w"
+    assert store.delete(changed) is True
+    assert status_of(store, "Route", "default/books")["ResolvedRefs"][:2] == (
+        "False", "ConfigMapNotFound")
+
+    # A descriptor set Secret is kept once a Route names it, like a TLS Secret.
+    pb = body(secret("pb-secret"))
+    pb["data"] = {"descriptors.pb": "CgVib29rcw=="}
+    assert store.apply(pb) is False
+    assert store.apply(body(transcoding("other", descriptorSecretName="pb-secret"))) is True
+    assert store.secrets_to_fetch() == {("default", "pb-secret")}
+    assert store.apply(pb) is True
+    assert descriptor_set_of(store, "default/other") == "CgVib29rcw=="
+
+    # Routes that stop naming it: its data is forgotten at the next build.
+    assert store.apply(body(route("books", "web"), generation=2)) is True
+    assert store.apply(body(config_map("protos", descriptors_pb=b"x"))) is False
+    store.forget_unreferenced_config_maps()
+    assert store.config_maps == {}
 
 
 def test_services_and_slices_matter_only_when_an_upstream_names_them() -> None:
