@@ -30,7 +30,8 @@ Answer = Callable[[bytes, list[bytes]], Awaitable[bytes]]
 @dataclass
 class Origin:
     """A raw HTTP/1.1 origin: `answer(head, before)` gives the bytes to write for each
-    request (`before`: the heads of the requests before it on the same connection)."""
+    request (`before`: the heads of the requests before it on the same connection; no
+    bytes: the connection is closed unanswered)."""
 
     answer: Answer
     port: int = 0
@@ -49,7 +50,10 @@ class Origin:
                 length = _content_length(head)
                 if length:
                     await reader.readexactly(length)
-                writer.write(await self.answer(head, list(before)))
+                answer = await self.answer(head, list(before))
+                if not answer:
+                    break  # drop the connection without answering
+                writer.write(answer)
                 before.append(head)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -160,6 +164,26 @@ async def test_a_response_head_over_the_limit_is_a_502_on_both_listeners(forward
     for answer_ in (forwarded, routed):
         assert answer_.status == 502, answer_.body
         assert b"invalid response from upstream" in answer_.body
+
+
+async def test_a_request_on_a_pooled_connection_the_origin_dropped_is_sent_again(forward, origin):
+    """The origin closes a kept-alive connection as the next request arrives on it (an
+    idle timeout racing the request): nothing came back, so the request goes out again
+    on a new connection instead of failing with 502."""
+    async def answer(head: bytes, before: list[bytes]) -> bytes:
+        return b"" if before else b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    app = await origin(answer)
+    fwd = await forward(allow(local(app.port)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", fwd.port)
+    try:
+        for _ in range(2):  # one client connection: the second request reuses the first's
+            writer.write(get(app.port))
+            answer_ = await asyncio.wait_for(read_response(reader), 5)
+            assert answer_.status == 200 and answer_.body == b"ok"
+    finally:
+        writer.close()
+    assert app.accepted == 2 and len(app.heads) == 3
 
 
 async def test_informational_answers_are_relayed(forward, origin):
