@@ -5,30 +5,41 @@ like the reverse proxy's client side) per client connection. It serves:
 
 - absolute-form requests (`GET http://host:port/path HTTP/1.1`): sent to the origin
   with the origin-form request line (`GET /path HTTP/1.1`), hop-by-hop headers and
-  `Proxy-*` removed, bodies streamed both ways with transport flow control. The
-  client connection is kept alive; the connection to the origin is kept for the next
-  request of the same client to the same host and port (never shared between
-  clients).
+  `Proxy-*` removed, bodies streamed both ways with transport flow control, 1xx
+  answers relayed. The connections to origins are the reverse proxy's own
+  (`pool.UpstreamConnection` in a `pool.EndpointPool`), one pool per dialed address
+  and port, kept by the `ForwardProxy` and shared by all its clients
+  (`kanal.dataplane.forwardpool`): a client takes an idle connection to an address
+  only once that address was checked for its own request. The client connection is
+  kept alive.
 - `CONNECT host:port`: a tunnel relaying bytes both ways without looking at them
   (TLS stays end to end), half-closes passed on (`eof_received` -> `write_eof`), and
-  closed after `tunnel_idle_timeout` seconds without a byte either way.
+  closed after `tunnel_idle_timeout` seconds without a byte either way. Tunnels have
+  a connection of their own (`TunnelEnd`), never pooled.
 - requests for mesh services (hosts of Routes with `gateways: [mesh]`, in any
   spelling of a Service's name relative to the proxy's namespace: `orders`,
-  `orders.shop`, `orders.shop.svc.cluster.local`; see `kanal.dataplane.mesh`): handed, as
-  re-framed bytes, to the reverse proxy's own `ClientConnection` over the route table
-  built for the `mesh` gateway, so they are balanced, retried and circuit-broken like
-  any routed request. Such a request is the last on its client connection (it is
-  passed on with `Connection: close`).
+  `orders.shop`, `orders.shop.svc.cluster.local`; see `kanal.dataplane.mesh`): handed,
+  as parsed here (head and streamed body, never re-framed and parsed again), to the
+  reverse proxy's own `ClientConnection` over the route table built for the `mesh`
+  gateway (`ClientConnection.begin_parsed`), so they are balanced, retried and
+  circuit-broken like any routed request. The client connection stays open after
+  them as after any other request.
 
 Every decision is `kanal.dataplane.egress`'s (pure): credentials first, then the
 destination by name and port, then ONE resolution (`loop.getaddrinfo`) whose every
 address is checked; the checked addresses themselves are dialed, never the name
-again. Denied: 403 with the reason; missing or wrong credentials: 407 with
+again. A resolution is reused for a short while to find idle connections
+(`resolution_reuse`), and the address they go to is checked again for each request.
+Denied: 403 with the reason; missing or wrong credentials: 407 with
 `Proxy-Authenticate: Basic realm="kanal"`; DNS failure 502, connect refused 502,
 connect timeout 504. Every request and tunnel leaves one line on the `kanal.egress`
 logger (INFO): client, destination, address dialed, decision, status, bytes each way,
 duration; with `--access-log`, an access log line instead (`egress_record`), in the
 format of the reverse listeners.
+
+When the configuration changes, pooled connections to destinations their names are no
+longer allowed to reach are retired (idle ones close at once, busy ones after their
+exchange).
 """
 
 from __future__ import annotations
@@ -40,7 +51,8 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httptools
 
@@ -54,20 +66,23 @@ from kanal.dataplane.egress import (
     check_addresses,
     normalize_host,
 )
+from kanal.dataplane.forwardpool import Destinations
 from kanal.dataplane.http1 import (
     HEAD_TIMEOUT,
     MAX_HEAD,
     MAX_HEADERS,
-    MAX_RESPONSE_HEAD,
     MAX_TARGET,
+    status_line,
 )
+from kanal.dataplane.proxy import ClientConnection
 
 if TYPE_CHECKING:
     from kanal.dataplane.accesslog import AccessLog
     from kanal.dataplane.cache.client import CacheExchange
     from kanal.dataplane.cache.rule import RuleCache
     from kanal.dataplane.logformat import Record
-    from kanal.dataplane.proxy import ClientConnection
+    from kanal.dataplane.pool import EndpointPool, UpstreamConnection
+    from kanal.dataplane.proxy import Request
     from kanal.dataplane.runtime import Config, ProxyContext, Runtime
 
 log = logging.getLogger("kanal.egress")
@@ -76,10 +91,13 @@ MAX_BUFFERED_BODY = 256 * 1024
 _CHUNK_END = b"0\r\n\r\n"
 _REQUEST_DROPPED = hdrs.HOP_BY_HOP | {b"content-length", b"host"}
 _FORWARDING = hdrs.FORWARDING | {b"via"}
-_RESPONSE_SPECIAL = hdrs.HOP_BY_HOP | {b"content-length"}
+
+_Dialed = TypeVar("_Dialed")
+
 
 class ForwardProxy:
-    """What every connection of one forward listener shares: policy, mesh routes, timeouts."""
+    """What every connection of one forward listener shares: policy, mesh routes,
+    timeouts, and the pools of connections to origins."""
 
     def __init__(
         self,
@@ -93,6 +111,9 @@ class ForwardProxy:
         keepalive_timeout: float = 75.0,
         head_timeout: float = HEAD_TIMEOUT,
         max_connections: int | None = None,
+        max_idle_per_destination: int = 16,
+        max_upstream_connections: int = 1024,
+        resolution_reuse: float = 30.0,
     ) -> None:
         self.runtime = runtime
         self.head_timeout = head_timeout
@@ -107,6 +128,11 @@ class ForwardProxy:
         self.access_log: AccessLog | None = None  # --access-log; None: the kanal.egress line
         self.cache_rule: RuleCache | None = None  # the namespace's EgressPolicy `cache`
         self.connections: set[ForwardConnection] = set()
+        # Connections to origins (absolute-form requests), shared by every client.
+        self.destinations = Destinations(
+            connect_timeout=connect_timeout, idle_timeout=idle_timeout,
+            max_idle=max_idle_per_destination, max_open=max_upstream_connections,
+            resolution_reuse=resolution_reuse, on_informational=_relay_informational)
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         # The reverse proxy over the mesh gateway's routes, for mesh services: the
@@ -123,7 +149,8 @@ class ForwardProxy:
 
     def apply(self, config: Config) -> None:
         """Follow a new configuration: its egress policies (mesh hosts in any spelling
-        of a Service's name, relative to this namespace)."""
+        of a Service's name, relative to this namespace); pooled connections that
+        the new policies no longer allow are retired."""
         mesh = config.mesh
         rules = EgressRules.from_snapshot(mesh.snapshot if mesh is not None else config.snapshot,
                                           self.namespace)
@@ -131,6 +158,13 @@ class ForwardProxy:
             log.warning("EgressPolicy %s: a wildcard across a public suffix is ignored", ignored)
         self.rules = rules
         self.cache_rule = forward_cache.egress_cache(config.snapshot, self.namespace)
+        self.destinations.retire(self._still_reaches)
+
+    def _still_reaches(self, host: str, port: int, address: IPAddress) -> bool:
+        """Whether the current policies let a request for `host:port` reach `address`."""
+        decision = self.rules.decide(host, port)
+        return (decision.allowed and not decision.mesh
+                and check_addresses([address], decision.allow_private) is None)
 
     async def start(self, sock: socket.socket) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -144,13 +178,15 @@ class ForwardProxy:
             self.server.close()
         for conn in list(self.connections):
             conn.abort("proxy stopping")
+        self.destinations.close_all()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
 
     async def _sweep_forever(self) -> None:
-        """Idle clients, stalled exchanges and idle tunnels; ends once the listener closed."""
+        """Idle clients, stalled exchanges, idle tunnels and idle pooled connections;
+        ends once the listener closed."""
         shortest = min(self.idle_timeout, self.tunnel_idle_timeout, self.keepalive_timeout)
         interval = max(0.05, min(1.0, shortest / 4))
         while self.server is None or self.server.is_serving() or self.connections:
@@ -160,6 +196,7 @@ class ForwardProxy:
     def sweep(self, now: float) -> None:
         for conn in list(self.connections):
             conn.sweep(now)
+        self.destinations.sweep(now)
 
 
 class ForwardRequest:
@@ -187,6 +224,7 @@ class ForwardRequest:
         "no_body",
         "port",
         "reason",
+        "resent",
         "sent",
         "singletons",
         "started",
@@ -194,6 +232,7 @@ class ForwardRequest:
         "target",
         "up",
         "upgrade",
+        "wire_head",
     )
 
     def __init__(self) -> None:
@@ -225,6 +264,8 @@ class ForwardRequest:
         self.header_bytes = 0
         self.head_lines = 0
         self.singletons: set[bytes] = set()
+        self.wire_head = b""  # the head sent to the origin (sent again on a fresh connection)
+        self.resent = False
 
 
 class _Refused(Exception):
@@ -238,7 +279,8 @@ class _Refused(Exception):
 
 
 class ForwardConnection(asyncio.Protocol):
-    """One client connection on the forward listener."""
+    """One client connection on the forward listener; the sink (`pool.ResponseSink`)
+    of the pooled connection carrying its current exchange."""
 
     def __init__(self, proxy: ForwardProxy) -> None:
         self.proxy = proxy
@@ -249,9 +291,12 @@ class ForwardConnection(asyncio.Protocol):
         self.parsing: ForwardRequest | None = None
         self.current: ForwardRequest | None = None
         self.waiting: deque[ForwardRequest] = deque()
-        self.origin: OriginConnection | None = None
-        self.mode = "http"  # http | tunnel | mesh
-        self.inner: ClientConnection | None = None
+        self.upstream: UpstreamConnection | None = None  # the current exchange's (pooled)
+        self.upstream_paused = False  # its reading paused while the client catches up
+        self.origin: TunnelEnd | None = None  # a CONNECT tunnel's far end
+        self.mode = "http"  # http | tunnel | mesh (while a mesh request is served)
+        self.inner: ClientConnection | None = None  # the reverse proxy, for mesh requests
+        self.inner_request: Request | None = None
         self.task: asyncio.Task[None] | None = None
         self.last_activity = time.monotonic()
         self.read_paused: set[str] = set()
@@ -264,6 +309,9 @@ class ForwardConnection(asyncio.Protocol):
         self.refused: tuple[int, str] | None = None
         self.heads_seen = 0
         self.cache_exchange: CacheExchange | None = None
+        # ResponseSink: a pooled connection batches what a read makes its sink write;
+        # this sink writes at once (the cache writes its answers itself), so it stays empty.
+        self.batch: list[bytes] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -344,6 +392,7 @@ class ForwardConnection(asyncio.Protocol):
                     return True
             return None
         if self.mode == "mesh" and self.inner is not None:
+            self.response_close = True
             return self.inner.eof_received()
         if self.current is not None and self.current.complete:
             self.response_close = True  # answer what was asked, then close
@@ -355,13 +404,14 @@ class ForwardConnection(asyncio.Protocol):
         self.proxy.connections.discard(self)
         if self.task is not None and not self.task.done():
             self.task.cancel()
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.abort()  # mid-exchange: its answer can no longer be delivered
         origin = self.origin
         self.origin = None
         if origin is not None:
-            if self.mode == "tunnel":
-                origin.close()
-            else:
-                origin.abort()
+            origin.close()
         if self.inner is not None:
             self.inner.connection_lost(exc)
         request = self.current
@@ -373,16 +423,28 @@ class ForwardConnection(asyncio.Protocol):
         self.waiting.clear()
 
     def pause_writing(self) -> None:
-        if self.mode == "mesh" and self.inner is not None:
+        if self.inner is not None:
             self.inner.pause_writing()
-        elif self.origin is not None:
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None and not self.upstream_paused:
+            self.upstream_paused = True
+            upstream.transport.pause_reading()
+        if self.origin is not None:
             self.origin.pause_reading("client")
 
     def resume_writing(self) -> None:
-        if self.mode == "mesh" and self.inner is not None:
+        if self.inner is not None:
             self.inner.resume_writing()
-        elif self.origin is not None:
+        self._resume_upstream()
+        if self.origin is not None:
             self.origin.resume_reading("client")
+
+    def _resume_upstream(self) -> None:
+        upstream = self.upstream
+        if self.upstream_paused:
+            self.upstream_paused = False
+            if upstream is not None and upstream.transport is not None and not upstream.closed:
+                upstream.transport.resume_reading()
 
     # --- reading from the client, paused for several reasons at once -------------------------
 
@@ -454,8 +516,6 @@ class ForwardConnection(asyncio.Protocol):
         request.keep_alive = parser.should_keep_alive()
         request.upgrade = parser.should_upgrade()
         request.no_body = request.method == b"HEAD"
-        if self.mode == "mesh":
-            return  # after a mesh request, the connection ends with its answer
         if request.upgrade and request.method != b"CONNECT" and self.current is None:
             self.current = request  # refused once the parser stops at the upgrade
             return
@@ -469,15 +529,18 @@ class ForwardConnection(asyncio.Protocol):
         request = self.parsing
         if request is None:
             return
-        if request is self.current and self.mode == "mesh":
-            if self.inner is not None:
+        if request is self.current:
+            if self.mode == "mesh":
+                inner = self.inner
+                if inner is not None:
+                    request.up += len(body)
+                    inner.last_activity = self.last_activity
+                    inner.on_body(body)
+                return
+            if request.sent and self.upstream is not None:
                 request.up += len(body)
-                self.inner.data_received(_frame(body) if request.chunked else body)
-            return
-        if request is self.current and request.sent and self.origin is not None:
-            request.up += len(body)
-            self.origin.write(_frame(body) if request.chunked else body)
-            return
+                self.upstream.write(_frame(body) if request.chunked else body)
+                return
         request.body.append(body)
         request.body_size += len(body)
         if request.body_size > MAX_BUFFERED_BODY:
@@ -489,12 +552,13 @@ class ForwardConnection(asyncio.Protocol):
             return
         request.complete = True
         self.parsing = None
-        if request is not self.current or not request.chunked:
+        if request is not self.current:
             return
-        if self.mode == "mesh" and self.inner is not None:
-            self.inner.data_received(_CHUNK_END)
-        elif request.sent and self.origin is not None:
-            self.origin.write(_CHUNK_END)
+        if self.mode == "mesh":
+            if self.inner is not None:
+                self.inner.on_message_complete()
+        elif request.chunked and request.sent and self.upstream is not None:
+            self.upstream.write(_CHUNK_END)
 
     def _client_upgrade(self, rest: bytes) -> None:
         """CONNECT (or another protocol switch): nothing more is parsed as HTTP."""
@@ -555,34 +619,69 @@ class ForwardConnection(asyncio.Protocol):
             self._to_mesh(request)
             return
         request.decision = "allow"
-        cache_rule = proxy.cache_rule
-        if cache_rule is not None and not connect and await forward_cache.begin(
-                self, request, path, cache_rule):
-            return  # answered from the cache (or the client left while it waited)
-        origin = self.origin
-        if (origin is not None and origin.reusable and not connect
-                and origin.key == (host, port)):
-            why = check_addresses([origin.ip], decision.allow_private)
-            if why is not None:
-                raise _Refused(403, why)
-            request.address = str(origin.ip)
-        else:
-            if origin is not None:
-                self.origin = None
-                origin.close()
-            addresses = await self._resolve(host, port)
-            why = check_addresses(addresses, decision.allow_private)
-            if why is not None:
-                raise _Refused(403, f"{host} resolves to {why}")
-            origin = await self._dial(request, host, port, addresses)
+        if connect:
+            addresses = await self._checked_addresses(host, port, decision.allow_private)
+            origin = await self._dial(request, host, port, addresses, self._open_tunnel(port))
             if self.closed:
                 origin.abort()
                 return
             self.origin = origin
-        if connect:
             self._start_tunnel(request, origin)
-        else:
-            self._send_request(request, origin, path, anonymize=rules.anonymize)
+            return
+        cache_rule = proxy.cache_rule
+        if cache_rule is not None and await forward_cache.begin(self, request, path, cache_rule):
+            return  # answered from the cache (or the client left while it waited)
+        conn = await self._connection(request, host, port, decision.allow_private)
+        if self.closed:
+            conn.release()  # not used: another client may have it
+            return
+        self._send_request(request, conn, path, anonymize=rules.anonymize)
+
+    async def _connection(self, request: ForwardRequest, host: str, port: int,
+                          allow_private: bool) -> UpstreamConnection:
+        """A connection to an address of `host`, checked for this request: an idle one
+        to where a recent resolution of the name led, else one to the first address of
+        a new resolution that has one idle or takes a new one."""
+        destinations = self.proxy.destinations
+        remembered = destinations.remembered(host, port, time.monotonic())
+        if remembered is not None:
+            pool, address = remembered
+            why = check_addresses([address], allow_private)
+            if why is not None:
+                raise _Refused(403, f"{host} resolves to {why}")
+            conn = pool.take_idle()
+            if conn is not None:
+                request.address = str(address)
+                return conn
+        addresses = await self._checked_addresses(host, port, allow_private)
+        return await self._dial(request, host, port, addresses, self._pooled(host, port))
+
+    def _pooled(self, host: str, port: int) -> Callable[[IPAddress], Awaitable[UpstreamConnection]]:
+        destinations = self.proxy.destinations
+
+        async def connection(address: IPAddress) -> UpstreamConnection:
+            pool = destinations.pool(address, port)
+            conn = pool.take_idle() or await destinations.connect(pool)
+            destinations.remember(host, port, pool, address, time.monotonic())
+            return conn
+
+        return connection
+
+    def _open_tunnel(self, port: int) -> Callable[[IPAddress], Awaitable[TunnelEnd]]:
+        async def tunnel(address: IPAddress) -> TunnelEnd:
+            _, end = await asyncio.get_running_loop().create_connection(
+                lambda: TunnelEnd(self), str(address), port)
+            return end
+
+        return tunnel
+
+    async def _checked_addresses(self, host: str, port: int,
+                                 allow_private: bool) -> list[IPAddress]:
+        addresses = await self._resolve(host, port)
+        why = check_addresses(addresses, allow_private)
+        if why is not None:
+            raise _Refused(403, f"{host} resolves to {why}")
+        return addresses
 
     async def _resolve(self, host: str, port: int) -> list[IPAddress]:
         """One resolution; every address it gave, in order, each once."""
@@ -610,7 +709,8 @@ class ForwardConnection(asyncio.Protocol):
         return addresses
 
     async def _dial(self, request: ForwardRequest, host: str, port: int,
-                    addresses: list[IPAddress]) -> OriginConnection:
+                    addresses: list[IPAddress],
+                    open_one: Callable[[IPAddress], Awaitable[_Dialed]]) -> _Dialed:
         """Connect to the checked addresses themselves, in order, within the connect timeout."""
         loop = asyncio.get_running_loop()
         failures: list[str] = []
@@ -622,23 +722,21 @@ class ForwardConnection(asyncio.Protocol):
             request.address = str(address)
             try:
                 async with asyncio.timeout(left):
-                    _, origin = await loop.create_connection(
-                        lambda dialed=address: OriginConnection(self, host, port, dialed),  # type: ignore[misc]
-                        str(address), port)
+                    return await open_one(address)
             except TimeoutError:
                 failures.append(f"{address}: timed out")
                 break
             except OSError as exc:
-                failures.append(f"{address}: {exc.strerror or exc}")
+                cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+                failures.append(f"{address}: {cause.strerror or cause}")
                 continue
-            return origin
         if failures and failures[-1].endswith("timed out"):
             raise _Refused(504, f"connect to {host}:{port} timed out after "
                                 f"{self.proxy.connect_timeout:g}s", decision="error")
         raise _Refused(502, f"connect to {host}:{port} failed ({'; '.join(failures)})",
                        decision="error")
 
-    def _send_request(self, request: ForwardRequest, origin: OriginConnection, path: bytes,
+    def _send_request(self, request: ForwardRequest, conn: UpstreamConnection, path: bytes,
                       *, anonymize: bool) -> None:
         lines = [request.method + b" " + path + b" HTTP/1.1", b"Host: " + _host_header(request)]
         lines += [name + b": " + value
@@ -650,18 +748,23 @@ class ForwardConnection(asyncio.Protocol):
         if not anonymize:
             lines += self._forwarding_lines(request)
         lines.append(b"\r\n")
-        head = b"\r\n".join(lines)
-        origin.start(request)
-        origin.write(head)
-        request.up += len(head)
+        request.wire_head = b"\r\n".join(lines)
+        self._start(request, conn)
+
+    def _start(self, request: ForwardRequest, conn: UpstreamConnection) -> None:
+        """Send the request (its head, and what arrived of its body) on `conn`."""
+        self.upstream = conn
+        self.upstream_paused = False
+        conn.start(self, request.wire_head, request.no_body)
+        request.up += len(request.wire_head)
         request.sent = True
         if request.body:
             chunks, request.body, request.body_size = request.body, [], 0
             data = b"".join(_frame(c) for c in chunks) if request.chunked else b"".join(chunks)
             request.up += len(data)
-            origin.write(data)
+            conn.write(data)
         if request.complete and request.chunked:
-            origin.write(_CHUNK_END)
+            conn.write(_CHUNK_END)
         self.resume("body")
         self.resume("deciding")
 
@@ -680,10 +783,9 @@ class ForwardConnection(asyncio.Protocol):
             b"Via: " + chains.get(b"via", b"") + (b"1.1 kanal" if request.http11 else b"1.0 kanal"),
         ]
 
-    def _start_tunnel(self, request: ForwardRequest, origin: OriginConnection) -> None:
+    def _start_tunnel(self, request: ForwardRequest, origin: TunnelEnd) -> None:
         assert self.transport is not None
         self.mode = "tunnel"
-        origin.tunnel = True
         answer = b"HTTP/1.1 200 Connection Established\r\n\r\n"
         request.status = 200
         request.down += len(answer)
@@ -697,67 +799,117 @@ class ForwardConnection(asyncio.Protocol):
         self.read_paused.clear()
         self.transport.resume_reading()
 
-    def _to_mesh(self, request: ForwardRequest) -> None:
-        """Hand the request to the reverse proxy over the mesh routes; it answers and closes."""
-        from kanal.dataplane.proxy import ClientConnection
+    # --- mesh requests: the reverse proxy's request path, entered with the parsed request ---
 
+    def _to_mesh(self, request: ForwardRequest) -> None:
+        """Hand the request, as parsed, to the reverse proxy over the mesh routes."""
         assert self.transport is not None
         request.decision = "mesh"
-        self.mode = "mesh"
-        inner = ClientConnection(self.proxy.mesh_context)
-        self.inner = inner
-        inner.connection_made(_InnerTransport(self, self.transport))  # type: ignore[arg-type]
-        version = b"HTTP/1.1" if request.http11 else b"HTTP/1.0"
-        lines = [request.method + b" " + request.target + b" " + version]
-        for name, value in request.headers:
-            lower = name.lower()
-            if lower in hdrs.HOP_BY_HOP and lower != b"transfer-encoding":
-                continue
-            lines.append(name + b": " + value)
-        lines.append(b"Connection: close")
-        lines.append(b"\r\n")
-        data = b"\r\n".join(lines)
-        if request.body:
-            chunks, request.body, request.body_size = request.body, [], 0
-            data += b"".join(_frame(c) for c in chunks) if request.chunked else b"".join(chunks)
-        if request.complete and request.chunked:
-            data += _CHUNK_END
-        request.up += len(data)
         request.status = -1  # the reverse proxy answers; its own metrics have the status
-        inner.data_received(data)
+        inner = self.inner
+        if inner is None:
+            inner = self.inner = ClientConnection(self.proxy.mesh_context)
+            inner.connection_made(_InnerTransport(self, self.transport))  # type: ignore[arg-type]
+            inner.exchange_ended = self._mesh_exchange_ended
+        else:
+            self.proxy.mesh_context.clients.add(inner)  # swept and drained while it serves
+        self.mode = "mesh"
+        # The request as the reverse proxy's parser would have built it: its own rules
+        # for each header (hop-by-hop, forwarding, cookies, Host), applied once here.
+        inner.last_activity = time.monotonic()
+        inner.on_message_begin()
+        try:
+            inner.on_url(request.target)
+            for name, value in request.headers:
+                inner.on_header(name, value)
+        except httptools.HttpParserError as exc:
+            refused = inner.refused
+            inner.refused = None
+            inner.parsing = None
+            self._mesh_over()
+            status, reason = refused if refused is not None else (400, str(exc))
+            raise _Refused(status, reason, decision="error") from None
+        routed = inner.parsing
+        assert routed is not None
+        routed.method = request.method
+        routed.http11 = request.http11
+        routed.keep_alive = request.keep_alive
+        routed.started = request.started
+        self.inner_request = routed
+        if request.body:  # what arrived while the policy was decided
+            chunks, request.body, request.body_size = request.body, [], 0
+            for chunk in chunks:
+                request.up += len(chunk)
+                inner.on_body(chunk)
+        if request.complete:
+            inner.on_message_complete()
         self.resume("body")
         self.resume("deciding")
-        self.resume("queued")
+        inner.begin_parsed(routed)
 
-    # --- the origin's answer ----------------------------------------------------------------
+    def _mesh_exchange_ended(self) -> None:
+        """The reverse proxy ended a mesh exchange: once it has finished with it (and
+        closed the connection if it had to), go on with the client's next request."""
+        request = self.current
+        if request is not None and self.mode == "mesh":
+            asyncio.get_running_loop().call_soon(self._mesh_request_done, request)
 
-    def response_head(self, origin: OriginConnection) -> None:
+    def _mesh_request_done(self, request: ForwardRequest) -> None:
+        if self.current is not request or self.closed:
+            return
+        self._mesh_over()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._log(request)
+            return
+        self._end_exchange(request)
+
+    def _mesh_over(self) -> None:
+        """The connection leaves mesh mode: the reverse proxy's side rests until the
+        next mesh request (it is neither swept nor drained meanwhile)."""
+        self.mode = "http"
+        self.inner_request = None
+        inner = self.inner
+        if inner is not None:
+            self.proxy.mesh_context.clients.discard(inner)
+            inner.paused_for_body = False  # reading is this connection's again
+        self.resume("inner")
+
+    # --- the origin's answer (pool.ResponseSink) --------------------------------------------
+
+    def response_informational(self, conn: UpstreamConnection) -> None:
+        """A 1xx before the final answer (but 101): relayed to HTTP/1.1 clients."""
+        request = self.current
+        if request is not None and request.http11 and self.transport is not None:
+            line = status_line(conn.status) + b"\r\n\r\n"
+            request.down += len(line)
+            self.transport.write(line)
+
+    def response_head(self, conn: UpstreamConnection) -> None:
         request = self.current
         transport = self.transport
-        if request is None or transport is None:
-            origin.abort()
+        if request is None or transport is None or conn is not self.upstream:
+            conn.abort()
             return
-        status = origin.status
-        if 100 <= status < 200:
-            if status != 101 and request.http11:
-                line = b"HTTP/1.1 %d %b\r\n\r\n" % (status, origin.reason or b"Continue")
-                request.down += len(line)
-                transport.write(line)
-            return
+        status = conn.status
         request.status = status
-        no_body = request.no_body or status in (204, 304)
-        origin.no_body = no_body
-        if self.cache_exchange is not None and forward_cache.head(self, request, origin):
+        no_body = request.no_body or conn.no_body
+        conn.no_body = no_body
+        if self.cache_exchange is not None and forward_cache.head(self, request, conn):
             return  # a 304 to the cache's revalidation: the stored answer went out
+        headers = conn.headers
+        named = conn.connection_named
+        if named:
+            headers = [(name, value) for name, value in headers if name.lower() not in named]
         close = not request.keep_alive or not request.complete or self.response_close
-        lines = [b"HTTP/1.1 %d %b" % (status, origin.reason or b"OK")]
-        lines += [name + b": " + value for name, value in origin.headers]
+        lines = [status_line(status)]
+        lines += [name + b": " + value for name, value in headers]
         self.response_chunked = False
         if no_body:
-            if origin.content_length is not None:
-                lines.append(b"Content-Length: " + origin.content_length)
-        elif origin.content_length is not None and not origin.chunked:
-            lines.append(b"Content-Length: " + origin.content_length)
+            if conn.content_length is not None:
+                lines.append(b"Content-Length: " + conn.content_length)
+        elif conn.content_length is not None and not conn.chunked:
+            lines.append(b"Content-Length: " + conn.content_length)
         elif request.http11:
             lines.append(b"Transfer-Encoding: chunked")
             self.response_chunked = True
@@ -785,28 +937,87 @@ class ForwardConnection(asyncio.Protocol):
         request.down += len(data)
         self.transport.write(data)
 
-    def response_done(self, origin: OriginConnection) -> None:
+    def response_done(self, conn: UpstreamConnection) -> None:
         request = self.current
-        if request is None or self.transport is None:
-            origin.abort()
+        if request is None or self.transport is None or conn is not self.upstream:
+            conn.abort()
             return
         if self.cache_exchange is not None:
             forward_cache.done(self)
         if self.response_chunked:
             request.down += len(_CHUNK_END)
             self.transport.write(_CHUNK_END)
-        if not (origin.keep_alive and request.complete and origin.reusable_after_exchange()):
-            if self.origin is origin:
-                self.origin = None
-            origin.close()
+        self._resume_upstream()
+        self.upstream = None
+        if request.complete:
+            self.proxy.destinations.release(conn)  # idle again, for any client
+        else:
+            conn.close()
         self._end_exchange(request)
 
-    def origin_failed(self, origin: OriginConnection, reason: str, timeout: bool = False) -> None:
+    def upstream_failed(self, conn: UpstreamConnection, reason: str,
+                        exc: BaseException | None) -> None:
+        if conn is not self.upstream:
+            return
+        self.upstream = None
+        request = self.current
+        if request is None:
+            return
+        if (conn.requests > 1 and not conn.got_bytes and not self.response_started
+                and not isinstance(exc, TimeoutError) and not request.resent
+                and not request.chunked and request.content_length in (None, b"0")):
+            # A pooled connection the origin had closed while it sat idle: the request
+            # never reached it (no byte came back). Sent again on a new connection.
+            request.resent = True
+            self.task = asyncio.get_running_loop().create_task(self._resend(request, conn.pool))
+            return
+        self.origin_failed(reason, timeout=isinstance(exc, TimeoutError))
+
+    async def _resend(self, request: ForwardRequest, pool: EndpointPool) -> None:
+        try:
+            async with asyncio.timeout(self.proxy.connect_timeout):
+                conn = await self.proxy.destinations.connect(pool)
+        except (TimeoutError, OSError) as exc:
+            if self.current is request and not self.closed:
+                self.origin_failed(f"reconnecting failed: {exc}",
+                                   timeout=isinstance(exc, TimeoutError))
+            return
+        if self.current is not request or self.closed:
+            conn.release()
+            return
+        self._start(request, conn)
+
+    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        conn.abort()
+        if conn is self.upstream:
+            self.upstream = None
+            self.origin_failed("switched protocols without an upgrade request")
+
+    def upstream_pause_writing(self) -> None:
+        self.pause("origin")
+
+    def upstream_resume_writing(self) -> None:
+        self.resume("origin")
+
+    def end_batch(self) -> None:
+        batch = self.batch
+        self.batch = None
+        if batch:
+            self.flush(batch)
+
+    def flush(self, batch: list[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.write(b"".join(batch))
+
+    def origin_failed(self, reason: str, *, timeout: bool = False) -> None:
+        """The origin (or the tunnel's far end) failed or went silent."""
         if self.cache_exchange is not None:
             forward_cache.failed(self)
         request = self.current
-        if self.origin is origin:
-            self.origin = None
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.abort()
         if self.mode == "tunnel":
             self._close()
             return
@@ -842,12 +1053,18 @@ class ForwardConnection(asyncio.Protocol):
             return True
         return False
 
+    def tunnel_lost(self, origin: TunnelEnd) -> None:
+        if self.origin is origin:
+            self.origin = None
+        self._close()
+
     # --- endings ----------------------------------------------------------------------------
 
     def _end_exchange(self, request: ForwardRequest) -> None:
         self._log(request)
         self.current = None
         self.task = None
+        self.resume("origin")  # (a write to the origin that filled its buffer is over)
         if self.response_close or not request.keep_alive or not request.complete:
             self._close()
             return
@@ -863,8 +1080,12 @@ class ForwardConnection(asyncio.Protocol):
     def _refuse(self, request: ForwardRequest, status: int, reason: str, *, close: bool = False) -> None:
         """Answer with an error of the proxy's own."""
         transport = self.transport
+        upstream = self.upstream
+        if upstream is not None and request.sent:
+            self.upstream = None
+            upstream.abort()
         origin = self.origin
-        if origin is not None and (request.sent or request.method == b"CONNECT"):
+        if origin is not None and request.method == b"CONNECT":
             self.origin = None
             origin.abort()
         if self.cache_exchange is not None and forward_cache.error(self, request, status):
@@ -893,7 +1114,7 @@ class ForwardConnection(asyncio.Protocol):
         request.logged = True
         access = self.proxy.access_log
         if access is not None:  # the access log's format, as on the reverse listeners
-            if self.mode != "mesh":  # (a mesh request's line is its reverse proxy's)
+            if request.decision != "mesh":  # (a mesh request's line is its reverse proxy's)
                 access.put(egress_record(self.peer, request))
             return
         method = request.method.decode("latin-1") or "-"
@@ -915,6 +1136,10 @@ class ForwardConnection(asyncio.Protocol):
         request = self.current
         if request is not None and not request.reason:
             request.reason = reason
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.abort()
         origin = self.origin
         self.origin = None
         if origin is not None:
@@ -925,6 +1150,9 @@ class ForwardConnection(asyncio.Protocol):
     def sweep(self, now: float) -> None:
         proxy = self.proxy
         idle = now - self.last_activity
+        upstream = self.upstream
+        if upstream is not None:
+            idle = min(idle, now - upstream.last_activity)
         origin = self.origin
         if origin is not None:
             idle = min(idle, now - origin.last_activity)
@@ -954,11 +1182,17 @@ class ForwardConnection(asyncio.Protocol):
                 request.reason = f"no data for {proxy.idle_timeout:g}s (idle timeout)"
                 self.abort(request.reason)
             else:
-                self.origin_failed(origin or _NO_ORIGIN,
-                                   f"no answer within {proxy.idle_timeout:g}s (idle timeout)",
+                self.origin_failed(f"no answer within {proxy.idle_timeout:g}s (idle timeout)",
                                    timeout=True)
         elif not request.sent and idle > proxy.idle_timeout + proxy.connect_timeout:
             self.abort("stalled before reaching the origin")
+
+
+def _relay_informational(conn: UpstreamConnection) -> None:
+    """A forward pool's connection got a 1xx: its client hears of it."""
+    sink = conn.sink
+    if isinstance(sink, ForwardConnection):
+        sink.response_informational(conn)
 
 
 class _InnerTransport:
@@ -988,57 +1222,18 @@ class _InnerTransport:
         return getattr(self._transport, name)
 
 
-class _NoOrigin:
-    status = 0
+class TunnelEnd(asyncio.Protocol):
+    """A CONNECT tunnel's far end: bytes relayed as they come, never parsed, never pooled."""
 
-
-_NO_ORIGIN: Any = _NoOrigin()
-
-
-class OriginConnection(asyncio.Protocol):
-    """The connection to the origin: an HTTP exchange at a time, or a tunnel's far end."""
-
-    def __init__(self, client: ForwardConnection, host: str, port: int, ip: IPAddress) -> None:
+    def __init__(self, client: ForwardConnection) -> None:
         self.client: ForwardConnection | None = client
-        self.key = (host, port)
-        self.ip = ip
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.tunnel = False
-        self.busy = False
-        self.status = 0
-        self.head_bytes = 0
-        self.head_read_bytes = 0
-        self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.content_length: bytes | None = None
-        self.chunked = False
-        self.no_body = False
-        self.keep_alive = True
-        self.head_done = False
         self.closed = False
         self.last_activity = time.monotonic()
         self.paused: set[str] = set()
-        self.named: set[bytes] | None = None
-
-    @property
-    def reusable(self) -> bool:
-        return (not self.closed and not self.busy and not self.tunnel and self.keep_alive
-                and self.transport is not None and not self.transport.is_closing())
-
-    def reusable_after_exchange(self) -> bool:
-        self.busy = False
-        return self.reusable
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-
-    def start(self, request: ForwardRequest) -> None:
-        self.busy = True
-        self.head_done = False
-        self.head_read_bytes = 0
-        self.no_body = request.no_body
-        self.last_activity = time.monotonic()
 
     def write(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
@@ -1047,33 +1242,13 @@ class OriginConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()
-        client = self.client
-        if client is None:
+        if self.client is None:
             self.close()
             return
-        if self.tunnel:
-            client.tunnel_data(data)
-            return
-        if not self.busy:
-            self.close()  # bytes from an idle origin: confused or closing
-            return
-        head_open = not self.head_done
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.abort()
-            client.origin_failed(self, f"invalid response: {exc}")
-            return
-        if head_open and not self.head_done and not self.closed:
-            # Still in the answer's head: bound it, whatever pieces it comes in.
-            self.head_read_bytes += len(data)
-            if self.head_read_bytes > MAX_RESPONSE_HEAD:
-                self.abort()
-                client.origin_failed(
-                    self, f"invalid response: head larger than {MAX_RESPONSE_HEAD} bytes")
+        self.client.tunnel_data(data)
 
     def eof_received(self) -> bool | None:
-        if self.tunnel and self.client is not None:
+        if self.client is not None:
             return self.client.tunnel_eof()
         return None
 
@@ -1081,22 +1256,8 @@ class OriginConnection(asyncio.Protocol):
         self.closed = True
         client = self.client
         self.client = None
-        if client is None:
-            return
-        if self.tunnel:
-            if client.origin is self:
-                client.origin = None
-            client._close()
-            return
-        if not self.busy:
-            if client.origin is self:
-                client.origin = None
-            return
-        if self.head_done and self.content_length is None and not self.chunked and not self.no_body:
-            client.response_done(self)  # a body delimited by the connection's end
-            return
-        client.origin_failed(self, "origin closed the connection" if exc is None
-                             else f"origin connection lost: {exc}")
+        if client is not None:
+            client.tunnel_lost(self)
 
     def pause_writing(self) -> None:
         if self.client is not None:
@@ -1116,64 +1277,6 @@ class OriginConnection(asyncio.Protocol):
             self.paused.discard(why)
             if not self.paused and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
-
-    # --- httptools callbacks (response) -----------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self.head_bytes = 0
-        self.headers = []
-        self.reason = b""
-        self.content_length = None
-        self.chunked = False
-        self.named = None
-
-    def on_status(self, reason: bytes) -> None:
-        self.reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > MAX_RESPONSE_HEAD:
-            raise httptools.HttpParserError(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
-        lower = name.lower()
-        if lower not in _RESPONSE_SPECIAL:
-            self.headers.append((name, value))
-        elif lower == b"content-length":
-            self.content_length = value
-        elif lower == b"transfer-encoding":
-            self.chunked = http1.final_coding_is_chunked(value)
-        elif lower == b"connection":
-            tokens = hdrs.connection_tokens(value) - hdrs.RESPONSE_DROPPED
-            if tokens:
-                self.named = (self.named or set()) | tokens
-
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        if self.named:
-            named = self.named
-            self.headers = [(n, v) for n, v in self.headers if n.lower() not in named]
-        client = self.client
-        if 100 <= self.status < 200:
-            if client is not None:
-                client.response_head(self)
-            return
-        self.head_done = True
-        self.keep_alive = self.parser.should_keep_alive()
-        if client is not None:
-            client.response_head(self)
-            if self.no_body:
-                # A HEAD answer (or 204/304) has no body whatever its headers say.
-                self.parser = httptools.HttpResponseParser(self)
-                client.response_done(self)
-
-    def on_body(self, body: bytes) -> None:
-        if self.client is not None:
-            self.client.response_body(body)
-
-    def on_message_complete(self) -> None:
-        if not self.head_done or self.no_body:
-            return
-        if self.client is not None:
-            self.client.response_done(self)
 
     def close(self) -> None:
         self.closed = True

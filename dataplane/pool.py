@@ -214,6 +214,9 @@ class UpstreamConnection(asyncio.Protocol):
             # Informational: the final answer follows on the same connection. A 101 ends
             # HTTP here: feed_data raises HttpParserUpgrade, and the sink hears of it then.
             if status != 101:
+                relay = self.pool.on_informational
+                if relay is not None:
+                    relay(self)
                 self._reset_answer()
             return
         self.head_done = True
@@ -301,7 +304,7 @@ class EndpointPool:
 
     __slots__ = (
         "address", "port", "ssl_context", "server_hostname", "connect_timeout",
-        "idle_timeout", "max_idle", "idle", "open", "state", "limits",
+        "idle_timeout", "max_idle", "idle", "open", "state", "limits", "on_informational",
     )
 
     def __init__(
@@ -327,6 +330,10 @@ class EndpointPool:
         self.open: set[UpstreamConnection] = set()
         self.state = state
         self.limits: UpstreamLimits | None = None  # the Upstream's, set by Runtime.build
+        # Told of each informational answer (1xx but 101) before the final one, with the
+        # connection whose sink the exchange is; None: they are dropped (the reverse
+        # proxy answers `Expect` itself). The forward proxy relays them to its clients.
+        self.on_informational: Callable[[UpstreamConnection], None] | None = None
 
     def take_idle(self) -> UpstreamConnection | None:
         """The most recently used idle connection; one that closed has left the list."""

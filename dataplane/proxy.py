@@ -483,6 +483,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self._begin(request)
 
+    def begin_parsed(self, request: Request) -> None:
+        """Serve a request whose head another listener parsed and checked (the forward
+        proxy's mesh requests) as if its head had just been parsed here. It was built by
+        this connection's own `on_message_begin`, `on_url` and `on_header`; the rest of
+        its body follows through `on_body` and `on_message_complete`."""
+        self._begin(request)
+
     def _check_upgrade(self, request: Request) -> None:
         """Only a valid WebSocket opening handshake may become a tunnel."""
         key = version = None
@@ -1260,6 +1267,8 @@ class ClientConnection(asyncio.Protocol):
             self.route_key, self.upstream_key, status, time.monotonic() - request.started,
             request.received, self.body_sent,
         )
+        if self.exchange_ended is not None:
+            self.exchange_ended()  # (a forward proxy's mesh requests: it moves on)
 
     def _fail_request(
         self, status: int, reason: str, *, close: bool = False, location: bytes | None = None,
@@ -1431,6 +1440,7 @@ class ClientConnection(asyncio.Protocol):
         )
 
     set_cookie: bytes | None = None
+    exchange_ended: Callable[[], None] | None = None
     refused: tuple[int, str] | None = None
     deferred_error: tuple[int, str] | None = None
     heads_seen: int = 0

@@ -411,7 +411,7 @@ async def test_without_a_policy_mesh_services_go_through_the_mesh_routes(forward
     app = await backends("orders")
     fwd = await forward(**mesh_config(app.port))
     async with aiohttp.ClientSession() as session:
-        for _ in range(2):  # the second on a new connection: a mesh request ends its own
+        for _ in range(2):
             async with session.post("http://orders.mesh/api?x=1", data=b"body", proxy=fwd.url) as answer:
                 assert answer.status == 200
                 record = await answer.json()
