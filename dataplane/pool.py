@@ -123,10 +123,10 @@ class UpstreamConnection(asyncio.Protocol):
             sink.end_batch()
             sink.upstream_failed(self, f"invalid response from upstream: {exc}", exc)
         else:
-            batch = sink.batch
-            sink.batch = None
-            if batch:
-                sink.flush(batch)
+            # Through the sink's method, not by reading `sink.batch` here: an answer that
+            # ended within this read has gone out already (the attribute is None again),
+            # which compiled code would not expect of the list assigned above.
+            sink.end_batch()
             if not self.head_done and self.sink is sink:
                 # Still in the answer's head: bound it, whatever pieces it comes in.
                 self.head_read_bytes += len(data)

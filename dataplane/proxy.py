@@ -1115,6 +1115,9 @@ class ClientConnection(asyncio.Protocol):
             trailers = conn.trailers  # an HTTP/2 upstream's (gRPC status): after the last chunk
             self._write(_CHUNK_END if trailers is None else
                         b"0\r\n%b\r\n" % b"".join(n + b": " + v + b"\r\n" for n, v in trailers))
+        # The answer is complete: send it before the bookkeeping below (pool, breaker,
+        # metrics, the next pipelined request), which the client need not wait for.
+        self.end_batch()
         self.upstream = None
         if request.complete:
             conn.release()
