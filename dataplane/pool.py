@@ -281,6 +281,10 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         if (self.keep_alive and not self.closed and self.tunnel is None and transport is not None
                 and not transport.is_closing()):
+            if not transport.is_reading():
+                # Its last sink paused it (a slow client) and let go of it before draining:
+                # the next exchange must read its answer.
+                transport.resume_reading()
             self.pool.put_back(self)
         else:
             self.close()
