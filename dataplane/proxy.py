@@ -65,6 +65,8 @@ RETRY_BUFFER = 1024 * 1024
 """Body bytes kept for a retry; a request that streamed more than this is not retried."""
 NO_BODY = b""
 _CHUNK_END = b"0\r\n\r\n"
+_LINE_WINDOW = MAX_TARGET + 64
+"""Bytes kept of a read in which a request began mid-read, for its request line check."""
 
 _SPECIAL_REQUEST_HEADERS = (
     hdrs.HOP_BY_HOP | hdrs.FORWARDING
@@ -79,7 +81,7 @@ class Request:
         "method", "target", "headers", "host", "http11", "keep_alive", "chunked",
         "content_length", "upgrade", "expect_continue", "complete", "body", "body_size",
         "started", "cookie", "forwarded", "connection_named", "upgrade_value", "decoded",
-        "head_size", "singletons", "websocket_key", "received",
+        "head_size", "singletons", "websocket_key", "received", "line_unchecked",
     )
 
     def __init__(self) -> None:
@@ -106,6 +108,8 @@ class Request:
         self.singletons: set[bytes] | None = None
         self.websocket_key: bytes | None = None
         self.received = 0  # body bytes, for the access log
+        # Began in the middle of a read: its request line was not checked before parsing.
+        self.line_unchecked = False
 
     # A read-only mapping of lower-case header names to values (repeated fields joined
     # with ", "), for the router; decoded only if a route asks for a header.
@@ -225,12 +229,16 @@ class ClientConnection(asyncio.Protocol):
         if self.deferred_error is not None:
             return  # the parser stopped at a malformed request; answers before it go out
         parsing = self.parsing
+        if (parsing is None or self.line_part is not None) and self._spaced_line(data):
+            self._parse_failed(400, http1.SPACED_LINE)
+            return
         head_open = parsing is not None and not parsing.method
         heads_before = self.heads_seen
         if head_open or len(data) > MAX_HEAD // 4:
             # A head spread over reads, or a big read that may hold a big head: count
             # each header's size exactly from now on, on this connection.
             self.strict_head = True
+        self.reading = data  # for the line of a request that begins mid-read
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -238,6 +246,7 @@ class ClientConnection(asyncio.Protocol):
             self._client_upgrade(data[offset:])
             return
         except httptools.HttpParserError as exc:
+            self.reading = NO_BODY
             if (self.heads_seen == 0 and self.context.http2 is not None and self.transport is not None
                     and self.context.http2(self, self.transport, data)):
                 return  # the h2c preface: the connection speaks HTTP/2 from now on
@@ -246,7 +255,12 @@ class ClientConnection(asyncio.Protocol):
             status, reason = refused if refused is not None else (400, f"malformed request: {exc}")
             self._parse_failed(status, reason)
             return
+        self.reading = NO_BODY
         after = self.parsing
+        if after is not None and not after.method and after.line_unchecked:
+            if self._keep_line(after, data):
+                self._parse_failed(400, http1.SPACED_LINE)
+                return
         if (after is not None and not after.method and self.heads_seen == heads_before
                 and (after is parsing or parsing is None)):
             # The read held nothing but an unfinished head: bound the bytes it has taken
@@ -255,6 +269,38 @@ class ClientConnection(asyncio.Protocol):
             after.head_size += len(data)
             if after.head_size > MAX_HEAD + MAX_TARGET:
                 self._parse_failed(431, f"request head larger than {MAX_HEAD} bytes")
+
+    def _spaced_line(self, data: bytes) -> bool:
+        """Whether the request line beginning (or going on) in `data` has a run of
+        spaces, which llhttp lets through. Only the first line of the read is looked at,
+        and only when a request line is open: a request that fits one read pays two
+        searches of its first line."""
+        part = self.line_part
+        start = 0
+        if part is None:
+            start = http1.line_start(data)
+            if start == len(data):
+                return False  # empty lines only: the request line is still to come
+            self.line_checked = True  # the next message to begin is this read's first
+        elif part and data[:1] == b" ":
+            return True  # a space ended the last read, and one begins this one
+        end = data.find(b"\n", start)
+        if data.find(b"  ", start, end if end >= 0 else len(data)) >= 0:
+            return True
+        self.line_part = None if end >= 0 else (b" " if data[-1:] == b" " else b"")
+        return False
+
+    def _keep_line(self, request: Request, data: bytes) -> bool:
+        """A request that began mid-read goes on into the next read: True if its line,
+        whole in this read, has a run of spaces; else keep the bytes it may span."""
+        window = self.line_window
+        if not window:
+            if http1.spaced_line_in(data, self.parser.get_method(), request.target):
+                return True
+            self.line_window = data[-_LINE_WINDOW:]
+        elif len(window) < 2 * _LINE_WINDOW:
+            self.line_window = window + data[:_LINE_WINDOW]
+        return False
 
     def _parse_failed(self, status: int, reason: str) -> None:
         """The parser met a request it cannot take: answer every request before it, then
@@ -372,6 +418,11 @@ class ClientConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         request = Request()
         request.started = time.monotonic()
+        if self.line_checked:
+            self.line_checked = False  # the first of its read: data_received checked it
+        else:
+            request.line_unchecked = True
+            self.line_window = NO_BODY
         self.parsing = request
 
     def on_url(self, url: bytes) -> None:
@@ -454,6 +505,9 @@ class ClientConnection(asyncio.Protocol):
             if refused is not None:
                 self._refuse_head(*refused)
         method = parser.get_method()
+        if request.line_unchecked and http1.spaced_line_in(
+                self.line_window + self.reading, method, request.target):
+            self._refuse_head(400, http1.SPACED_LINE)
         problem = http1.target_problem(method, request.target, self.context.scheme)
         host = request.host
         if problem is None and host is not None and host != self.checked_host:
@@ -1403,6 +1457,14 @@ class ClientConnection(asyncio.Protocol):
         )
 
     set_cookie: bytes | None = None
+    # Request line checks (see _spaced_line): b" "/b"" while a line goes on into the
+    # next read (whether the last one ended with a space), else None; whether the next
+    # message to begin was checked; the read being parsed; the start of a request that
+    # began mid-read and goes on.
+    line_part: bytes | None = None
+    line_checked: bool = False
+    reading: bytes = b""
+    line_window: bytes = b""
     refused: tuple[int, str] | None = None
     deferred_error: tuple[int, str] | None = None
     heads_seen: int = 0

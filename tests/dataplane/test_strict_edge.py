@@ -500,3 +500,55 @@ spec:
     finally:
         for _, w in held:
             w.close()
+
+
+@pytest.mark.parametrize("line", [
+    b"GET  /spaced-a HTTP/1.1",
+    b"GET /spaced-b  HTTP/1.1",
+    b"GET   /spaced-c   HTTP/1.1",
+    b"\r\nGET  /spaced-d HTTP/1.1",
+    b"GET\t/spaced-e HTTP/1.1",
+    b"GET /spaced-f\tHTTP/1.1",
+    b"GET /spaced-g HTTP/1.1 ",
+])
+async def test_request_lines_with_extra_whitespace_are_400_and_closed(edge, line: bytes) -> None:
+    port, recorder = edge
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(line + b"\r\nHost: a.test\r\n\r\n")
+        async with asyncio.timeout(10):
+            answer = await read_response(reader)
+            assert answer.status == 400
+            assert await reader.read() == b""  # and the connection is closed
+    finally:
+        writer.close()
+    assert not received(recorder, line.split()[1])
+
+
+async def test_a_spaced_request_line_behind_a_valid_one_is_caught(edge) -> None:
+    port, recorder = edge
+    # in the same read as a valid request, and split over two reads at the spaces
+    answers = await raw_request(port, b"GET /piped-ok HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                                      b"GET  /piped-bad HTTP/1.1\r\nHost: a.test\r\n\r\n",
+                                responses=2)
+    assert [a.status for a in answers] == [200, 400]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /split-bad ")
+        await writer.drain()
+        writer.write(b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert (await read_response(reader)).status == 400
+    finally:
+        writer.close()
+    assert received(recorder, b"/piped-ok")
+    assert not received(recorder, b"/piped-bad") and not received(recorder, b"/split-bad")
+
+
+async def test_empty_lines_before_a_request_line_are_ignored(edge) -> None:
+    port, recorder = edge
+    answers = await raw_request(port, b"\r\nGET /lead-1 HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                                      b"\r\n\r\nGET /lead-2 HTTP/1.1\r\nHost: a.test\r\n\r\n",
+                                responses=2)
+    assert [a.status for a in answers] == [200, 200]
+    assert received(recorder, b"GET /lead-1 HTTP/1.1") and received(recorder, b"GET /lead-2 ")
