@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from kanal.dataplane.acceptor import ListenerCollector
 from kanal.dataplane.access.counters import AccessCollector
 from kanal.dataplane.access.explain import explain_access, redact_access
 from kanal.dataplane.casing import camel_document
@@ -137,6 +138,7 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
             registry.register(TrafficCollector(runtime))
             registry.register(SplitCollector(splits))
             registry.register(AccessCollector())
+            registry.register(ListenerCollector(runtime.connection_gate))
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -75,12 +75,6 @@ def relayed_head(status: int, body_length: int, *, keep_alive: bool,
             + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n"))
 
 
-_OVERLOAD_BODY = b"kanal: 503 too many connections\n"
-TOO_MANY_CONNECTIONS = error_head(503, len(_OVERLOAD_BODY), keep_alive=False,
-                                  extra=b"Retry-After: 1\r\n") + _OVERLOAD_BODY
-"""The whole answer to a connection over a listener's cap."""
-
-
 def wire_safe(value: bytes) -> bool:
     """Whether `value` may be written into a head: no CR, LF or NUL."""
     return b"\r" not in value and b"\n" not in value and b"\x00" not in value

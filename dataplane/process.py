@@ -52,6 +52,7 @@ class DataplaneOptions:
     head_timeout: float = HEAD_TIMEOUT  # a client's whole request head, from its first byte
     body_idle_timeout: float = BODY_IDLE_TIMEOUT  # between two bytes of a request body
     max_connections: int | None = None  # client connections per listener (None: no cap)
+    max_total_connections: int | None = None  # over every listener of the process
     compression: bool = False  # every rule without a Compression filter compresses
     access_log: AccessLog | None = None  # --access-log (None: off); closed by run_dataplane
     request_ids: RequestIds | None = None  # --request-id (None: off)
@@ -69,7 +70,6 @@ class DataplaneOptions:
         """Give a listener's context the limits these options set."""
         context.head_timeout = self.head_timeout
         context.body_idle_timeout = self.body_idle_timeout
-        context.max_connections = self.max_connections
         context.access_log = self.access_log_for(context.listener)
         context.request_ids = self.request_ids
         context.tracing = self.tracing
@@ -136,13 +136,17 @@ async def start_listeners(
     from kanal.dataplane.server import bind_socket, start_listener
 
     servers: list[asyncio.AbstractServer] = []
+    # Accepting pauses at a listener's cap and at the process's, over every listener.
+    gate = runtime.connection_gate
+    gate.cap = options.max_total_connections
+    cap = options.max_connections
     if options.listen is not None:
         host, port = options.listen
         context = options.configure(runtime.context("http", options.trusted_hops))
         if options.tls_listen is not None:
             context.https_port = options.tls_listen[1]
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
-        servers.append(await start_listener(context, sock))
+        servers.append(await start_listener(context, sock, name="http", cap=cap, gate=gate))
         log.info("listening on http://%s:%d", host, port)
     if options.tls_listen is not None:
         from kanal.dataplane.tls import TlsTerminator
@@ -156,7 +160,8 @@ async def start_listeners(
         context = options.configure(runtime.context("https", options.trusted_hops))
         context.misdirected = terminator.misdirected
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
-        servers.append(await start_listener(context, sock, ssl_context=terminator.server_context))
+        servers.append(await start_listener(context, sock, ssl_context=terminator.server_context,
+                                            name="https", cap=cap, gate=gate))
         log.info("listening on https://%s:%d", host, port)
     if options.forward_listen is not None:
         from kanal.dataplane.forward import ForwardProxy
@@ -186,7 +191,7 @@ async def start_listeners(
         context.listener = "inbound"
         options.configure(context)
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
-        servers.append(await start_listener(context, sock))
+        servers.append(await start_listener(context, sock, name="inbound", cap=cap, gate=gate))
         log.info("inbound on http://%s:%d to the app on 127.0.0.1:%d",
                  host, port, options.app_port)
     return servers

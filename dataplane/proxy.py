@@ -205,16 +205,7 @@ class ClientConnection(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         self.server_name: str | None = getattr(ssl_object, "kanal_server_name", None)  # set by tls.py
         context = self.context
-        cap = context.max_connections
-        if cap is not None and len(context.clients) >= cap:
-            # Over the listener's connection cap: an overload answer, as Envoy's overload
-            # manager gives, instead of holding one more socket and its buffers.
-            context.metrics.count_event("connection_overload", "")
-            self._write(http1.TOO_MANY_CONNECTIONS)
-            self.closed = True
-            transport.close()
-            return
-        context.clients.add(self)
+        context.clients.add(self)  # (connection caps pause accepting: acceptor.py)
         if (ssl_object is not None and context.http2 is not None
                 and ssl_object.selected_alpn_protocol() == "h2"):
             context.http2(self, transport, b"")

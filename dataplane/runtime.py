@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from kanal.contract.snapshot import Snapshot, Upstream, UpstreamTLS
 from kanal.contract.validate import validate
+from kanal.dataplane.acceptor import ConnectionGate
 from kanal.dataplane.balancer import Balancer, EndpointState, make_balancer
 from kanal.dataplane.breaker import Breaker
 from kanal.dataplane.h2pool import H2EndpointPool
@@ -253,9 +254,6 @@ class ProxyContext:
         # Deadlines of a client's head (from its first byte) and body (between bytes).
         self.head_timeout = HEAD_TIMEOUT
         self.body_idle_timeout = BODY_IDLE_TIMEOUT
-        # Client connections this listener holds at most (None: no cap); one more is
-        # answered 503 and closed.
-        self.max_connections: int | None = None
         # Observability (kanal.dataplane.accesslog): None when off, one check a request.
         self.access_log: AccessLog | None = None
         self.request_ids: RequestIds | None = None  # X-Request-Id (requestid.py); None: off
@@ -310,6 +308,8 @@ class Runtime:
         self.on_apply: list[Callable[[Config], None]] = []
         # --compression: rules without a Compression filter compress with its defaults.
         self.compress_all = False
+        # The client connections of every listener of the process, and their cap.
+        self.connection_gate = ConnectionGate()
 
     def context(self, scheme: str = "http", trusted_hops: int = 0, *,
                 mesh: bool = False) -> ProxyContext:

@@ -458,7 +458,7 @@ async def test_a_rule_can_refuse_websocket_upgrades(edge) -> None:
     assert not [h for h in received(recorder, b"GET /ws ") if b"Host: limits.test" in h]
 
 
-async def test_deadlines_and_the_connection_cap(kanal, backends) -> None:
+async def test_head_and_body_deadlines_answer_408(kanal, backends) -> None:
     web = await backends("web")
     k = kanal({"web.yaml": upstream_yaml("web", web), "route.yaml": """\
 apiVersion: kanal.dev/v1alpha1
@@ -466,7 +466,7 @@ kind: Route
 metadata: {name: r}
 spec:
   rules: [{backends: [{upstream: web}]}]
-"""}, "--request-head-timeout", "1", "--request-body-timeout", "1", "--max-connections", "3")
+"""}, "--request-head-timeout", "1", "--request-body-timeout", "1")
     # a head trickled in: 408 once a second has passed since its first byte
     reader, writer = await asyncio.open_connection("127.0.0.1", k.port)
     try:
@@ -487,19 +487,7 @@ spec:
         assert answer.status == 408 and "body" in answer.body.decode()
     finally:
         writer.close()
-    # three connections held open; the fourth is answered 503 at once
-    held = [await asyncio.open_connection("127.0.0.1", k.port) for _ in range(3)]
-    try:
-        for _, w in held:
-            w.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
-        for r, _ in held:
-            async with asyncio.timeout(10):
-                assert (await read_response(r)).status == 200
-        [answer] = await raw_request(k.port, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
-        assert answer.status == 503 and "too many connections" in answer.body.decode()
-    finally:
-        for _, w in held:
-            w.close()
+
 
 
 @pytest.mark.parametrize("line", [
