@@ -65,6 +65,12 @@ RETRY_BUFFER = 1024 * 1024
 """Body bytes kept for a retry; a request that streamed more than this is not retried."""
 NO_BODY = b""
 _CHUNK_END = b"0\r\n\r\n"
+LINGER_IDLE = 5.0
+LINGER_TOTAL = 30.0
+LINGER_BYTES = 64 * 1024 * 1024
+"""A lingering close ends after this long without a byte, this long in all, or this
+many bytes read and dropped, whichever comes first (nginx: lingering_timeout 5s,
+lingering_time 30s)."""
 _LINE_WINDOW = MAX_TARGET + 64
 """Bytes kept of a read in which a request began mid-read, for its request line check."""
 
@@ -196,6 +202,53 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _close_lingering(self) -> None:
+        """Close after an answer the client may not have read while it is still sending
+        (an error, or an answer before the end of its body), as nginx's lingering close:
+        a plain close with unread bytes makes the kernel send a reset, which can destroy
+        the answer before the client reads it. So: the answer goes out, then a FIN
+        (write_eof), and what the client still sends is read and dropped until it
+        closes, for at most LINGER_IDLE seconds without a byte, LINGER_TOTAL in all and
+        LINGER_BYTES. TLS and HTTP/2 streams cannot half-close: they just close."""
+        self.end_batch()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self.tunnel or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self.tunnel = self.lingering = True  # data_received drops what comes (no upstream)
+        self.parsing = None
+        now = time.monotonic()
+        self.last_activity = now
+        self.linger_until = now + LINGER_TOTAL
+        self.linger_left = LINGER_BYTES
+        if self.paused_for_body:
+            self.paused_for_body = False
+            transport.resume_reading()
+        self._cancel_timer()
+        self.timer = asyncio.get_running_loop().call_later(LINGER_IDLE, self._linger_over)
+
+    def _lingered(self, data: bytes) -> None:
+        self.linger_left -= len(data)
+        self.last_activity = time.monotonic()
+        if self.linger_left <= 0 and self.transport is not None:
+            self.transport.close()
+
+    def _linger_over(self) -> None:
+        """Close once the client has been quiet for LINGER_IDLE, or LINGER_TOTAL is over."""
+        self.timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        end = min(self.last_activity + LINGER_IDLE, self.linger_until)
+        now = time.monotonic()
+        if now >= end:
+            transport.close()
+        else:
+            self.timer = asyncio.get_running_loop().call_later(end - now, self._linger_over)
+
     # --- asyncio.Protocol -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -211,10 +264,12 @@ class ClientConnection(asyncio.Protocol):
             context.http2(self, transport, b"")
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel:
+        if self.tunnel:  # (or lingering after an error answer: see _close_lingering)
             upstream = self.upstream
             if upstream is not None:
                 upstream.write(data)
+            elif self.lingering:
+                self._lingered(data)
             return
         self.last_activity = time.monotonic()
         if self.deferred_error is not None:
@@ -1264,7 +1319,10 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if self.response_close or self.close_after or not request.complete:
+        if not request.complete:
+            self._close_lingering()  # answered before the end of its body
+            return
+        if self.response_close or self.close_after:
             self._close()
             return
         if self.waiting:
@@ -1345,7 +1403,7 @@ class ClientConnection(asyncio.Protocol):
             self._observed(request, status)
         self.current = None
         if not keep:
-            self._close()
+            self._close_lingering()
             return
         if self.waiting:
             self._begin(self.waiting.popleft())
@@ -1448,6 +1506,10 @@ class ClientConnection(asyncio.Protocol):
         )
 
     set_cookie: bytes | None = None
+    # Lingering close (see _close_lingering): when it ends, and bytes it still reads.
+    lingering: bool = False
+    linger_until: float = 0.0
+    linger_left: int = 0
     # Request line checks (see _spaced_line): b" "/b"" while a line goes on into the
     # next read (whether the last one ended with a space), else None; whether the next
     # message to begin was checked; the read being parsed; the start of a request that

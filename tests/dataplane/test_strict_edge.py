@@ -540,3 +540,27 @@ async def test_empty_lines_before_a_request_line_are_ignored(edge) -> None:
                                 responses=2)
     assert [a.status for a in answers] == [200, 200]
     assert received(recorder, b"GET /lead-1 HTTP/1.1") and received(recorder, b"GET /lead-2 ")
+
+
+async def test_an_error_answer_survives_a_client_that_goes_on_sending(edge) -> None:
+    port, recorder = edge
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    size = 16 * 1024 * 1024
+    try:
+        # A client that writes its whole body before it reads: the 413 goes out at the
+        # head, and the body keeps coming. Without a lingering close the proxy's close
+        # resets the connection under the client's writes, and the answer is lost.
+        writer.write(b"POST /linger HTTP/1.1\r\nHost: limits.test\r\n"
+                     b"Content-Length: %d\r\n\r\n" % size)
+        chunk = b"x" * 65536
+        async with asyncio.timeout(30):
+            for _ in range(size // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+            answer = await read_response(reader)
+            assert await reader.read() == b""  # then the proxy's end of the connection
+    finally:
+        writer.close()
+    assert (answer.status, answer.reason) == (413, "Content Too Large")
+    assert answer.body.startswith(b"kanal: 413 request body larger than 1024 bytes")
+    assert not received(recorder, b"/linger")
