@@ -56,6 +56,10 @@ def add_listener_flags(parser: argparse.ArgumentParser) -> None:
                         help="client connections the process holds at most over all its "
                              "listeners (each worker with --workers); at the cap every "
                              "listener stops accepting until one closes (default: no cap)")
+    parser.add_argument("--overload-memory", type=byte_size, default=None, metavar="SIZE",
+                        help="resident memory (e.g. 512Mi) above which the process answers "
+                             "new requests 503 with Connection: close, until it is below "
+                             "again; sampled every second (default: off)")
     parser.add_argument("--compression", action="store_true",
                         help="compress answers of every Route rule without a Compression "
                              "filter, with its defaults (br, zstd, gzip; text types; 1Ki)")
@@ -77,6 +81,7 @@ def limit_flags(args: argparse.Namespace) -> dict[str, Any]:
             "body_idle_timeout": args.request_body_timeout,
             "max_connections": args.max_connections,
             "max_total_connections": args.max_total_connections,
+            "overload_memory": args.overload_memory,
             "compression": args.compression,
             "cache_size": args.cache_size, "cache_dir": args.cache_dir,
             "cache_disk_size": args.cache_disk_size}
@@ -90,6 +95,8 @@ def limit_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--max-connections", str(args.max_connections)]
     if args.max_total_connections is not None:
         argv += ["--max-total-connections", str(args.max_total_connections)]
+    if args.overload_memory is not None:
+        argv += ["--overload-memory", str(args.overload_memory)]
     if args.compression:
         argv.append("--compression")
     argv += ["--cache-size", str(args.cache_size), "--cache-disk-size", str(args.cache_disk_size)]

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from kanal.contract.snapshot import Snapshot
 from kanal.dataplane.cache.store import configure_cache
 from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
+from kanal.dataplane.overload import MemoryOverload
+from kanal.dataplane.overload import check as check_overload
 from kanal.dataplane.runtime import Config, ProxyContext, Runtime
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ class DataplaneOptions:
     body_idle_timeout: float = BODY_IDLE_TIMEOUT  # between two bytes of a request body
     max_connections: int | None = None  # client connections per listener (None: no cap)
     max_total_connections: int | None = None  # over every listener of the process
+    overload_memory: int | None = None  # resident bytes above which requests get 503
     compression: bool = False  # every rule without a Compression filter compresses
     access_log: AccessLog | None = None  # --access-log (None: off); closed by run_dataplane
     request_ids: RequestIds | None = None  # --request-id (None: off)
@@ -254,6 +257,8 @@ async def run_dataplane(
     from kanal.dataplane.server import housekeeping, tune_gc
 
     runtime = runtime or Runtime(gateway=options.gateway)
+    if options.overload_memory is not None:
+        runtime.overload = MemoryOverload(options.overload_memory)
     if options.access_log is not None:
         options.access_log.metrics = runtime.metrics  # drops are counted in /metrics
     configure_cache(options.cache_size, options.cache_dir, options.cache_disk_size)
@@ -270,6 +275,7 @@ async def run_dataplane(
     runtime.start_health_checks(loop)
 
     servers = await start_listeners(runtime, options)
+    check_overload(runtime)  # then once a second, by the housekeeping
     runner: web.AppRunner | None = None
     if options.admin is not None:
         runner = web.AppRunner(admin_app(runtime), access_log=None, handle_signals=False)

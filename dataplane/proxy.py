@@ -674,6 +674,11 @@ class ClientConnection(asyncio.Protocol):
             self.request_id = context.request_ids.assign(request.headers, context.trusted_hops > 0)
         if context.tracing is not None:
             self.trace = context.tracing.begin(request.headers)
+        if context.overloaded:
+            context.metrics.overload_refused += 1
+            self._fail_request(503, "overloaded: resident memory is above --overload-memory",
+                               close=True, overloaded=True)
+            return
         config = context.config
         if config is None:
             self._fail_request(503, "no configuration applied yet")

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from kanal.dataplane.acceptor import ConnectionGate, Listener, listen
 from kanal.dataplane.h2front import take_over
+from kanal.dataplane.overload import check as check_overload
 from kanal.dataplane.proxy import ClientConnection
 from kanal.dataplane.runtime import ProxyContext, Runtime
 
@@ -100,8 +101,9 @@ async def housekeeping(runtime: Runtime) -> AsyncIterator[None]:
                 gc.collect()
                 gc.freeze()
             runtime.sweep()
+            check_overload(runtime)
             now = time.monotonic()
-            for context in runtime.contexts:
+            for context in [c for r in (runtime, *runtime.companions) for c in r.contexts]:
                 for client in list(context.clients):
                     client.sweep(now)
 
