@@ -275,7 +275,16 @@ class ClientConnection(asyncio.Protocol):
         if self.deferred_error is not None:
             return  # the parser stopped at a malformed request; answers before it go out
         parsing = self.parsing
-        if (parsing is None or self.line_part is not None) and self._spaced_line(data):
+        if parsing is None and self.line_part is None:
+            # A request line begins: the common case (the whole line, one space between
+            # its parts) costs two searches of that line.
+            end = data.find(b"\n")
+            if end > 0 and data[0] != 13 and data.find(b"  ", 0, end) < 0:
+                self.line_checked = True  # the next message to begin is this read's first
+            elif self._spaced_line(data):
+                self._parse_failed(400, http1.SPACED_LINE)
+                return
+        elif self.line_part is not None and self._spaced_line(data):
             self._parse_failed(400, http1.SPACED_LINE)
             return
         head_open = parsing is not None and not parsing.method
