@@ -105,3 +105,33 @@ async def test_the_process_cap_counts_every_listener(kanal, backends) -> None:
             answer = await read_response(waiting)
         late.close()
         assert answer.status in (200, 403)  # served (or refused by egress policy): accepted
+
+
+async def test_the_cap_holds_on_the_asyncio_loop_too(backends) -> None:
+    # `kanal run` serves on uvloop; this runs the same listener on asyncio's own loop,
+    # which lets go of an accepted socket differently (close, not detach).
+    from kanal.dataplane.process import DataplaneOptions, start_listeners
+    from kanal.dataplane.runtime import Runtime
+
+    app = await backends("app")
+    port = free_port()
+    runtime = Runtime()
+    servers = await start_listeners(runtime, DataplaneOptions(
+        listen=None, inbound_listen=("127.0.0.1", port), app_port=app.port, admin=None,
+        max_connections=1))
+    try:
+        async with held(port, 1) as writers:
+            waiting, late = await unanswered(port)
+            [listener] = runtime.connection_gate.listeners
+            assert (listener.name, listener.open, listener.paused) == ("inbound", 1, "listener")
+            writers[0].close()
+            async with asyncio.timeout(10):
+                assert (await read_response(waiting)).status == 200
+            late.close()
+        async with asyncio.timeout(10):
+            while runtime.connection_gate.open:
+                await asyncio.sleep(0.02)
+    finally:
+        for server in servers:
+            server.close()
+        runtime.close()
