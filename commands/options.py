@@ -49,8 +49,17 @@ def add_listener_flags(parser: argparse.ArgumentParser) -> None:
                         help="time a request body may go without a byte; 408 after "
                              f"(default {BODY_IDLE_TIMEOUT:g})")
     parser.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
-                        help="client connections each listener holds at most; one more is "
-                             "answered 503 and closed (default: no cap)")
+                        help="client connections each listener holds at most; at the cap the "
+                             "listener stops accepting (more wait in the kernel's backlog) "
+                             "until one closes (default: no cap)")
+    parser.add_argument("--max-total-connections", type=positive_int, default=None, metavar="N",
+                        help="client connections the process holds at most over all its "
+                             "listeners (each worker with --workers); at the cap every "
+                             "listener stops accepting until one closes (default: no cap)")
+    parser.add_argument("--overload-memory", type=byte_size, default=None, metavar="SIZE",
+                        help="resident memory (e.g. 512Mi) above which the process answers "
+                             "new requests 503 with Connection: close, until it is below "
+                             "again; sampled every second (default: off)")
     parser.add_argument("--compression", action="store_true",
                         help="compress answers of every Route rule without a Compression "
                              "filter, with its defaults (br, zstd, gzip; text types; 1Ki)")
@@ -71,6 +80,8 @@ def limit_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {"head_timeout": args.request_head_timeout,
             "body_idle_timeout": args.request_body_timeout,
             "max_connections": args.max_connections,
+            "max_total_connections": args.max_total_connections,
+            "overload_memory": args.overload_memory,
             "compression": args.compression,
             "cache_size": args.cache_size, "cache_dir": args.cache_dir,
             "cache_disk_size": args.cache_disk_size}
@@ -82,6 +93,10 @@ def limit_argv(args: argparse.Namespace) -> list[str]:
             "--request-body-timeout", repr(args.request_body_timeout)]
     if args.max_connections is not None:
         argv += ["--max-connections", str(args.max_connections)]
+    if args.max_total_connections is not None:
+        argv += ["--max-total-connections", str(args.max_total_connections)]
+    if args.overload_memory is not None:
+        argv += ["--overload-memory", str(args.overload_memory)]
     if args.compression:
         argv.append("--compression")
     argv += ["--cache-size", str(args.cache_size), "--cache-disk-size", str(args.cache_disk_size)]

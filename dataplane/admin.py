@@ -9,11 +9,13 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
+from kanal.dataplane.acceptor import ListenerCollector
 from kanal.dataplane.access.counters import AccessCollector
 from kanal.dataplane.access.explain import explain_access, redact_access
 from kanal.dataplane.casing import camel_document
 from kanal.dataplane.dashboard import add_dashboard
 from kanal.dataplane.metrics import MetricsCollector
+from kanal.dataplane.overload import OverloadCollector
 from kanal.dataplane.routemetrics import TrafficCollector
 from kanal.dataplane.runtime import Config, Runtime
 from kanal.dataplane.splitfeed import split_ticker, watch_splits
@@ -137,6 +139,8 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
             registry.register(TrafficCollector(runtime))
             registry.register(SplitCollector(splits))
             registry.register(AccessCollector())
+            registry.register(ListenerCollector(runtime.connection_gate))
+            registry.register(OverloadCollector(runtime))
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

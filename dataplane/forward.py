@@ -58,6 +58,7 @@ import httptools
 
 from kanal.dataplane import headers as hdrs
 from kanal.dataplane import http1
+from kanal.dataplane.acceptor import listen
 from kanal.dataplane.cache import forward as forward_cache
 from kanal.dataplane.egress import (
     EgressRules,
@@ -133,7 +134,7 @@ class ForwardProxy:
             connect_timeout=connect_timeout, idle_timeout=idle_timeout,
             max_idle=max_idle_per_destination, max_open=max_upstream_connections,
             resolution_reuse=resolution_reuse, on_informational=_relay_informational)
-        self.server: asyncio.Server | None = None
+        self.server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         # The reverse proxy over the mesh gateway's routes, for mesh services: the
         # runtime builds them with each Config (Config.mesh). Its context is one of the
@@ -166,10 +167,10 @@ class ForwardProxy:
         return (decision.allowed and not decision.mesh
                 and check_addresses([address], decision.allow_private) is None)
 
-    async def start(self, sock: socket.socket) -> asyncio.Server:
+    async def start(self, sock: socket.socket) -> asyncio.AbstractServer:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            lambda: ForwardConnection(self), sock=sock, backlog=1024)
+        self.server = await listen("forward", sock, lambda: ForwardConnection(self),
+                                   cap=self.max_connections, gate=self.runtime.connection_gate)
         self._sweeper = loop.create_task(self._sweep_forever())
         return self.server
 
@@ -321,13 +322,8 @@ class ForwardConnection(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.peer_ip = str(peer[0])
             self.peer = f"{peer[0]}:{peer[1]}"
-        proxy = self.proxy
-        if proxy.max_connections is not None and len(proxy.connections) >= proxy.max_connections:
-            transport.write(http1.TOO_MANY_CONNECTIONS)  # type: ignore[attr-defined]
-            self.closed = True
-            transport.close()
-            return
-        proxy.connections.add(self)
+        # (Past --max-connections, the listener stops accepting: acceptor.py.)
+        self.proxy.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = time.monotonic()

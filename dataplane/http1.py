@@ -75,12 +75,6 @@ def relayed_head(status: int, body_length: int, *, keep_alive: bool,
             + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n"))
 
 
-_OVERLOAD_BODY = b"kanal: 503 too many connections\n"
-TOO_MANY_CONNECTIONS = error_head(503, len(_OVERLOAD_BODY), keep_alive=False,
-                                  extra=b"Retry-After: 1\r\n") + _OVERLOAD_BODY
-"""The whole answer to a connection over a listener's cap."""
-
-
 def wire_safe(value: bytes) -> bool:
     """Whether `value` may be written into a head: no CR, LF or NUL."""
     return b"\r" not in value and b"\n" not in value and b"\x00" not in value
@@ -102,6 +96,29 @@ def version_problem(version: str) -> tuple[int, str] | None:
     if version == "0.9":
         return 400, "request line without an HTTP version"
     return 505, f"HTTP/{version} is not served on an HTTP/1 connection"
+
+
+SPACED_LINE = "request line with more than one space between its parts"
+"""Why a request line with a run of spaces is refused (400). llhttp reads `GET  / HTTP/1.1`
+as `GET / HTTP/1.1`; RFC 9112 §3 allows one SP only, and a server behind another parser
+may split such a line differently."""
+
+
+def line_start(data: bytes) -> int:
+    """Where a request line begins in `data`, past the empty lines RFC 9112 §2.2 lets a
+    server ignore before it (len(data) when there is nothing else)."""
+    if data[:1] != b"\r" and data[:1] != b"\n":
+        return 0
+    return len(data) - len(data.lstrip(b"\r\n"))
+
+
+def spaced_line_in(window: bytes, method: bytes, target: bytes) -> bool:
+    """Whether `window` holds the request line `method target HTTP/...` with a run of
+    spaces around the target (for a request that began in the middle of a read, whose
+    line cannot be located exactly)."""
+    escaped = re.escape(target)
+    pattern = (re.escape(method) + b"(?: {2,}" + escaped + b" +| +" + escaped + b" {2,})HTTP/")
+    return re.search(pattern, window) is not None
 
 
 def target_problem(method: bytes, target: bytes, scheme: str) -> str | None:

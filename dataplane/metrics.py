@@ -36,6 +36,7 @@ class RequestMetrics:
         # Exposed with derived families by kanal.dataplane.routemetrics.
         self.body_bytes: dict[tuple[str, str], list[int]] = {}
         self.retries: dict[tuple[str, str], int] = {}
+        self.overload_refused = 0  # requests answered 503 while overloaded (overload.py)
 
     def observe(self, route: str, upstream: str, status: int, seconds: float,
                 bytes_in: int = 0, bytes_out: int = 0) -> None:

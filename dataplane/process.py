@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 from kanal.contract.snapshot import Snapshot
 from kanal.dataplane.cache.store import configure_cache
 from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
+from kanal.dataplane.overload import MemoryOverload
+from kanal.dataplane.overload import check as check_overload
 from kanal.dataplane.runtime import Config, ProxyContext, Runtime
 
 if TYPE_CHECKING:
@@ -52,6 +54,8 @@ class DataplaneOptions:
     head_timeout: float = HEAD_TIMEOUT  # a client's whole request head, from its first byte
     body_idle_timeout: float = BODY_IDLE_TIMEOUT  # between two bytes of a request body
     max_connections: int | None = None  # client connections per listener (None: no cap)
+    max_total_connections: int | None = None  # over every listener of the process
+    overload_memory: int | None = None  # resident bytes above which requests get 503
     compression: bool = False  # every rule without a Compression filter compresses
     # --access-log: the writer of each listener that writes lines (reverse, inbound,
     # forward; listeners may share one); absent: none. Closed by run_dataplane.
@@ -75,7 +79,6 @@ class DataplaneOptions:
         """Give a listener's context the limits these options set."""
         context.head_timeout = self.head_timeout
         context.body_idle_timeout = self.body_idle_timeout
-        context.max_connections = self.max_connections
         context.access_log = self.access_log_for(context.listener)
         context.request_ids = self.request_ids
         context.tracing = self.tracing
@@ -142,13 +145,17 @@ async def start_listeners(
     from kanal.dataplane.server import bind_socket, start_listener
 
     servers: list[asyncio.AbstractServer] = []
+    # Accepting pauses at a listener's cap and at the process's, over every listener.
+    gate = runtime.connection_gate
+    gate.cap = options.max_total_connections
+    cap = options.max_connections
     if options.listen is not None:
         host, port = options.listen
         context = options.configure(runtime.context("http", options.trusted_hops))
         if options.tls_listen is not None:
             context.https_port = options.tls_listen[1]
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
-        servers.append(await start_listener(context, sock))
+        servers.append(await start_listener(context, sock, name="http", cap=cap, gate=gate))
         log.info("listening on http://%s:%d", host, port)
     if options.tls_listen is not None:
         from kanal.dataplane.tls import TlsTerminator
@@ -162,7 +169,8 @@ async def start_listeners(
         context = options.configure(runtime.context("https", options.trusted_hops))
         context.misdirected = terminator.misdirected
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
-        servers.append(await start_listener(context, sock, ssl_context=terminator.server_context))
+        servers.append(await start_listener(context, sock, ssl_context=terminator.server_context,
+                                            name="https", cap=cap, gate=gate))
         log.info("listening on https://%s:%d", host, port)
     if options.forward_listen is not None:
         from kanal.dataplane.forward import ForwardProxy
@@ -192,7 +200,7 @@ async def start_listeners(
         context.listener = "inbound"
         options.configure(context)
         sock = bind_socket(host, port, reuse_port=options.reuse_port)
-        servers.append(await start_listener(context, sock))
+        servers.append(await start_listener(context, sock, name="inbound", cap=cap, gate=gate))
         log.info("inbound on http://%s:%d to the app on 127.0.0.1:%d",
                  host, port, options.app_port)
     return servers
@@ -255,6 +263,8 @@ async def run_dataplane(
     from kanal.dataplane.server import housekeeping, tune_gc
 
     runtime = runtime or Runtime(gateway=options.gateway)
+    if options.overload_memory is not None:
+        runtime.overload = MemoryOverload(options.overload_memory)
     writers = options.access_log_writers()
     for writer in writers:
         writer.metrics = runtime.metrics  # drops are counted in /metrics
@@ -272,6 +282,7 @@ async def run_dataplane(
     runtime.start_health_checks(loop)
 
     servers = await start_listeners(runtime, options)
+    check_overload(runtime)  # then once a second, by the housekeeping
     runner: web.AppRunner | None = None
     if options.admin is not None:
         runner = web.AppRunner(admin_app(runtime), access_log=None, handle_signals=False)

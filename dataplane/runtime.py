@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from kanal.contract.snapshot import Snapshot, Upstream, UpstreamTLS
 from kanal.contract.validate import validate
+from kanal.dataplane.acceptor import ConnectionGate
 from kanal.dataplane.balancer import Balancer, EndpointState, make_balancer
 from kanal.dataplane.breaker import Breaker
 from kanal.dataplane.h2pool import H2EndpointPool
@@ -38,6 +39,7 @@ from kanal.dataplane.router import RouteTable
 
 if TYPE_CHECKING:
     from kanal.dataplane.accesslog import AccessLog
+    from kanal.dataplane.overload import MemoryOverload
     from kanal.dataplane.requestid import RequestIds
     from kanal.dataplane.tracing import Tracing
 
@@ -253,9 +255,9 @@ class ProxyContext:
         # Deadlines of a client's head (from its first byte) and body (between bytes).
         self.head_timeout = HEAD_TIMEOUT
         self.body_idle_timeout = BODY_IDLE_TIMEOUT
-        # Client connections this listener holds at most (None: no cap); one more is
-        # answered 503 and closed.
-        self.max_connections: int | None = None
+        # Set while the process is overloaded (kanal.dataplane.overload): new requests
+        # are answered 503.
+        self.overloaded = False
         # Observability (kanal.dataplane.accesslog): None when off, one check a request.
         self.access_log: AccessLog | None = None
         self.request_ids: RequestIds | None = None  # X-Request-Id (requestid.py); None: off
@@ -310,6 +312,10 @@ class Runtime:
         self.on_apply: list[Callable[[Config], None]] = []
         # --compression: rules without a Compression filter compress with its defaults.
         self.compress_all = False
+        # The client connections of every listener of the process, and their cap.
+        self.connection_gate = ConnectionGate()
+        # --overload-memory (kanal.dataplane.overload); None: off.
+        self.overload: MemoryOverload | None = None
 
     def context(self, scheme: str = "http", trusted_hops: int = 0, *,
                 mesh: bool = False) -> ProxyContext:

@@ -11,7 +11,9 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 
+from kanal.dataplane.acceptor import ConnectionGate, Listener, listen
 from kanal.dataplane.h2front import take_over
+from kanal.dataplane.overload import check as check_overload
 from kanal.dataplane.proxy import ClientConnection
 from kanal.dataplane.runtime import ProxyContext, Runtime
 
@@ -39,13 +41,16 @@ async def start_listener(
     sock: socket.socket,
     *,
     ssl_context: ssl.SSLContext | None = None,
-) -> asyncio.Server:
-    loop = asyncio.get_running_loop()
+    name: str | None = None,
+    cap: int | None = None,
+    gate: ConnectionGate | None = None,
+) -> Listener:
+    """Serve a reverse-proxy listener on `sock`; accepting pauses while it holds `cap`
+    connections or the process holds the `gate`'s cap (see `kanal.dataplane.acceptor`)."""
     if context.http2 is None:
         context.http2 = take_over  # h2c on plain listeners, ALPN `h2` on TLS ones
-    return await loop.create_server(
-        lambda: ClientConnection(context), sock=sock, ssl=ssl_context, backlog=1024
-    )
+    return await listen(name or context.scheme, sock, lambda: ClientConnection(context),
+                        ssl_context=ssl_context, cap=cap, gate=gate)
 
 
 def tune_gc() -> None:
@@ -96,8 +101,9 @@ async def housekeeping(runtime: Runtime) -> AsyncIterator[None]:
                 gc.collect()
                 gc.freeze()
             runtime.sweep()
+            check_overload(runtime)
             now = time.monotonic()
-            for context in runtime.contexts:
+            for context in [c for r in (runtime, *runtime.companions) for c in r.contexts]:
                 for client in list(context.clients):
                     client.sweep(now)
 

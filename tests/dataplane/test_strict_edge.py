@@ -458,7 +458,7 @@ async def test_a_rule_can_refuse_websocket_upgrades(edge) -> None:
     assert not [h for h in received(recorder, b"GET /ws ") if b"Host: limits.test" in h]
 
 
-async def test_deadlines_and_the_connection_cap(kanal, backends) -> None:
+async def test_head_and_body_deadlines_answer_408(kanal, backends) -> None:
     web = await backends("web")
     k = kanal({"web.yaml": upstream_yaml("web", web), "route.yaml": """\
 apiVersion: kanal.dev/v1alpha1
@@ -466,7 +466,7 @@ kind: Route
 metadata: {name: r}
 spec:
   rules: [{backends: [{upstream: web}]}]
-"""}, "--request-head-timeout", "1", "--request-body-timeout", "1", "--max-connections", "3")
+"""}, "--request-head-timeout", "1", "--request-body-timeout", "1")
     # a head trickled in: 408 once a second has passed since its first byte
     reader, writer = await asyncio.open_connection("127.0.0.1", k.port)
     try:
@@ -487,16 +487,80 @@ spec:
         assert answer.status == 408 and "body" in answer.body.decode()
     finally:
         writer.close()
-    # three connections held open; the fourth is answered 503 at once
-    held = [await asyncio.open_connection("127.0.0.1", k.port) for _ in range(3)]
+
+
+
+@pytest.mark.parametrize("line", [
+    b"GET  /spaced-a HTTP/1.1",
+    b"GET /spaced-b  HTTP/1.1",
+    b"GET   /spaced-c   HTTP/1.1",
+    b"\r\nGET  /spaced-d HTTP/1.1",
+    b"GET\t/spaced-e HTTP/1.1",
+    b"GET /spaced-f\tHTTP/1.1",
+    b"GET /spaced-g HTTP/1.1 ",
+])
+async def test_request_lines_with_extra_whitespace_are_400_and_closed(edge, line: bytes) -> None:
+    port, recorder = edge
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        for _, w in held:
-            w.write(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
-        for r, _ in held:
-            async with asyncio.timeout(10):
-                assert (await read_response(r)).status == 200
-        [answer] = await raw_request(k.port, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
-        assert answer.status == 503 and "too many connections" in answer.body.decode()
+        writer.write(line + b"\r\nHost: a.test\r\n\r\n")
+        async with asyncio.timeout(10):
+            answer = await read_response(reader)
+            assert answer.status == 400
+            assert await reader.read() == b""  # and the connection is closed
     finally:
-        for _, w in held:
-            w.close()
+        writer.close()
+    assert not received(recorder, line.split()[1])
+
+
+async def test_a_spaced_request_line_behind_a_valid_one_is_caught(edge) -> None:
+    port, recorder = edge
+    # in the same read as a valid request, and split over two reads at the spaces
+    answers = await raw_request(port, b"GET /piped-ok HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                                      b"GET  /piped-bad HTTP/1.1\r\nHost: a.test\r\n\r\n",
+                                responses=2)
+    assert [a.status for a in answers] == [200, 400]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /split-bad ")
+        await writer.drain()
+        writer.write(b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        async with asyncio.timeout(10):
+            assert (await read_response(reader)).status == 400
+    finally:
+        writer.close()
+    assert received(recorder, b"/piped-ok")
+    assert not received(recorder, b"/piped-bad") and not received(recorder, b"/split-bad")
+
+
+async def test_empty_lines_before_a_request_line_are_ignored(edge) -> None:
+    port, recorder = edge
+    answers = await raw_request(port, b"\r\nGET /lead-1 HTTP/1.1\r\nHost: a.test\r\n\r\n"
+                                      b"\r\n\r\nGET /lead-2 HTTP/1.1\r\nHost: a.test\r\n\r\n",
+                                responses=2)
+    assert [a.status for a in answers] == [200, 200]
+    assert received(recorder, b"GET /lead-1 HTTP/1.1") and received(recorder, b"GET /lead-2 ")
+
+
+async def test_an_error_answer_survives_a_client_that_goes_on_sending(edge) -> None:
+    port, recorder = edge
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    size = 16 * 1024 * 1024
+    try:
+        # A client that writes its whole body before it reads: the 413 goes out at the
+        # head, and the body keeps coming. Without a lingering close the proxy's close
+        # resets the connection under the client's writes, and the answer is lost.
+        writer.write(b"POST /linger HTTP/1.1\r\nHost: limits.test\r\n"
+                     b"Content-Length: %d\r\n\r\n" % size)
+        chunk = b"x" * 65536
+        async with asyncio.timeout(30):
+            for _ in range(size // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+            answer = await read_response(reader)
+            assert await reader.read() == b""  # then the proxy's end of the connection
+    finally:
+        writer.close()
+    assert (answer.status, answer.reason) == (413, "Content Too Large")
+    assert answer.body.startswith(b"kanal: 413 request body larger than 1024 bytes")
+    assert not received(recorder, b"/linger")
