@@ -149,9 +149,11 @@ async def _tries(part: AggregatePart, target: str, rule: Rule, upstream: Upstrea
 
 
 async def exchange(name: str, method: str, head: bytes, body: bytes, rule: Rule,
-                   upstream: UpstreamRuntime) -> tuple[PartResult, list[tuple[bytes, bytes]]]:
+                   upstream: UpstreamRuntime, *, try_head: Callable[[], bytes] | None = None,
+                   ) -> tuple[PartResult, list[tuple[bytes, bytes]]]:
     """One request to `upstream` (its head and whole body), tried as the rule's retry
-    policy allows: the answer, and its head's fields and trailers."""
+    policy allows: the answer, and its head's fields and trailers. `try_head`, when
+    given, makes each try's head as that try goes out (a gRPC call's time left)."""
     retries = rule.retries
     attempts_left = retries.attempts if retries is not None else 0
     implicit_used = 0
@@ -176,7 +178,8 @@ async def exchange(name: str, method: str, head: bytes, body: bytes, rule: Rule,
                 last = PartResult(name, error=str(exc))
             else:
                 collector = _Collector(conn)
-                conn.start(collector, head, method == "HEAD")
+                conn.start(collector, head if try_head is None else try_head(),
+                           method == "HEAD")
                 if body:
                     conn.write(body)
                 try:
