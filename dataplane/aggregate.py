@@ -196,9 +196,11 @@ async def exchange(name: str, method: str, head: bytes, body: bytes, rule: Rule,
                     condition, reached = str(status), True
                     last = PartResult(name, status, answer)
                 finally:
-                    if not collector.future.done():
+                    future = collector.future
+                    if not future.done() or future.cancelled():
+                        # Late: a timeout ran out (its cancellation cancels the future).
                         conn.sink = None
-                        conn.abort()  # late: the part's timeout ran out
+                        conn.abort()
         finally:
             state.active -= 1
             upstream.report(state, outcome, time.monotonic() - started, refused=refused)
