@@ -57,6 +57,19 @@ spec:
         onError: Partial
         parts:
           - {name: slow, upstream: silent, path: "/hang/own", timeout: 300ms}
+    - matches: [{path: {type: PathPrefix, value: /bff/deadline/partial}}]
+      timeout: 500ms
+      aggregate:
+        onError: Partial
+        parts:
+          - {name: fast, upstream: users, path: "/fast"}
+          - {name: slow, upstream: silent, path: "/hang/partial", timeout: 10s}
+    - matches: [{path: {type: PathPrefix, value: /bff/deadline/fail}}]
+      timeout: 500ms
+      aggregate:
+        parts:
+          - {name: fast, upstream: users, path: "/fast"}
+          - {name: slow, upstream: silent, path: "/hang/fail", timeout: 10s}
     - matches: [{path: {type: PathPrefix, value: /bff/retried}}]
       retries: {attempts: 2, retryOn: ["503", connect-failure]}
       aggregate:
@@ -184,7 +197,7 @@ async def test_fail_policy_answers_502_naming_the_part(proxy):
 
 async def hung_up(silent: Silent, path: str, since: float) -> None:
     """The part's request to `silent` was given up (its connection closed) within 2s of
-    `since`."""
+    `since` (well before the 10s of the parts the rule's timeout cuts)."""
     async def closed() -> bool:
         return path in silent.hung_up
     await async_wait_until(closed, timeout=5)
@@ -197,6 +210,27 @@ async def test_a_late_parts_request_is_given_up(proxy, silent):
     status, _, body = await get(proxy, "/bff/late")
     assert status == 200 and body["errors"] == {"slow": "no answer within 0.3s"}
     await hung_up(silent, "/hang/own", started)
+
+
+async def test_the_rules_timeout_bounds_a_partial_aggregate(proxy, silent):
+    """Past the rule's 500ms timeout the slow part (its own timeout 10s) is cancelled:
+    null and an error entry for it, the parts that answered kept."""
+    started = time.monotonic()
+    status, _, body = await get(proxy, "/bff/deadline/partial")
+    assert time.monotonic() - started < 2.0
+    assert status == 200
+    assert body["fast"]["path"] == "/fast" and body["slow"] is None
+    assert body["errors"] == {"slow": "no answer within the rule's timeout (0.5s)"}
+    await hung_up(silent, "/hang/partial", started)
+
+
+async def test_the_rules_timeout_fails_a_fail_aggregate_with_504(proxy, silent):
+    started = time.monotonic()
+    status, _, body = await get(proxy, "/bff/deadline/fail")
+    assert time.monotonic() - started < 2.0
+    assert status == 504
+    assert "part slow" in body["error"] and set(body["errors"]) == {"slow"}
+    await hung_up(silent, "/hang/fail", started)
 
 
 async def test_parts_take_the_upstreams_retries_and_breakers(proxy):
