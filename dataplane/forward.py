@@ -293,7 +293,6 @@ class ForwardConnection(asyncio.Protocol):
         self.current: ForwardRequest | None = None
         self.waiting: deque[ForwardRequest] = deque()
         self.upstream: UpstreamConnection | None = None  # the current exchange's (pooled)
-        self.upstream_paused = False  # its reading paused while the client catches up
         self.origin: TunnelEnd | None = None  # a CONNECT tunnel's far end
         self.mode = "http"  # http | tunnel | mesh (while a mesh request is served)
         self.inner: ClientConnection | None = None  # the reverse proxy, for mesh requests
@@ -422,25 +421,19 @@ class ForwardConnection(asyncio.Protocol):
         if self.inner is not None:
             self.inner.pause_writing()
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None and not self.upstream_paused:
-            self.upstream_paused = True
-            upstream.transport.pause_reading()
+        if upstream is not None:
+            upstream.pause_answers()  # (resumed when released to the pool, if not before)
         if self.origin is not None:
             self.origin.pause_reading("client")
 
     def resume_writing(self) -> None:
         if self.inner is not None:
             self.inner.resume_writing()
-        self._resume_upstream()
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.resume_answers()
         if self.origin is not None:
             self.origin.resume_reading("client")
-
-    def _resume_upstream(self) -> None:
-        upstream = self.upstream
-        if self.upstream_paused:
-            self.upstream_paused = False
-            if upstream is not None and upstream.transport is not None and not upstream.closed:
-                upstream.transport.resume_reading()
 
     # --- reading from the client, paused for several reasons at once -------------------------
 
@@ -750,7 +743,6 @@ class ForwardConnection(asyncio.Protocol):
     def _start(self, request: ForwardRequest, conn: UpstreamConnection) -> None:
         """Send the request (its head, and what arrived of its body) on `conn`."""
         self.upstream = conn
-        self.upstream_paused = False
         conn.start(self, request.wire_head, request.no_body)
         request.up += len(request.wire_head)
         request.sent = True
@@ -943,7 +935,6 @@ class ForwardConnection(asyncio.Protocol):
         if self.response_chunked:
             request.down += len(_CHUNK_END)
             self.transport.write(_CHUNK_END)
-        self._resume_upstream()
         self.upstream = None
         if request.complete:
             self.proxy.destinations.release(conn)  # idle again, for any client

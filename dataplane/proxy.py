@@ -465,13 +465,13 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.pause_reading()
+        if upstream is not None:
+            upstream.pause_answers()  # (resumed when released to the pool, if not before)
 
     def resume_writing(self) -> None:
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.resume_reading()
+        if upstream is not None:
+            upstream.resume_answers()
 
     # --- httptools callbacks (request) ------------------------------------------------------
 
