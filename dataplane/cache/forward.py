@@ -9,7 +9,10 @@ entry), stands in for a failed origin within `stale-if-error`, and within
 background. Concurrent misses for one key wait for the first one's answer (bounded by
 `FILL_LOCK`), as on the reverse listener. `begin` is a coroutine: the forward proxy
 decides each request in a task of its own, so waiting for a fill or for a disk read
-holds nothing else up.
+holds nothing else up. Misses and revalidations (background ones included) reach the
+origin as any forward request does: on the listener's pooled connections to origins,
+shared by all its clients (`kanal.dataplane.forwardpool`), not on a connection of the
+client's own.
 """
 
 from __future__ import annotations
