@@ -25,13 +25,14 @@ class SnapshotDecoder:
     """Parses Snapshot bodies, reusing the objects of items unchanged since the last body.
 
     A change to one Route of a thousand decodes one Route: each Route, Upstream and
-    EgressPolicy whose plain form equals the one in the previous body (a C-speed dict
-    comparison) keeps its already-built object. The price is the previous body's
-    parsed items, kept in memory (a few MiB for 1,000 Routes and 10,000 endpoints).
+    EgressPolicy whose plain form is the one in the previous body keeps its
+    already-built object. Items are compared by a digest of their canonical JSON
+    (C-speed), not kept parsed: 1,000 parsed Routes and Upstreams would hold about
+    3 MiB beside the objects built from them, for nothing but this comparison.
     """
 
     def __init__(self) -> None:
-        self._previous: dict[str, dict[str, tuple[Any, Any]]] = {part: {} for part in _PARTS}
+        self._previous: dict[str, dict[str, tuple[bytes, Any]]] = {part: {} for part in _PARTS}
 
     def parse(self, body: bytes | str) -> Snapshot:
         """A Snapshot from its JSON, its version checked against its content."""
@@ -64,22 +65,25 @@ class SnapshotDecoder:
         ):
             return Snapshot.from_dict(data)  # not the usual shape: the full decoder says why
         changed: dict[str, list[Any]] = {}
+        digests: dict[str, list[bytes]] = {}
         for part in _PARTS:
             previous = self._previous[part]
-            changed[part] = [item for item in data.get(part, [])
-                             if (hit := previous.get(item["key"])) is None or hit[0] != item]
+            items = data.get(part, [])
+            digests[part] = [_digest(item) for item in items]
+            changed[part] = [item for item, digest in zip(items, digests[part], strict=True)
+                             if (hit := previous.get(item["key"])) is None or hit[0] != digest]
         fresh = Snapshot.from_dict(changed)
-        built: dict[str, dict[str, tuple[Any, Any]]] = {}
+        built: dict[str, dict[str, tuple[bytes, Any]]] = {}
         parts: dict[str, tuple[Any, ...]] = {}
         for part in _PARTS:
             new_objects = iter(getattr(fresh, part))
             previous = self._previous[part]
-            table: dict[str, tuple[Any, Any]] = {}
+            table: dict[str, tuple[bytes, Any]] = {}
             objects = []
-            for item in data.get(part, []):
+            for item, digest in zip(data.get(part, []), digests[part], strict=True):
                 hit = previous.get(item["key"])
-                obj = hit[1] if hit is not None and hit[0] == item else next(new_objects)
-                table[item["key"]] = (item, obj)
+                obj = hit[1] if hit is not None and hit[0] == digest else next(new_objects)
+                table[item["key"]] = (digest, obj)
                 objects.append(obj)
             built[part] = table
             parts[part] = tuple(objects)
@@ -87,6 +91,12 @@ class SnapshotDecoder:
                             egress_policies=parts["egress_policies"], version=data["version"])
         self._previous = built
         return snapshot
+
+
+def _digest(item: Any) -> bytes:
+    """A digest of an item's canonical JSON: equal digests, equal items."""
+    text = json.dumps(item, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _canonical_body_matches(body: bytes | str, claimed: str) -> bool:

@@ -4,17 +4,35 @@ They run on every request, so they run on RE2 (google-re2), a linear-time engine
 Envoy does: a pattern such as `/r/(a+)+$` cannot stall the event loop however the path
 is crafted. RE2's syntax is Python's without backreferences and lookaround; a pattern
 that needs them is refused when the configuration is loaded.
+
+A pattern that is plain text, optionally followed by `.*` (`application/grpc.*`, as a
+sidecar's inbound listener uses), cannot backtrack in any engine: Python's `re` runs
+it, with the same meaning. RE2 (a C++ library, about 2.5 MiB resident with its
+runtime) is loaded by the first pattern that needs it, so a configuration without one
+does not pay for it.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Protocol
+from typing import Any, Protocol
 
-import re2  # type: ignore[import-untyped]
+_re2: Any = None
+_OPTIONS: Any = None
 
-_OPTIONS = re2.Options()
-_OPTIONS.log_errors = False  # the error goes to the user, not to stderr
+_LITERAL_PREFIX = re.compile(r"[A-Za-z0-9/_\-:=@,;%~ ]*(?:\.\*)?")
+"""Patterns that are text (no metacharacter) and may end in `.*`: linear in any engine."""
+
+
+def _engine() -> Any:
+    global _re2, _OPTIONS
+    if _re2 is None:
+        import re2  # type: ignore[import-untyped]
+
+        options = re2.Options()
+        options.log_errors = False  # the error goes to the user, not to stderr
+        _re2, _OPTIONS = re2, options
+    return _re2
 
 
 class UserPattern(Protocol):
@@ -32,6 +50,9 @@ class PatternError(ValueError):
 
 def compile_pattern(pattern: str) -> UserPattern:
     """Compile a user's pattern with RE2, or raise PatternError saying why not."""
+    if _LITERAL_PREFIX.fullmatch(pattern):
+        return re.compile(pattern)
+    re2 = _engine()
     try:
         compiled: UserPattern = re2.compile(pattern, options=_OPTIONS)
     except re2.error as exc:

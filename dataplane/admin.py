@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,7 @@ from kanal.dataplane.access.counters import AccessCollector
 from kanal.dataplane.access.explain import explain_access, redact_access
 from kanal.dataplane.casing import camel_document
 from kanal.dataplane.dashboard import add_dashboard
+from kanal.dataplane.heap import release_free_memory
 from kanal.dataplane.metrics import MetricsCollector
 from kanal.dataplane.overload import OverloadCollector
 from kanal.dataplane.routemetrics import TrafficCollector
@@ -108,12 +110,23 @@ def admin_app(runtime: Runtime, *, extra_ready: Callable[[], bool] | None = None
             return web.Response(status=503, text="not ready: no configuration applied yet\n")
         return web.Response(text=f"ready: version {runtime.config.version}\n")
 
-    async def config(_: web.Request) -> web.Response:
+    async def config(request: web.Request) -> web.StreamResponse:
         if runtime.config is None:
             return web.json_response({"version": None, "routes": [], "upstreams": []}, status=503)
         document = config_document(runtime.config)
         routes_with_status(document["routes"], splits)
-        return web.json_response(document, dumps=_dumps)
+        body = _dumps(document).encode()
+        del document
+        answer = web.StreamResponse(headers={"Content-Type": "application/json; charset=utf-8"})
+        answer.content_length = len(body)
+        await answer.prepare(request)
+        await answer.write(body)
+        await answer.write_eof()
+        del body
+        # The document of a big configuration was megabytes of short-lived objects: their
+        # memory goes back to the system rather than stay with the process.
+        await asyncio.to_thread(release_free_memory)
+        return answer
 
     async def explain(request: web.Request) -> web.Response:
         if runtime.config is None:

@@ -23,19 +23,15 @@ from urllib.parse import parse_qs, unquote
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import DecodeError, Message
 
+from kanal.dataplane.grpcerrors import HTTP_FOR_GRPC, TranscodeError, error_json
+
+__all__ = ["HTTP_FOR_GRPC", "Binding", "TranscodeError", "Transcoder", "error_json",
+           "request_message", "response_json"]
+
 HTTP_RULE_FIELD = 72295728
 """The field number of `google.api.http` in MethodOptions."""
 
-HTTP_FOR_GRPC = {
-    0: 200, 1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400,
-    10: 409, 11: 400, 12: 501, 13: 500, 14: 503, 15: 500, 16: 401,
-}
-
 _VERBS = {2: "GET", 3: "PUT", 4: "POST", 5: "DELETE", 6: "PATCH"}
-
-
-class TranscodeError(ValueError):
-    """A request that cannot be made into the method's message (answered 400)."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +188,16 @@ class Transcoder:
                                                          strict=True)}
         return None
 
+    # The message functions below, for callers that hold a Transcoder: they need not
+    # import this module (and protobuf) before a configuration transcodes.
+
+    def request_message(self, binding: Binding, variables: dict[str, str], query: str,
+                        body: bytes) -> bytes:
+        return request_message(binding, variables, query, body)
+
+    def response_json(self, binding: Binding, data: bytes) -> bytes:
+        return response_json(binding, data)
+
 
 def _put(target: dict[str, Any], field: str, value: Any) -> None:
     *parents, last = field.split(".")
@@ -240,8 +246,3 @@ def response_json(binding: Binding, data: bytes) -> bytes:
 def _json_name(binding: Binding, field: str) -> str:
     described = binding.output.DESCRIPTOR.fields_by_name.get(field)
     return described.json_name if described is not None else field
-
-
-def error_json(code: int, message: str) -> tuple[int, bytes]:
-    """The HTTP status and JSON body of a gRPC error (google.rpc.Status's JSON shape)."""
-    return HTTP_FOR_GRPC.get(code, 500), json.dumps({"code": code, "message": message}).encode()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kanal.contract.snapshot import Snapshot
 from kanal.dataplane.cache.store import configure_cache
+from kanal.dataplane.heap import release_free_memory
 from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
 from kanal.dataplane.overload import check as check_overload
 from kanal.dataplane.overloadstate import MemoryOverload
@@ -99,6 +100,7 @@ def apply_snapshot(runtime: Runtime, snapshot: Snapshot) -> str | None:
         runtime.metrics.config_rejected += 1
         log.error("configuration %s rejected: %s", snapshot.version, exc)
         return str(exc)
+    release_free_memory()
     log.info(
         "applied configuration %s: %d routes, %d upstreams",
         snapshot.version, len(snapshot.routes), len(snapshot.upstreams),
@@ -131,6 +133,8 @@ async def apply_snapshot_off_loop(runtime: Runtime, snapshot: Snapshot) -> str |
         log.error("configuration %s rejected: %s", snapshot.version, exc)
         return str(exc)
     runtime.publish(config)
+    del config  # the old configuration's memory is free now, unless requests hold it
+    await asyncio.to_thread(release_free_memory)
     log.info(
         "applied configuration %s: %d routes, %d upstreams",
         snapshot.version, len(snapshot.routes), len(snapshot.upstreams),

@@ -609,7 +609,10 @@ def _hostnames(route: Route) -> list[str]:
     """A route's hostnames, lower case, without duplicates, in order."""
     seen: dict[str, None] = {}
     for hostname in route.hostnames:
-        seen.setdefault(hostname.lower().rstrip("."), None)
+        name = hostname.lower().rstrip(".")
+        # The route's own string when it was written so (the usual case): the table's
+        # keys then share it instead of holding a copy each.
+        seen.setdefault(hostname if name == hostname else name, None)
     return list(seen)
 
 

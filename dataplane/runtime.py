@@ -366,7 +366,9 @@ class Runtime:
             # circuits, requests in flight and warm connections carry over.
             old_states = {state.key: state for state in before.states} if before else {}
             old_pools = before.pools if before is not None else {}
-            limits = self._limits.setdefault(spec.key, UpstreamLimits())
+            limits = self._limits.get(spec.key)
+            if limits is None:
+                limits = self._limits[spec.key] = UpstreamLimits()
             ssl_context = upstream_ssl_context(spec.tls) if spec.protocol == "HTTPS" else None
             http2 = spec.protocol in ("H2C", "H2")
             if spec.protocol == "H2":

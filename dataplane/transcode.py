@@ -19,17 +19,11 @@ import httptools
 from kanal.contract.snapshot import Rule
 from kanal.dataplane.aggregate import AggregateAnswer, AggregateClient, deliver, exchange
 from kanal.dataplane.grpc import frame, with_timeout
-from kanal.dataplane.grpcjson import (
-    Binding,
-    TranscodeError,
-    Transcoder,
-    error_json,
-    request_message,
-    response_json,
-)
+from kanal.dataplane.grpcerrors import TranscodeError, error_json
 
 if TYPE_CHECKING:
     from kanal.contract.snapshot import Retries
+    from kanal.dataplane.grpcjson import Binding, Transcoder
     from kanal.dataplane.runtime import UpstreamRuntime
 
 MAX_JSON_BODY = 4 * 1024 * 1024
@@ -43,6 +37,10 @@ def transcoder(descriptor_set: str) -> Transcoder | str:
     key = hashlib.sha256(descriptor_set.encode()).hexdigest()
     found = _TRANSCODERS.get(key)
     if found is None:
+        # protobuf is loaded here, by the first rule that transcodes: a configuration
+        # without one never pays for it.
+        from kanal.dataplane.grpcjson import Transcoder
+
         try:
             found = Transcoder.from_base64(descriptor_set) if descriptor_set else (
                 "no descriptor set (its Secret, ConfigMap or file is missing or lacks the key)")
@@ -101,8 +99,8 @@ def begin(client: TranscodeClient, request: TranscodeRequest, rule: Rule,
                            b'{"code": 8, "message": "request body larger than %d bytes"}'
                            % MAX_JSON_BODY)
             return
-        answer.task = loop.create_task(_call(client, answer, binding, variables, query, body,
-                                             rule, upstream, authority, deadline))
+        answer.task = loop.create_task(_call(client, answer, found, binding, variables, query,
+                                             body, rule, upstream, authority, deadline))
 
     answer.ready = call
     client.request_sent = True
@@ -175,11 +173,11 @@ def _timed_heads(head: bytes, deadline: float, rule: Rule) -> Callable[[], bytes
     return timed
 
 
-async def _call(client: TranscodeClient, answer: TranscodeAnswer, binding: Binding,
-                variables: dict[str, str], query: str, body: bytes, rule: Rule,
-                upstream: UpstreamRuntime, authority: str, deadline: float) -> None:
+async def _call(client: TranscodeClient, answer: TranscodeAnswer, found: Transcoder,
+                binding: Binding, variables: dict[str, str], query: str, body: bytes,
+                rule: Rule, upstream: UpstreamRuntime, authority: str, deadline: float) -> None:
     try:
-        message = request_message(binding, variables, query, body)
+        message = found.request_message(binding, variables, query, body)
     except TranscodeError as exc:
         deliver(client, answer, *error_json(3, str(exc)))
         return
@@ -208,7 +206,7 @@ async def _call(client: TranscodeClient, answer: TranscodeAnswer, binding: Bindi
         return
     length = int.from_bytes(data[1:5], "big")
     try:
-        deliver(client, answer, 200, response_json(binding, data[5:5 + length]))
+        deliver(client, answer, 200, found.response_json(binding, data[5:5 + length]))
     except (ValueError, TypeError) as exc:  # a message that does not decode as declared
         deliver(client, answer, *error_json(13, f"the answer does not decode: {exc}"))
 

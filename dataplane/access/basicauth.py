@@ -7,7 +7,8 @@ is built, so a user who cannot ever log in is reported instead of silently locke
 
 bcrypt is slow on purpose (tens of milliseconds); a successful check is remembered for
 the exact (user, password) pair, keyed by a SHA-256 digest, in a small bounded cache,
-so a client sending the same credentials on every request pays once.
+so a client sending the same credentials on every request pays once. `bcrypt` is
+loaded when a policy with a bcrypt hash is compiled, not before.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import binascii
 import hashlib
 import hmac
 from collections import OrderedDict
-
-import bcrypt
+from collections.abc import Callable
 
 _CACHE_SIZE = 1024
 
@@ -56,10 +56,15 @@ def credentials(authorization: bytes) -> tuple[str, str] | None:
 class BasicUsers:
     """One rule's users, and the challenge sent with a 401."""
 
-    __slots__ = ("challenge", "forward_header", "users", "_verified")
+    __slots__ = ("challenge", "forward_header", "users", "_checkpw", "_verified")
 
     def __init__(self, htpasswd: str, realm: str, forward_header: str | None) -> None:
         self.users = parse_htpasswd(htpasswd)
+        self._checkpw: Callable[[bytes, bytes], bool] = _no_bcrypt
+        if any(not hashed.startswith("{SHA}") for hashed in self.users.values()):
+            import bcrypt
+
+            self._checkpw = bcrypt.checkpw
         self.challenge = b'WWW-Authenticate: Basic realm="%b", charset="UTF-8"\r\n' % (
             realm.replace('"', "'").encode("latin-1"))
         self.forward_header = None if forward_header is None else forward_header.encode("latin-1")
@@ -79,7 +84,7 @@ class BasicUsers:
             ok = hmac.compare_digest(digest, hashed[5:].encode("ascii", "replace"))
         else:
             try:
-                ok = bcrypt.checkpw(password.encode("utf-8"), hashed.encode("ascii"))
+                ok = self._checkpw(password.encode("utf-8"), hashed.encode("ascii"))
             except ValueError:
                 ok = False
         if ok:
@@ -87,3 +92,8 @@ class BasicUsers:
             if len(self._verified) > _CACHE_SIZE:
                 self._verified.popitem(last=False)
         return ok
+
+
+def _no_bcrypt(password: bytes, hashed: bytes) -> bool:
+    """A policy without bcrypt hashes never checks one."""
+    return False

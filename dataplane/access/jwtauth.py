@@ -1,6 +1,8 @@
 """JSON Web Token checks (pure: the clock is passed in, keys are handed over).
 
-PyJWT verifies signatures; this module decides which key may verify which token:
+PyJWT verifies signatures (in `jwtsignature`, loaded only when a JWT policy is
+compiled or a JWKS document parsed); this module decides which key may verify which
+token:
 
 - the token's `alg` must be one the policy allows, and `none` never is;
 - a key is tried only if its type fits the algorithm's family (RSA for RS*/PS*, EC for
@@ -20,8 +22,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import jwt
 
 from kanal.contract.access import JWTAuth
 from kanal.dataplane.headers import cookie_value
@@ -46,10 +46,11 @@ class KeySet:
         try:
             if json.loads(text) == {"keys": []}:
                 return cls()  # a policy whose keys are unusable: nothing verifies
-            jwks = jwt.PyJWKSet.from_json(text)
-        except (jwt.PyJWKSetError, jwt.InvalidKeyError, ValueError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:
             raise ValueError(f"not a usable JWKS: {exc}") from None
-        return cls(tuple((key.key_id, str(key.key_type), key.key) for key in jwks.keys))
+        from kanal.dataplane.access import jwtsignature
+
+        return cls(jwtsignature.parse_jwks(text))
 
     def kids(self) -> frozenset[str]:
         return frozenset(kid for kid, _, _ in self.keys if kid is not None)
@@ -88,10 +89,15 @@ class JWTVerifier:
     the required claims, and new keys (a reload, a JWKS refetch) verify afresh.
     """
 
-    __slots__ = ("_verified", "audiences", "algorithms", "issuer", "leeway", "required",
-                 "spec")
+    __slots__ = ("_decode", "_header", "_verified", "audiences", "algorithms", "issuer",
+                 "leeway", "required", "spec")
 
     def __init__(self, spec: JWTAuth) -> None:
+        # PyJWT (and cryptography) load here, when a policy with `jwt` is compiled.
+        from kanal.dataplane.access import jwtsignature
+
+        self._header = jwtsignature.unverified_header
+        self._decode = jwtsignature.decode
         self.spec = spec
         self.algorithms = frozenset(alg for alg in spec.algorithms if alg.lower() != "none")
         self.audiences = list(spec.audiences)
@@ -115,9 +121,8 @@ class JWTVerifier:
 
     def _signed(self, token: str, keys: KeySet) -> Outcome:
         """The claims of a token whose signature, issuer and audience hold."""
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.DecodeError:
+        header = self._header(token)
+        if header is None:
             return Rejected("malformed", "the bearer token is not a JWT")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms:
@@ -132,30 +137,13 @@ class JWTVerifier:
             if kid is not None and kid not in keys.kids():
                 return UnknownKey(kid)
             return Rejected("key", "no key can verify the token")
-        claims: dict[str, Any] | None = None
         for key in candidates:
-            try:
-                claims = jwt.decode(
-                    token, key=key, algorithms=[alg],
-                    audience=self.audiences or None, issuer=self.issuer,
-                    options={"verify_exp": False, "verify_nbf": False, "verify_iat": False,
-                             "verify_aud": bool(self.audiences),
-                             "verify_iss": self.issuer is not None},
-                )
-                break
-            except jwt.InvalidAudienceError:
-                return Rejected("audience", "the token is not for this audience")
-            except jwt.InvalidIssuerError:
-                return Rejected("issuer", "the token's issuer is not trusted")
-            except jwt.MissingRequiredClaimError as exc:
-                return Rejected("claims", f"the token has no {exc.claim} claim")
-            except jwt.InvalidSignatureError:
-                continue
-            except jwt.PyJWTError:
-                return Rejected("malformed", "the token cannot be verified")
-        if claims is None:
-            return Rejected("signature", "the token's signature does not verify")
-        return Verified(claims)
+            decoded = self._decode(token, key, alg, self.audiences, self.issuer)
+            if isinstance(decoded, dict):
+                return Verified(decoded)
+            if decoded[0] != "signature":
+                return Rejected(*decoded)
+        return Rejected("signature", "the token's signature does not verify")
 
     def _timely(self, claims: dict[str, Any], now: float) -> Outcome:
         exp = claims.get("exp")
