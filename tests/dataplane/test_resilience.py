@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -261,7 +263,9 @@ async def test_limits_answer_503_overloaded_at_once(kanal, raw_servers):
     async with aiohttp.ClientSession() as session:
         first = asyncio.ensure_future(session.get(k.url + "/"))
         second = asyncio.ensure_future(session.get(k.url + "/"))
-        await async_wait_until(lambda: _true_after(hanging.connections >= 1), timeout=5)
+        # Both are routed (one on the connection, one waiting for it) before the third
+        # is sent: otherwise the third could take the waiting place and time out.
+        await async_wait_until(lambda: _true_after(in_flight(k) >= 2), timeout=5)
         started = time.monotonic()
         async with session.get(k.url + "/") as third:
             assert third.status == 503
@@ -275,6 +279,14 @@ async def test_limits_answer_503_overloaded_at_once(kanal, raw_servers):
 
 async def _true_after(value: bool) -> bool:
     return value
+
+
+def in_flight(k: Any) -> float:
+    """Requests the proxy has routed and not yet answered, over every route."""
+    with urllib.request.urlopen(k.admin + "/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return sum(float(value) for value in
+               re.findall(r"^kanal_route_requests_in_flight\{[^}]*\} (\S+)$", text, re.MULTILINE))
 
 
 async def test_soak_one_of_three_endpoints_killed_and_restarted_twice(kanal, backends):
