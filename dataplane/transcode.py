@@ -53,12 +53,9 @@ def transcoder(descriptor_set: str) -> Transcoder | str:
     return found
 
 
-class TranscodeClient(AggregateClient, Protocol):
-    retries: Retries | None
-    request_sent: bool
-
-
 class TranscodeRequest(Protocol):
+    """What transcoding reads and sets of the request and its exchange (`proxy.Request`)."""
+
     method: bytes
     target: bytes
     host: bytes | None
@@ -66,18 +63,23 @@ class TranscodeRequest(Protocol):
     content_length: bytes | None
     complete: bool
     body: list[bytes]
+    upstream_key: str
+    set_cookie: bytes | None
+    retries: Retries | None
+    request_sent: bool
 
 
-def begin(client: TranscodeClient, request: TranscodeRequest, rule: Rule,
+def begin(client: AggregateClient, request: TranscodeRequest, rule: Rule,
           upstream: UpstreamRuntime) -> None:
-    """Serve the current request of `client` by transcoding (the rule has a transcoder)."""
+    """Serve `request`, the current one of `client`, by transcoding (the rule has a
+    transcoder)."""
     settings = rule.grpc_transcoder
     assert settings is not None
-    client.retries = None  # the answer is the transcoder's: never re-sent as it came
+    request.retries = None  # the answer is the transcoder's: never re-sent as it came
     answer = TranscodeAnswer(request.chunked, request.content_length)
     client.upstream = answer
-    client.upstream_key = upstream.key
-    client.set_cookie = None
+    request.upstream_key = upstream.key
+    request.set_cookie = None  # no session affinity cookie on a transcoded answer
     loop = asyncio.get_running_loop()
     found = transcoder(settings.descriptor_set)
     path, _, query = request.target.decode("latin-1").partition("?")
@@ -102,7 +104,7 @@ def begin(client: TranscodeClient, request: TranscodeRequest, rule: Rule,
                                              rule, upstream, authority))
 
     answer.ready = call
-    client.request_sent = True
+    request.request_sent = True
     for chunk in request.body:  # what arrived with the head
         answer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if request.chunked else chunk)
     request.body = []
@@ -155,7 +157,7 @@ class TranscodeAnswer(AggregateAnswer):
             self.ready(None if self.too_large else bytes(self.received))
 
 
-async def _call(client: TranscodeClient, answer: TranscodeAnswer, binding: Binding,
+async def _call(client: AggregateClient, answer: TranscodeAnswer, binding: Binding,
                 variables: dict[str, str], query: str, body: bytes, rule: Rule,
                 upstream: UpstreamRuntime, authority: str) -> None:
     try:
