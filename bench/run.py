@@ -366,14 +366,15 @@ http {{
 
 
 def nginx_proxy_conf(tmp: Path, port: int, backend: int, filters: str = "none",
-                     cache: bool = False) -> Path:
+                     cache: bool = False, access_log: bool = False) -> Path:
     # --cache: nginx's proxy_cache (files, page cache warm) holds both bodies for an hour.
     cache_zone = (f"proxy_cache_path {tmp / 'nginx' / 'cache'} levels=1:2 keys_zone=bench:10m "
                   "max_size=64m inactive=1h use_temp_path=off;") if cache else ""
     cache_use = "proxy_cache bench; proxy_cache_valid 200 1h;" if cache else ""
+    log_line = f"access_log {tmp / 'nginx' / 'access.log'};" if access_log else "access_log off;"
     conf = nginx_common(tmp, "nginx") + f"""
 http {{
-    access_log off;
+    {log_line}
     {cache_zone}
     {nginx_temp_paths(tmp, "nginx")}
     server_tokens off;
@@ -546,6 +547,21 @@ def kanal_command(spec: str, manifests: Path, port: int, admin: int, backend: in
         return [part.format(**values) for part in shlex.split(spec)]
     return [*shlex.split(spec), "run", str(manifests), "--listen", values["listen"],
             "--admin", values["admin"], "--workers", str(workers)]
+
+
+OTLP_SINK = """
+import http.server, sys
+class Sink(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Sink).serve_forever()
+"""
+"""--observe: an OTLP/HTTP receiver that keeps nothing (the spans' cost is Kanal's side)."""
 
 
 # --------------------------------------------------------------------------- wrk
@@ -735,6 +751,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the same work for every proxy: none (default), headers (a request "
                          "header from the client address and a response header) or "
                          "compression (gzip of text answers from 1 KiB)")
+    ap.add_argument("--observe", action="store_true",
+                    help="logs on: nginx writes its access log (combined, to a file) and "
+                         "Kanal gets --access-log FILE (JSON) and tracing sampled at 1%% "
+                         "to an OTLP/HTTP sink started here (flags appended to both Kanal "
+                         "commands)")
     ap.add_argument("--cache", action="store_true",
                     help="cache-hit scenario: nginx proxy_cache and Kanal's cache (a rule "
                          "with cache: {defaultTTL: 1h}) hold / and /16k, so every measured "
@@ -797,15 +818,27 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
                                            "-c", str(bconf)], backend.logfile)
     wait_ready(backend, args.ready_timeout)
 
+    observe: list[str] = []
+    if args.observe:
+        # Where Kanal's sampled spans go: a sink that takes every OTLP/HTTP POST.
+        sink_port = free_port()
+        procs.start("otlp-sink", [*pin_load, sys.executable, "-c", OTLP_SINK, str(sink_port)],
+                    tmp / "otlp-sink.log")
+        observe = ["--access-log", str(tmp / "kanal-access.log"),
+                   "--tracing-endpoint", f"http://127.0.0.1:{sink_port}/v1/traces",
+                   "--tracing-sample-ratio", "0.01"]
+
     targets: list[Target] = []
     if "backend" in args.targets:
         targets.append(backend)
     if "nginx" in args.targets:
         port = free_port()
         t = Target("nginx", "nginx `proxy_pass`, upstream keepalive 64"
-                   + (", proxy_cache (hits)" if args.cache else ""), port,
+                   + (", proxy_cache (hits)" if args.cache else "")
+                   + (", access log on" if args.observe else ""), port,
                    logfile=tmp / "nginx.log")
-        conf = nginx_proxy_conf(tmp, port, bport, args.filters, cache=args.cache)
+        conf = nginx_proxy_conf(tmp, port, bport, args.filters, cache=args.cache,
+                                access_log=args.observe)
         t.proc = procs.start("nginx", [*pin_proxy, nginx, "-p", str(tmp / "nginx"),
                                        "-e", str(tmp / "nginx" / "error.log"),
                                        "-c", str(conf)], t.logfile)
@@ -820,11 +853,13 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
     if "kanal" in args.targets:
         port, admin = free_port(), free_port()
         t = Target("kanal", f"Kanal, --workers {args.kanal_workers}"
-                   + (", cache (hits)" if args.cache else ""), port, admin=admin,
+                   + (", cache (hits)" if args.cache else "")
+                   + (", access log (JSON, file), tracing 1%" if args.observe else ""),
+                   port, admin=admin,
                    logfile=tmp / "kanal.log")
         cmd = kanal_command(args.kanal_cmd,
                             kanal_manifests(tmp, bport, args.filters, cache=args.cache), port,
-                            admin, bport, args.kanal_workers)
+                            admin, bport, args.kanal_workers) + observe
         log(f"kanal command: {shlex.join(cmd)}")
         t.proc = procs.start("kanal", [*pin_proxy, *cmd], t.logfile)
         targets.append(t)
@@ -837,7 +872,7 @@ def _run(args: argparse.Namespace, procs: Procs, tmp: Path, nproc: int) -> int:
         cmd = kanal_command(args.compare,
                             kanal_manifests(tmp, bport, args.filters, cache=args.cache), port,
                             admin, bport,
-                            args.kanal_workers)
+                            args.kanal_workers) + observe
         log(f"compare command: {shlex.join(cmd)}")
         t.proc = procs.start("kanal-b", [*pin_proxy, *cmd], t.logfile)
         targets.append(t)

@@ -111,8 +111,13 @@ async def _run(client: AggregateClient, answer: AggregateAnswer, target: bytes,
         status, body = 400, b'{"error": "%s"}' % str(exc).encode().replace(b'"', b"'")
     else:
         authority = host.decode("latin-1") if host is not None else ""
+        # The rule's timeout bounds the whole aggregate: past it, parts still running
+        # are cancelled and count as late.
+        deadline = (asyncio.get_running_loop().time() + rule.timeout if rule.timeout
+                    else None)
         results = await asyncio.gather(*(
-            _part(part, part_target, rule, config, authority, client.peer, part_headers)
+            _part(part, part_target, rule, config, authority, client.peer, part_headers,
+                  deadline)
             for part, part_target in zip(aggregate.parts, targets, strict=True)))
         status, body = merge(results, aggregate.on_error)
     deliver(client, answer, status, body)
@@ -132,14 +137,20 @@ def deliver(client: AggregateClient, answer: AggregateAnswer, status: int, body:
 
 
 async def _part(part: AggregatePart, target: str, rule: Rule, config: Config,
-                authority: str, peer: str, part_headers: PartHeaders | None) -> PartResult:
+                authority: str, peer: str, part_headers: PartHeaders | None,
+                deadline: float | None) -> PartResult:
     upstream = config.upstreams.get(part.upstream)
     if upstream is None:
         return PartResult(part.name, error=f"upstream {part.upstream} does not exist")
+    own = asyncio.get_running_loop().time() + part.timeout
     try:
-        async with asyncio.timeout(part.timeout):
+        async with asyncio.timeout_at(own if deadline is None else min(own, deadline)):
             return await _tries(part, target, rule, upstream, authority, peer, part_headers)
     except TimeoutError:
+        if deadline is not None and deadline < own:
+            assert rule.timeout is not None
+            return PartResult(part.name, error=f"no answer within the rule's timeout "
+                                               f"({rule.timeout:g}s)", overdue=True)
         return PartResult(part.name, error=f"no answer within {part.timeout:g}s")
 
 
@@ -160,9 +171,11 @@ async def _tries(part: AggregatePart, target: str, rule: Rule, upstream: Upstrea
 
 
 async def exchange(name: str, method: str, head: bytes, body: bytes, rule: Rule,
-                   upstream: UpstreamRuntime) -> tuple[PartResult, list[tuple[bytes, bytes]]]:
+                   upstream: UpstreamRuntime, *, try_head: Callable[[], bytes] | None = None,
+                   ) -> tuple[PartResult, list[tuple[bytes, bytes]]]:
     """One request to `upstream` (its head and whole body), tried as the rule's retry
-    policy allows: the answer, and its head's fields and trailers."""
+    policy allows: the answer, and its head's fields and trailers. `try_head`, when
+    given, makes each try's head as that try goes out (a gRPC call's time left)."""
     retries = rule.retries
     attempts_left = retries.attempts if retries is not None else 0
     implicit_used = 0
@@ -187,7 +200,8 @@ async def exchange(name: str, method: str, head: bytes, body: bytes, rule: Rule,
                 last = PartResult(name, error=str(exc))
             else:
                 collector = _Collector(conn)
-                conn.start(collector, head, method == "HEAD")
+                conn.start(collector, head if try_head is None else try_head(),
+                           method == "HEAD")
                 if body:
                     conn.write(body)
                 try:
@@ -204,9 +218,11 @@ async def exchange(name: str, method: str, head: bytes, body: bytes, rule: Rule,
                     condition, reached = str(status), True
                     last = PartResult(name, status, answer)
                 finally:
-                    if not collector.future.done():
+                    future = collector.future
+                    if not future.done() or future.cancelled():
+                        # Late: a timeout ran out (its cancellation cancels the future).
                         conn.sink = None
-                        conn.abort()  # late: the part's timeout ran out
+                        conn.abort()
         finally:
             state.active -= 1
             upstream.report(state, outcome, time.monotonic() - started, refused=refused)

@@ -68,12 +68,14 @@ def fill(template: str, path: Mapping[str, str], query: str,
 
 @dataclass(frozen=True, slots=True)
 class PartResult:
-    """What one part came to: its answer (status and body), or why it has none."""
+    """What one part came to: its answer (status and body), or why it has none
+    (`overdue`: the rule's timeout ran out before it answered)."""
 
     name: str
     status: int = 0
     body: bytes = b""
     error: str | None = None
+    overdue: bool = False
 
 
 def _decoded(body: bytes) -> Any:
@@ -89,8 +91,9 @@ def merge(results: Sequence[PartResult], on_error: str) -> tuple[int, bytes]:
     """The aggregate answer: (status, JSON body).
 
     A part failed when it has an error (unreachable, late, too large) or its answer is
-    not 2xx. `Fail`: 502 naming the first failed part. `Partial`: 200, null for each
-    failed part and its reason under `errors`.
+    not 2xx. `Fail`: 502 naming the first failed part, or 504 when the rule's timeout
+    ran out before some part answered (the whole request was late, as a proxied one
+    is). `Partial`: 200, null for each failed part and its reason under `errors`.
     """
     merged: dict[str, Any] = {}
     errors: dict[str, str] = {}
@@ -104,6 +107,11 @@ def merge(results: Sequence[PartResult], on_error: str) -> tuple[int, bytes]:
         else:
             merged[result.name] = _decoded(result.body)
     if errors and on_error != "Partial":
+        overdue = [result.name for result in results if result.overdue]
+        if overdue:
+            body = {"error": f"the rule's timeout ran out before part {overdue[0]} answered",
+                    "errors": errors}
+            return 504, json.dumps(body).encode()
         name = next(iter(errors))
         body = {"error": f"part {name} failed: {errors[name]}", "errors": errors}
         return 502, json.dumps(body).encode()

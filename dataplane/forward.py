@@ -25,6 +25,12 @@ like the reverse proxy's client side) per client connection. It serves:
   circuit-broken like any routed request. The client connection stays open after
   them as after any other request.
 
+Requests meet the reverse listener's edge (`kanal.dataplane.http1`): the same head
+limits and checks, request lines with runs of spaces refused (`http1.LineCheck`), a
+malformed request pipelined behind others answered 400 after them, a lingering close
+after an error answer (`kanal.dataplane.linger`), and, while the process is over
+`--overload-memory`, 503 and close for every new request, CONNECT included.
+
 Every decision is `kanal.dataplane.egress`'s (pure): credentials first, then the
 destination by name and port, then ONE resolution (`loop.getaddrinfo`) whose every
 address is checked; the checked addresses themselves are dialed, never the name
@@ -57,7 +63,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httptools
 
 from kanal.dataplane import headers as hdrs
-from kanal.dataplane import http1
+from kanal.dataplane import http1, linger
 from kanal.dataplane.acceptor import listen
 from kanal.dataplane.cache import forward as forward_cache
 from kanal.dataplane.egress import (
@@ -81,6 +87,7 @@ if TYPE_CHECKING:
     from kanal.dataplane.accesslog import AccessLog
     from kanal.dataplane.cache.client import CacheExchange
     from kanal.dataplane.cache.rule import RuleCache
+    from kanal.dataplane.linger import Linger
     from kanal.dataplane.logformat import Record
     from kanal.dataplane.pool import EndpointPool, UpstreamConnection
     from kanal.dataplane.proxy import Request
@@ -220,6 +227,7 @@ class ForwardRequest:
         "host",
         "http11",
         "keep_alive",
+        "line_unchecked",
         "logged",
         "method",
         "no_body",
@@ -267,6 +275,7 @@ class ForwardRequest:
         self.singletons: set[bytes] = set()
         self.wire_head = b""  # the head sent to the origin (sent again on a fresh connection)
         self.resent = False
+        self.line_unchecked = False  # its request line is checked at its head's end
 
 
 class _Refused(Exception):
@@ -293,7 +302,6 @@ class ForwardConnection(asyncio.Protocol):
         self.current: ForwardRequest | None = None
         self.waiting: deque[ForwardRequest] = deque()
         self.upstream: UpstreamConnection | None = None  # the current exchange's (pooled)
-        self.upstream_paused = False  # its reading paused while the client catches up
         self.origin: TunnelEnd | None = None  # a CONNECT tunnel's far end
         self.mode = "http"  # http | tunnel | mesh (while a mesh request is served)
         self.inner: ClientConnection | None = None  # the reverse proxy, for mesh requests
@@ -308,6 +316,10 @@ class ForwardConnection(asyncio.Protocol):
         self.response_close = False
         self.response_started = False
         self.refused: tuple[int, str] | None = None
+        # A malformed request behind ones still being served: answered after them.
+        self.deferred_error: tuple[int, str] | None = None
+        self.lines = http1.LineCheck()  # runs of spaces in request lines
+        self.linger: Linger | None = None  # a lingering close under way
         self.heads_seen = 0
         self.cache_exchange: CacheExchange | None = None
         # ResponseSink: a pooled connection batches what a read makes its sink write;
@@ -334,26 +346,42 @@ class ForwardConnection(asyncio.Protocol):
             if self.origin is not None:
                 self.origin.write(data)
             return
+        if self.linger is not None:
+            self.linger.received(data)  # after an error answer: dropped (linger.py)
+            return
         request = self.current
         if request is not None and request.method == b"CONNECT" and request.complete:
             request.body.append(data)  # early tunnel bytes: sent once the tunnel is up
             request.body_size += len(data)
             return
+        if self.deferred_error is not None:
+            return  # the parser stopped at a malformed request; answers before it go out
         parsing = self.parsing
+        lines = self.lines
+        if lines.read(data, parsing is None):
+            self._parse_failed(400, http1.SPACED_LINE)
+            return
         heads_before = self.heads_seen
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            lines.read_over()
             offset = upgrade.args[0] if upgrade.args else len(data)
             self._client_upgrade(data[offset:])
             return
         except httptools.HttpParserError as exc:
+            lines.read_over()
             refused = self.refused
             self.refused = None
             status, reason = refused if refused is not None else (400, f"malformed request: {exc}")
             self._parse_failed(status, reason)
             return
+        lines.read_over()
         after = self.parsing
+        if after is not None and not after.method and after.line_unchecked:
+            if lines.goes_on(data, self.parser.get_method(), after.target):
+                self._parse_failed(400, http1.SPACED_LINE)
+                return
         if (after is not None and not after.method and self.heads_seen == heads_before
                 and (after is parsing or parsing is None)):
             # The read held nothing but an unfinished head: bound what it has taken (431).
@@ -362,11 +390,27 @@ class ForwardConnection(asyncio.Protocol):
                 self._parse_failed(431, f"request head larger than {MAX_HEAD} bytes")
 
     def _parse_failed(self, status: int, reason: str) -> None:
+        """The parser met a request it cannot take: answer every request before it, then
+        this error, then close (nothing after it is parsed)."""
         self.parsing = None
-        if self.response_started:
-            self.abort(reason)
+        current = self.current
+        if current is not None and not current.complete:
+            # The current request's own body is malformed: it cannot be finished.
+            if self.response_started:
+                self.abort(reason)
+            else:
+                self._refuse(current, status, reason, close=True)
             return
-        request = self.current or ForwardRequest()
+        if current is not None:
+            self.deferred_error = (status, reason)
+            self.pause("malformed")
+            return
+        self._answer_error(status, reason)
+
+    def _answer_error(self, status: int, reason: str) -> None:
+        """Answer a request the parser refused, then close."""
+        request = ForwardRequest()
+        request.decision = "error"
         self.current = request
         self._refuse(request, status, reason, close=True)
 
@@ -398,6 +442,8 @@ class ForwardConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.proxy.connections.discard(self)
+        if self.linger is not None:
+            self.linger.cancel()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         upstream = self.upstream
@@ -422,25 +468,19 @@ class ForwardConnection(asyncio.Protocol):
         if self.inner is not None:
             self.inner.pause_writing()
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None and not self.upstream_paused:
-            self.upstream_paused = True
-            upstream.transport.pause_reading()
+        if upstream is not None:
+            upstream.pause_answers()  # (resumed when released to the pool, if not before)
         if self.origin is not None:
             self.origin.pause_reading("client")
 
     def resume_writing(self) -> None:
         if self.inner is not None:
             self.inner.resume_writing()
-        self._resume_upstream()
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.resume_answers()
         if self.origin is not None:
             self.origin.resume_reading("client")
-
-    def _resume_upstream(self) -> None:
-        upstream = self.upstream
-        if self.upstream_paused:
-            self.upstream_paused = False
-            if upstream is not None and upstream.transport is not None and not upstream.closed:
-                upstream.transport.resume_reading()
 
     # --- reading from the client, paused for several reasons at once -------------------------
 
@@ -459,7 +499,9 @@ class ForwardConnection(asyncio.Protocol):
     # --- httptools callbacks (request) ------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.parsing = ForwardRequest()
+        request = ForwardRequest()
+        request.line_unchecked = self.lines.begin()
+        self.parsing = request
 
     def on_url(self, url: bytes) -> None:
         request = self.parsing
@@ -505,9 +547,12 @@ class ForwardConnection(asyncio.Protocol):
         refused = http1.version_problem(version)
         if refused is not None:
             self._refuse_head(*refused)
+        method = parser.get_method()
+        if request.line_unchecked and self.lines.spaced_at_head(method, request.target):
+            self._refuse_head(400, http1.SPACED_LINE)
         if b"#" in request.target:
             self._refuse_head(400, "request target with a fragment (#)")
-        request.method = parser.get_method()
+        request.method = method
         request.http11 = version == "1.1"
         request.keep_alive = parser.should_keep_alive()
         request.upgrade = parser.should_upgrade()
@@ -584,6 +629,13 @@ class ForwardConnection(asyncio.Protocol):
         self.task = asyncio.get_running_loop().create_task(self._serve(request))
 
     async def _serve(self, request: ForwardRequest) -> None:
+        overload = self.proxy.runtime.overload
+        if overload is not None and overload.active:
+            # --overload-memory, as on the reverse listeners (kanal.dataplane.overload)
+            self.proxy.runtime.metrics.overload_refused += 1
+            request.decision = "error"
+            self._refuse(request, 503, http1.OVERLOADED, close=True, overloaded=True)
+            return
         try:
             await self._serve_checked(request)
         except _Refused as refused:
@@ -750,7 +802,6 @@ class ForwardConnection(asyncio.Protocol):
     def _start(self, request: ForwardRequest, conn: UpstreamConnection) -> None:
         """Send the request (its head, and what arrived of its body) on `conn`."""
         self.upstream = conn
-        self.upstream_paused = False
         conn.start(self, request.wire_head, request.no_body)
         request.up += len(request.wire_head)
         request.sent = True
@@ -858,6 +909,14 @@ class ForwardConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             self._log(request)
             return
+        inner = self.inner
+        if inner is not None and inner.linger is not None:
+            # The reverse proxy answered an error and closes lingering: what the client
+            # still sends goes to that Linger, never to the parser.
+            self._log(request)
+            self.current = None
+            self._lingering(inner.linger)
+            return
         self._end_exchange(request)
 
     def _mesh_over(self) -> None:
@@ -943,7 +1002,6 @@ class ForwardConnection(asyncio.Protocol):
         if self.response_chunked:
             request.down += len(_CHUNK_END)
             self.transport.write(_CHUNK_END)
-        self._resume_upstream()
         self.upstream = None
         if request.complete:
             self.proxy.destinations.release(conn)  # idle again, for any client
@@ -1056,13 +1114,18 @@ class ForwardConnection(asyncio.Protocol):
 
     # --- endings ----------------------------------------------------------------------------
 
-    def _end_exchange(self, request: ForwardRequest) -> None:
+    def _end_exchange(self, request: ForwardRequest, *, error: bool = False) -> None:
+        """The exchange is over: on to the next request, or close (after an error
+        answer, or one given before the request's body ended, a lingering close)."""
         self._log(request)
         self.current = None
         self.task = None
         self.resume("origin")  # (a write to the origin that filled its buffer is over)
         if self.response_close or not request.keep_alive or not request.complete:
-            self._close()
+            if error or not request.complete:
+                self._close_lingering()
+            else:
+                self._close()
             return
         self.resume("body")
         self.resume("deciding")
@@ -1071,9 +1134,13 @@ class ForwardConnection(asyncio.Protocol):
             if not self.waiting:
                 self.resume("queued")
             self._begin(following)
+        elif self.deferred_error is not None:
+            self._answer_error(*self.deferred_error)
+            return
         self.last_activity = time.monotonic()
 
-    def _refuse(self, request: ForwardRequest, status: int, reason: str, *, close: bool = False) -> None:
+    def _refuse(self, request: ForwardRequest, status: int, reason: str, *, close: bool = False,
+                overloaded: bool = False) -> None:
         """Answer with an error of the proxy's own."""
         transport = self.transport
         upstream = self.upstream
@@ -1097,12 +1164,16 @@ class ForwardConnection(asyncio.Protocol):
         body = f"kanal: {status} {reason}\n".encode()
         keep = not close and request.keep_alive and request.complete and not self.response_close
         extra = b'Proxy-Authenticate: Basic realm="kanal"\r\n' if status == 407 else b""
+        if status == 503:
+            extra += http1.RETRY_AFTER
+        if overloaded:
+            extra += http1.OVERLOADED_LINE
         head = http1.error_head(status, len(body), keep_alive=keep, extra=extra)
         data = head + (b"" if request.method == b"HEAD" else body)
         request.down += len(data)
         transport.write(data)
         self.response_close = not keep
-        self._end_exchange(request)
+        self._end_exchange(request, error=True)
 
     def _log(self, request: ForwardRequest) -> None:
         if request.logged:
@@ -1127,6 +1198,24 @@ class ForwardConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def _close_lingering(self) -> None:
+        """Close after an answer the client may not have read while it is still sending:
+        `linger.start`; what the client sends meanwhile is dropped, never parsed."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        lingering = linger.start(transport)
+        if lingering is not None:
+            self._lingering(lingering)
+
+    def _lingering(self, lingering: Linger) -> None:
+        self.linger = lingering
+        self.parsing = None
+        self.waiting.clear()
+        self.read_paused.clear()
+        if self.transport is not None:
+            self.transport.resume_reading()
+
     def abort(self, reason: str) -> None:
         """Cut the client off: a truncated answer must never look complete."""
         request = self.current
@@ -1144,6 +1233,8 @@ class ForwardConnection(asyncio.Protocol):
             self.transport.abort()
 
     def sweep(self, now: float) -> None:
+        if self.linger is not None:
+            return  # it ends on its own
         proxy = self.proxy
         idle = now - self.last_activity
         upstream = self.upstream

@@ -75,6 +75,16 @@ def relayed_head(status: int, body_length: int, *, keep_alive: bool,
             + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n"))
 
 
+RETRY_AFTER = b"Retry-After: 1\r\n"
+"""Sent with every 503 of the proxy's own."""
+OVERLOADED_LINE = b"X-Kanal-Overloaded: true\r\n"
+"""Sent with a 503 for overload: the process's memory (`--overload-memory`), or an
+Upstream's connection limit."""
+OVERLOADED = "overloaded: resident memory is above --overload-memory"
+"""Why a new request is refused (503, then close) while the process is over
+`--overload-memory` (`kanal.dataplane.overload`), on every listener."""
+
+
 def wire_safe(value: bytes) -> bool:
     """Whether `value` may be written into a head: no CR, LF or NUL."""
     return b"\r" not in value and b"\n" not in value and b"\x00" not in value
@@ -119,6 +129,95 @@ def spaced_line_in(window: bytes, method: bytes, target: bytes) -> bool:
     escaped = re.escape(target)
     pattern = (re.escape(method) + b"(?: {2,}" + escaped + b" +| +" + escaped + b" {2,})HTTP/")
     return re.search(pattern, window) is not None
+
+
+LINE_WINDOW = MAX_TARGET + 64
+"""Bytes kept of a read in which a request began mid-read, for its request line check."""
+
+
+class LineCheck:
+    """Runs of spaces in the request lines of one client connection (`SPACED_LINE`),
+    found as its reads come, around llhttp, which lets them through.
+
+    Every listener calls it at the same points: `read` before the parser takes a read,
+    `begin` from `on_message_begin`, `spaced_at_head` from `on_headers_complete` for a
+    message `begin` left unchecked, `read_over` after the parser took the read, then
+    `goes_on` if an unchecked request's head is still open. A
+    request that fits one read (the common case) costs two searches of its first line;
+    a request that begins in the middle of a read is checked at its head's end, from
+    the read (and, if its line goes on into the next read, the bytes kept of it).
+    """
+
+    def __init__(self) -> None:
+        # b" "/b"" while a request line goes on into the next read (whether the last one
+        # ended with a space), else None.
+        self.part: bytes | None = None
+        self.checked = False  # the next message to begin is the current read's first, checked
+        self.reading = b""  # the read being parsed
+        self.window = b""  # the start of a request that began mid-read and goes on
+
+    def read(self, data: bytes, between: bool) -> bool:
+        """A read, before the parser takes it (`between`: no request head is open):
+        True when the request line beginning or going on in it has a run of spaces."""
+        if between and self.part is None:
+            end = data.find(b"\n")
+            if end > 0 and data[0] != 13 and data.find(b"  ", 0, end) < 0:
+                self.checked = True
+            elif self._spaced(data):
+                return True
+        elif self.part is not None and self._spaced(data):
+            return True
+        self.reading = data
+        return False
+
+    def _spaced(self, data: bytes) -> bool:
+        """Whether the request line beginning (or going on) in `data` has a run of
+        spaces. Only the first line of the read is looked at."""
+        part = self.part
+        start = 0
+        if part is None:
+            start = line_start(data)
+            if start == len(data):
+                return False  # empty lines only: the request line is still to come
+            self.checked = True
+        elif part and data[:1] == b" ":
+            return True  # a space ended the last read, and one begins this one
+        end = data.find(b"\n", start)
+        if data.find(b"  ", start, end if end >= 0 else len(data)) >= 0:
+            return True
+        self.part = None if end >= 0 else (b" " if data[-1:] == b" " else b"")
+        return False
+
+    def begin(self) -> bool:
+        """A message begins: True when its line is still to be checked (it began in
+        the middle of a read)."""
+        if self.checked:
+            self.checked = False
+            return False
+        self.window = b""
+        return True
+
+    def spaced_at_head(self, method: bytes, target: bytes) -> bool:
+        """The head of a message `begin` left unchecked is complete: whether its line
+        has a run of spaces."""
+        return spaced_line_in(self.window + self.reading, method, target)
+
+    def read_over(self) -> None:
+        """The parser took the read (or refused it): it is let go."""
+        self.reading = b""
+
+    def goes_on(self, data: bytes, method: bytes, target: bytes) -> bool:
+        """After `read_over`: a request `begin` left unchecked goes on into the next
+        read (`method` and `target` as parsed so far). True when its line, whole in
+        `data`, has a run of spaces; else the bytes it may span are kept."""
+        window = self.window
+        if not window:
+            if spaced_line_in(data, method, target):
+                return True
+            self.window = data[-LINE_WINDOW:]
+        elif len(window) < 2 * LINE_WINDOW:
+            self.window = window + data[:LINE_WINDOW]
+        return False
 
 
 def target_problem(method: bytes, target: bytes, scheme: str) -> str | None:

@@ -64,6 +64,7 @@ class UpstreamConnection(asyncio.Protocol):
         "chunked", "no_body", "got_bytes", "idle_since", "last_activity", "closed",
         "requests", "tunnel", "head_done", "keep_alive", "connection_named",
         "upgrade_value", "head_bytes", "head_read_bytes", "trailers", "grpc_status",
+        "answers_paused",
     )
 
     def __init__(self, pool: EndpointPool) -> None:
@@ -93,6 +94,8 @@ class UpstreamConnection(asyncio.Protocol):
         # A gRPC answer's status name when it failed in its head (trailers-only), for
         # retryOn; "" otherwise.
         self.grpc_status = ""
+        # Reading paused by the sink while its client catches up (`pause_answers`).
+        self.answers_paused = False
 
     # --- asyncio.Protocol -------------------------------------------------------------
 
@@ -275,12 +278,35 @@ class UpstreamConnection(asyncio.Protocol):
         self.last_activity = time.monotonic()
         self.transport.write(data)
 
+    def pause_answers(self) -> None:
+        """Stop reading the answer while the sink's client catches up (its transport
+        asked to pause writing)."""
+        transport = self.transport
+        if not self.answers_paused and transport is not None:
+            self.answers_paused = True
+            transport.pause_reading()
+
+    def resume_answers(self) -> None:
+        """Read the answer again: the sink's client caught up."""
+        if self.answers_paused:
+            self.answers_paused = False
+            transport = self.transport
+            if transport is not None and not self.closed:
+                transport.resume_reading()
+
     def release(self) -> None:
-        """The exchange is over: back to the pool if the connection can carry another."""
+        """The exchange is over: back to the pool if the connection can carry another.
+
+        An answer can end while its client lags (in the read that made the client's
+        transport pause writing, so the sink paused this connection's reading): the
+        pool only keeps connections that read, or the next exchange's answer would
+        never be seen."""
         self.sink = None
         transport = self.transport
         if (self.keep_alive and not self.closed and self.tunnel is None and transport is not None
                 and not transport.is_closing()):
+            if self.answers_paused:
+                self.resume_answers()
             self.pool.put_back(self)
         else:
             self.close()

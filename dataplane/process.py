@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 from kanal.contract.snapshot import Snapshot
 from kanal.dataplane.cache.store import configure_cache
 from kanal.dataplane.http1 import BODY_IDLE_TIMEOUT, HEAD_TIMEOUT
-from kanal.dataplane.overload import MemoryOverload
 from kanal.dataplane.overload import check as check_overload
+from kanal.dataplane.overloadstate import MemoryOverload
 from kanal.dataplane.runtime import Config, ProxyContext, Runtime
 
 if TYPE_CHECKING:

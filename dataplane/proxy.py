@@ -28,7 +28,7 @@ import httptools
 
 from kanal.dataplane import grpc as grpc_rules
 from kanal.dataplane import headers as hdrs
-from kanal.dataplane import http1, mirror
+from kanal.dataplane import http1, linger, mirror
 from kanal.dataplane.access import gate as access_gate
 from kanal.dataplane.aggregate import begin as aggregate_begin
 from kanal.dataplane.cache import exchange as cache
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from kanal.dataplane.cache.client import CacheExchange
     from kanal.dataplane.compress import Encoder
     from kanal.dataplane.filters import Exchange, OwnAnswer
+    from kanal.dataplane.linger import Linger
     from kanal.dataplane.logformat import Record
     from kanal.dataplane.router import Selection
     from kanal.dataplane.runtime import Config, ProxyContext, UpstreamRuntime
@@ -67,14 +68,6 @@ RETRY_BUFFER = 1024 * 1024
 """Body bytes kept for a retry; a request that streamed more than this is not retried."""
 NO_BODY = b""
 _CHUNK_END = b"0\r\n\r\n"
-LINGER_IDLE = 5.0
-LINGER_TOTAL = 30.0
-LINGER_BYTES = 64 * 1024 * 1024
-"""A lingering close ends after this long without a byte, this long in all, or this
-many bytes read and dropped, whichever comes first (nginx: lingering_timeout 5s,
-lingering_time 30s)."""
-_LINE_WINDOW = MAX_TARGET + 64
-"""Bytes kept of a read in which a request began mid-read, for its request line check."""
 
 _SPECIAL_REQUEST_HEADERS = (
     hdrs.HOP_BY_HOP | hdrs.FORWARDING
@@ -245,6 +238,7 @@ class ClientConnection(asyncio.Protocol):
         self.forwarded_lines = b""
         self.last_activity = time.monotonic()
         self.closed = False
+        self.lines = http1.LineCheck()  # runs of spaces in request lines
 
     # --- output -------------------------------------------------------------------------------
 
@@ -272,51 +266,23 @@ class ClientConnection(asyncio.Protocol):
 
     def _close_lingering(self) -> None:
         """Close after an answer the client may not have read while it is still sending
-        (an error, or an answer before the end of its body), as nginx's lingering close:
-        a plain close with unread bytes makes the kernel send a reset, which can destroy
-        the answer before the client reads it. So: the answer goes out, then a FIN
-        (write_eof), and what the client still sends is read and dropped until it
-        closes, for at most LINGER_IDLE seconds without a byte, LINGER_TOTAL in all and
-        LINGER_BYTES. TLS and HTTP/2 streams cannot half-close: they just close."""
+        (an error, or an answer before the end of its body): `linger.start`."""
         self.end_batch()
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if self.tunnel or not transport.can_write_eof():
+        if self.tunnel:
             transport.close()
             return
-        transport.write_eof()
-        self.tunnel = self.lingering = True  # data_received drops what comes (no upstream)
+        lingering = linger.start(transport)
+        if lingering is None:
+            return
+        self.tunnel = True  # data_received hands what comes to the Linger (no upstream)
+        self.linger = lingering
         self.parsing = None
-        now = time.monotonic()
-        self.last_activity = now
-        self.linger_until = now + LINGER_TOTAL
-        self.linger_left = LINGER_BYTES
         if self.paused_for_body:
             self.paused_for_body = False
             transport.resume_reading()
-        if self.linger_timer is not None:
-            self.linger_timer.cancel()
-        self.linger_timer = asyncio.get_running_loop().call_later(LINGER_IDLE, self._linger_over)
-
-    def _lingered(self, data: bytes) -> None:
-        self.linger_left -= len(data)
-        self.last_activity = time.monotonic()
-        if self.linger_left <= 0 and self.transport is not None:
-            self.transport.close()
-
-    def _linger_over(self) -> None:
-        """Close once the client has been quiet for LINGER_IDLE, or LINGER_TOTAL is over."""
-        self.linger_timer = None
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        end = min(self.last_activity + LINGER_IDLE, self.linger_until)
-        now = time.monotonic()
-        if now >= end:
-            transport.close()
-        else:
-            self.linger_timer = asyncio.get_running_loop().call_later(end - now, self._linger_over)
 
     # --- asyncio.Protocol -----------------------------------------------------------------
 
@@ -337,23 +303,15 @@ class ClientConnection(asyncio.Protocol):
             upstream = self.upstream
             if upstream is not None:
                 upstream.write(data)
-            elif self.lingering:
-                self._lingered(data)
+            elif self.linger is not None:
+                self.linger.received(data)
             return
         self.last_activity = time.monotonic()
         if self.deferred_error is not None:
             return  # the parser stopped at a malformed request; answers before it go out
         parsing = self.parsing
-        if parsing is None and self.line_part is None:
-            # A request line begins: the common case (the whole line, one space between
-            # its parts) costs two searches of that line.
-            end = data.find(b"\n")
-            if end > 0 and data[0] != 13 and data.find(b"  ", 0, end) < 0:
-                self.line_checked = True  # the next message to begin is this read's first
-            elif self._spaced_line(data):
-                self._parse_failed(400, http1.SPACED_LINE)
-                return
-        elif self.line_part is not None and self._spaced_line(data):
+        lines = self.lines
+        if lines.read(data, parsing is None):
             self._parse_failed(400, http1.SPACED_LINE)
             return
         head_open = parsing is not None and not parsing.method
@@ -362,7 +320,6 @@ class ClientConnection(asyncio.Protocol):
             # A head spread over reads, or a big read that may hold a big head: count
             # each header's size exactly from now on, on this connection.
             self.strict_head = True
-        self.reading = data  # for the line of a request that begins mid-read
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -370,7 +327,7 @@ class ClientConnection(asyncio.Protocol):
             self._client_upgrade(data[offset:])
             return
         except httptools.HttpParserError as exc:
-            self.reading = NO_BODY
+            lines.read_over()
             if (self.heads_seen == 0 and self.context.http2 is not None and self.transport is not None
                     and self.context.http2(self, self.transport, data)):
                 return  # the h2c preface: the connection speaks HTTP/2 from now on
@@ -379,10 +336,10 @@ class ClientConnection(asyncio.Protocol):
             status, reason = refused if refused is not None else (400, f"malformed request: {exc}")
             self._parse_failed(status, reason)
             return
-        self.reading = NO_BODY
+        lines.read_over()
         after = self.parsing
         if after is not None and not after.method and after.line_unchecked:
-            if self._keep_line(after, data):
+            if lines.goes_on(data, self.parser.get_method(), after.target):
                 self._parse_failed(400, http1.SPACED_LINE)
                 return
         if (after is not None and not after.method and self.heads_seen == heads_before
@@ -393,38 +350,6 @@ class ClientConnection(asyncio.Protocol):
             after.head_size += len(data)
             if after.head_size > MAX_HEAD + MAX_TARGET:
                 self._parse_failed(431, f"request head larger than {MAX_HEAD} bytes")
-
-    def _spaced_line(self, data: bytes) -> bool:
-        """Whether the request line beginning (or going on) in `data` has a run of
-        spaces, which llhttp lets through. Only the first line of the read is looked at,
-        and only when a request line is open: a request that fits one read pays two
-        searches of its first line."""
-        part = self.line_part
-        start = 0
-        if part is None:
-            start = http1.line_start(data)
-            if start == len(data):
-                return False  # empty lines only: the request line is still to come
-            self.line_checked = True  # the next message to begin is this read's first
-        elif part and data[:1] == b" ":
-            return True  # a space ended the last read, and one begins this one
-        end = data.find(b"\n", start)
-        if data.find(b"  ", start, end if end >= 0 else len(data)) >= 0:
-            return True
-        self.line_part = None if end >= 0 else (b" " if data[-1:] == b" " else b"")
-        return False
-
-    def _keep_line(self, request: Request, data: bytes) -> bool:
-        """A request that began mid-read goes on into the next read: True if its line,
-        whole in this read, has a run of spaces; else keep the bytes it may span."""
-        window = self.line_window
-        if not window:
-            if http1.spaced_line_in(data, self.parser.get_method(), request.target):
-                return True
-            self.line_window = data[-_LINE_WINDOW:]
-        elif len(window) < 2 * _LINE_WINDOW:
-            self.line_window = window + data[:_LINE_WINDOW]
-        return False
 
     def _parse_failed(self, status: int, reason: str) -> None:
         """The parser met a request it cannot take: answer every request before it, then
@@ -512,9 +437,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.context.clients.discard(self)
-        if self.linger_timer is not None:
-            self.linger_timer.cancel()
-            self.linger_timer = None
+        if self.linger is not None:
+            self.linger.cancel()
         upstream = self.upstream
         self.upstream = None
         request = self.current
@@ -535,24 +459,20 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.pause_reading()
+        if upstream is not None:
+            upstream.pause_answers()  # (resumed when released to the pool, if not before)
 
     def resume_writing(self) -> None:
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.resume_reading()
+        if upstream is not None:
+            upstream.resume_answers()
 
     # --- httptools callbacks (request) ------------------------------------------------------
 
     def on_message_begin(self) -> None:
         request = Request()
         request.started = time.monotonic()
-        if self.line_checked:
-            self.line_checked = False  # the first of its read: data_received checked it
-        else:
-            request.line_unchecked = True
-            self.line_window = NO_BODY
+        request.line_unchecked = self.lines.begin()
         self.parsing = request
 
     def on_url(self, url: bytes) -> None:
@@ -635,8 +555,7 @@ class ClientConnection(asyncio.Protocol):
             if refused is not None:
                 self._refuse_head(*refused)
         method = parser.get_method()
-        if request.line_unchecked and http1.spaced_line_in(
-                self.line_window + self.reading, method, request.target):
+        if request.line_unchecked and self.lines.spaced_at_head(method, request.target):
             self._refuse_head(400, http1.SPACED_LINE)
         problem = http1.target_problem(method, request.target, self.context.scheme)
         host = request.host
@@ -751,8 +670,7 @@ class ClientConnection(asyncio.Protocol):
             request.trace = context.tracing.begin(request.headers)
         if context.overloaded:
             context.metrics.overload_refused += 1
-            self._fail_request(503, "overloaded: resident memory is above --overload-memory",
-                               close=True, overloaded=True)
+            self._fail_request(503, http1.OVERLOADED, close=True, overloaded=True)
             return
         config = context.config
         if config is None:
@@ -1445,9 +1363,9 @@ class ClientConnection(asyncio.Protocol):
         relayed = body is not None  # an answer relayed as its author sent it (external auth)
         body = f"kanal: {status} {reason}\n".encode() if body is None else body
         keep = not close and request.keep_alive and request.complete and not self.close_after
-        extra = b"Retry-After: 1\r\n" if status == 503 else b""
+        extra = http1.RETRY_AFTER if status == 503 else b""
         if overloaded:
-            extra += b"X-Kanal-Overloaded: true\r\n"
+            extra += http1.OVERLOADED_LINE
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
         cache_line = b""  # X-Cache, on a rule with a cache
@@ -1576,20 +1494,7 @@ class ClientConnection(asyncio.Protocol):
         )
 
     exchange_ended: Callable[[], None] | None = None
-    # Lingering close (see _close_lingering): its timer, when it ends, and bytes it
-    # still reads.
-    lingering: bool = False
-    linger_timer: asyncio.TimerHandle | None = None
-    linger_until: float = 0.0
-    linger_left: int = 0
-    # Request line checks (see _spaced_line): b" "/b"" while a line goes on into the
-    # next read (whether the last one ended with a space), else None; whether the next
-    # message to begin was checked; the read being parsed; the start of a request that
-    # began mid-read and goes on.
-    line_part: bytes | None = None
-    line_checked: bool = False
-    reading: bytes = b""
-    line_window: bytes = b""
+    linger: Linger | None = None  # a lingering close under way (see _close_lingering)
     refused: tuple[int, str] | None = None
     deferred_error: tuple[int, str] | None = None
     heads_seen: int = 0

@@ -39,7 +39,7 @@ from kanal.dataplane.router import RouteTable
 
 if TYPE_CHECKING:
     from kanal.dataplane.accesslog import AccessLog
-    from kanal.dataplane.overload import MemoryOverload
+    from kanal.dataplane.overloadstate import MemoryOverload
     from kanal.dataplane.requestid import RequestIds
     from kanal.dataplane.tracing import Tracing
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote
@@ -17,7 +18,7 @@ import httptools
 
 from kanal.contract.snapshot import Rule
 from kanal.dataplane.aggregate import AggregateAnswer, AggregateClient, deliver, exchange
-from kanal.dataplane.grpc import frame
+from kanal.dataplane.grpc import frame, with_timeout
 from kanal.dataplane.grpcjson import (
     Binding,
     TranscodeError,
@@ -67,6 +68,7 @@ class TranscodeRequest(Protocol):
     set_cookie: bytes | None
     retries: Retries | None
     request_sent: bool
+    route_timer: asyncio.TimerHandle | None  # the rule's `timeout`, when it has one
 
 
 def begin(client: AggregateClient, request: TranscodeRequest, rule: Rule,
@@ -93,6 +95,8 @@ def begin(client: AggregateClient, request: TranscodeRequest, rule: Rule,
         return
     binding, variables = match
     authority = request.host.decode("latin-1") if request.host is not None else upstream.key
+    deadline = (request.route_timer.when() if rule.timeout and request.route_timer is not None
+                else math.inf)
 
     def call(body: bytes | None) -> None:
         if body is None:
@@ -101,7 +105,7 @@ def begin(client: AggregateClient, request: TranscodeRequest, rule: Rule,
                            % MAX_JSON_BODY)
             return
         answer.task = loop.create_task(_call(client, answer, binding, variables, query, body,
-                                             rule, upstream, authority))
+                                             rule, upstream, authority, deadline))
 
     answer.ready = call
     request.request_sent = True
@@ -157,9 +161,26 @@ class TranscodeAnswer(AggregateAnswer):
             self.ready(None if self.too_large else bytes(self.received))
 
 
+def _timed_heads(head: bytes, deadline: float, rule: Rule) -> Callable[[], bytes] | None:
+    """Each try's head with the time it has as its `grpc-timeout`, as a proxied gRPC call
+    gets it: what is left of the rule's `timeout`, cut to the try's
+    `retries.perTryTimeout`; None when the rule has neither."""
+    per_try = rule.retries.per_try_timeout if rule.retries is not None else None
+    if deadline == math.inf and not per_try:
+        return None
+    loop = asyncio.get_running_loop()
+
+    def timed() -> bytes:
+        now = loop.time()
+        end = min(deadline, now + per_try) if per_try else deadline
+        return with_timeout(head, end - now)
+
+    return timed
+
+
 async def _call(client: AggregateClient, answer: TranscodeAnswer, binding: Binding,
                 variables: dict[str, str], query: str, body: bytes, rule: Rule,
-                upstream: UpstreamRuntime, authority: str) -> None:
+                upstream: UpstreamRuntime, authority: str, deadline: float) -> None:
     try:
         message = request_message(binding, variables, query, body)
     except TranscodeError as exc:
@@ -169,7 +190,8 @@ async def _call(client: AggregateClient, answer: TranscodeAnswer, binding: Bindi
     head = (f"POST {binding.path} HTTP/1.1\r\nHost: {authority}\r\n"
             "Content-Type: application/grpc\r\nTE: trailers\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n").encode("latin-1")
-    result, fields = await exchange(binding.path, "POST", head, payload, rule, upstream)
+    result, fields = await exchange(binding.path, "POST", head, payload, rule, upstream,
+                                    try_head=_timed_heads(head, deadline, rule))
     if result.error is not None:
         deliver(client, answer, *error_json(14, result.error))
         return

@@ -117,14 +117,15 @@ def _decide(conn: CacheClient, request: ProxiedRequest, exchange: CacheExchange,
             refresh_in_background(conn, request, entry, exchange)
             if serve(conn, request, entry, STALE, now):
                 return True
-        else:
+        elif not request_cc.only_if_cached:
             exchange.entry = entry
-    elif request_cc.only_if_cached:
+    if request_cc.only_if_cached:  # nothing that may be served without the upstream
         store.stats.count("miss", exchange.route)
         exchange.outcome = MISS  # the cache was asked: nothing stored
         conn._fail_request(504, "only-if-cached: no stored answer")
         return True
-    elif request.method == b"GET" and (pending := store.active_fill(exchange.key)) is not None:
+    if entry is None and request.method == b"GET" and (
+            pending := store.active_fill(exchange.key)) is not None:
         _wait(conn, request, exchange, pending)
         return True
     _go_upstream(request, exchange)

@@ -9,7 +9,10 @@ entry), stands in for a failed origin within `stale-if-error`, and within
 background. Concurrent misses for one key wait for the first one's answer (bounded by
 `FILL_LOCK`), as on the reverse listener. `begin` is a coroutine: the forward proxy
 decides each request in a task of its own, so waiting for a fill or for a disk read
-holds nothing else up.
+holds nothing else up. Misses and revalidations (background ones included) reach the
+origin as any forward request does: on the listener's pooled connections to origins,
+shared by all its clients (`kanal.dataplane.forwardpool`), not on a connection of the
+client's own.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from kanal.dataplane.cache.forwardrefresh import is_background, revalidate
 from kanal.dataplane.cache.policy import header, header_values
 from kanal.dataplane.cache.rule import RuleCache, rule_cache
 from kanal.dataplane.cache.store import FILL_LOCK, PROCESS_STORE, Entry, Fill, lookup
-from kanal.dataplane.http1 import status_line
+from kanal.dataplane.http1 import error_head, status_line
 
 
 def egress_cache(snapshot: Snapshot, namespace: str) -> RuleCache | None:
@@ -63,6 +66,7 @@ class ForwardRequestView(Protocol):
     status: int
     down: int
     decision: str
+    reason: str
 
     @property
     def method(self) -> bytes: ...
@@ -143,6 +147,9 @@ async def begin(conn: ForwardClient, request: ForwardRequestView, path: bytes,
     pragma = not cc_values and b"no-cache" in (header(view.headers, b"pragma") or b"").lower()
     exchange.outcome = MISS
     entry = lookup(store, key, request_fields(view))
+    only_if_cached = exchange.request_cc.only_if_cached
+    if entry is None and only_if_cached:
+        return unavailable(conn, request, exchange)
     if entry is None and view.method == b"GET" and (pending := store.active_fill(key)):
         # Concurrent misses: wait for the one under way (bounded), then look again.
         await _wait_for(pending)
@@ -156,6 +163,8 @@ async def begin(conn: ForwardClient, request: ForwardRequestView, path: bytes,
             return True
         if body is None:
             entry = None  # unreadable (dropped): a miss
+    if entry is None and only_if_cached:
+        return unavailable(conn, request, exchange)
     now = exchange.request_time = time.time()
     if entry is not None:
         exchange.hold(entry, body)
@@ -174,6 +183,8 @@ async def begin(conn: ForwardClient, request: ForwardRequestView, path: bytes,
                            conn.transport.get_extra_info("peername") if conn.transport else None)
             conn._end_exchange(request)
             return True
+        if only_if_cached:  # stored, but not to be served without asking the origin
+            return unavailable(conn, request, exchange)
         exchange.entry = entry
     if view.method == b"GET":
         exchange.client_headers = request.headers
@@ -181,6 +192,36 @@ async def begin(conn: ForwardClient, request: ForwardRequestView, path: bytes,
         if store.active_fill(key) is None:
             exchange.fill = store.start_fill(key)
     return False
+
+
+ONLY_IF_CACHED = "only-if-cached: no stored answer"
+
+
+def unavailable(conn: ForwardClient, request: ForwardRequestView,
+                exchange: CacheExchange) -> bool:
+    """`Cache-Control: only-if-cached` and no stored answer that may be served: 504,
+    and the origin is never asked (RFC 9111 5.2.1.7). True: answered."""
+    exchange.store.stats.count("miss", exchange.route)
+    exchange.outcome = MISS  # the cache was asked: nothing to answer with
+    request.status = 504
+    request.reason = ONLY_IF_CACHED
+    request.decision = "cache"
+    transport = conn.transport
+    if transport is None:
+        conn._end_exchange(request)
+        return True
+    text = b"kanal: 504 " + ONLY_IF_CACHED.encode() + b"\n"
+    close = not request.keep_alive or not request.complete or conn.response_close
+    data = error_head(504, len(text), keep_alive=not close, extra=b"X-Cache: " + MISS + b"\r\n")
+    if request.method != b"HEAD":
+        data += text
+    request.down += len(data)
+    conn.response_close = close
+    conn.response_started = True
+    conn.response_chunked = False
+    transport.write(data)
+    conn._end_exchange(request)
+    return True
 
 
 async def _wait_for(fill: Fill) -> bool:

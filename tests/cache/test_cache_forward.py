@@ -76,6 +76,29 @@ async def test_revalidation_and_invalidation_on_the_forward_listener(proxy, orig
     assert (await fetch(forward_port, origin, item)).header("X-Cache") == "MISS"
 
 
+async def test_only_if_cached_on_the_forward_listener(proxy, origin, forward_port):
+    """`Cache-Control: only-if-cached`: a stored answer that may be served, else 504;
+    the origin is never asked."""
+    url = f"http://localhost:{origin.port}"
+    ask = f"Host: localhost:{origin.port}\r\nCache-Control: only-if-cached\r\n\r\n"
+    missing, after = await raw_request(forward_port, (
+        f"GET {url}/fwd-oic-never HTTP/1.1\r\n{ask}"
+        f"GET {url}/fwd-oic-next HTTP/1.1\r\nHost: localhost:{origin.port}\r\n\r\n"
+    ).encode(), responses=2)
+    assert missing.status == 504 and missing.header("X-Cache") == "MISS"
+    assert origin.count("/fwd-oic-never") == 0
+    assert after.status == 200  # the connection goes on after the 504
+    stored = "/fwd-oic?" + q(cc="max-age=60")
+    first = await fetch(forward_port, origin, stored)
+    hit = await fetch(forward_port, origin, stored, "Cache-Control: only-if-cached")
+    assert hit.status == 200 and hit.header("X-Cache") == "HIT" and hit.body == first.body
+    stale = "/fwd-oic-stale?" + q(cc="max-age=0", etag='"o"')
+    await fetch(forward_port, origin, stale)
+    refused = await fetch(forward_port, origin, stale, "Cache-Control: only-if-cached")
+    assert refused.status == 504 and refused.header("X-Cache") == "MISS"
+    assert origin.count("/fwd-oic") == origin.count("/fwd-oic-stale") == 1
+
+
 async def test_connect_tunnels_are_never_cached(proxy, origin, forward_port):
     reader, writer = await asyncio.open_connection("127.0.0.1", forward_port)
     try:

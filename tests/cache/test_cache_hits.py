@@ -206,6 +206,16 @@ async def test_client_cache_control_is_honoured(proxy: Kanal, origin: Origin):
     assert missing.status == 504 and origin.count("/never-seen") == 0
 
 
+async def test_only_if_cached_never_revalidates_a_stale_answer(proxy: Kanal, origin: Origin):
+    """A stored answer that would have to be revalidated is not served, and the origin
+    is not asked for it either: 504 (RFC 9111 5.2.1.7)."""
+    target = "/client-oic-stale?" + q(cc="max-age=0", etag='"o"')
+    await get(proxy, target)
+    refused = await get(proxy, target, "Cache-Control: only-if-cached")
+    assert refused.status == 504 and refused.header("X-Cache") == "MISS"
+    assert origin.count("/client-oic-stale") == 1
+
+
 async def test_set_cookie_answers_stored_by_policy_are_served_without_the_cookie(proxy, origin):
     target = "/cookies/a?" + q(cc="max-age=60", cookie="sid=secret")
     first = await get(proxy, target)

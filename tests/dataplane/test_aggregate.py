@@ -4,13 +4,16 @@ answer; parts that fail or are late follow the rule's `onError`."""
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
+from collections.abc import Iterator
 
 import aiohttp
 import httpx
 import pytest
 
-from tests.conftest import free_port, upstream_yaml
+from tests.conftest import async_wait_until, free_port, upstream_yaml
 
 ROUTES = """\
 apiVersion: kanal.dev/v1alpha1
@@ -49,6 +52,24 @@ spec:
         parts:
           - {name: one, upstream: users, path: "/one"}
           - {name: two, upstream: orders, path: "/two/{header.x-internal}"}
+    - matches: [{path: {type: PathPrefix, value: /bff/late}}]
+      aggregate:
+        onError: Partial
+        parts:
+          - {name: slow, upstream: silent, path: "/hang/own", timeout: 300ms}
+    - matches: [{path: {type: PathPrefix, value: /bff/deadline/partial}}]
+      timeout: 500ms
+      aggregate:
+        onError: Partial
+        parts:
+          - {name: fast, upstream: users, path: "/fast"}
+          - {name: slow, upstream: silent, path: "/hang/partial", timeout: 10s}
+    - matches: [{path: {type: PathPrefix, value: /bff/deadline/fail}}]
+      timeout: 500ms
+      aggregate:
+        parts:
+          - {name: fast, upstream: users, path: "/fast"}
+          - {name: slow, upstream: silent, path: "/hang/fail", timeout: 10s}
     - matches: [{path: {type: PathPrefix, value: /bff/retried}}]
       retries: {attempts: 2, retryOn: ["503", connect-failure]}
       aggregate:
@@ -57,8 +78,53 @@ spec:
 """
 
 
+class Silent:
+    """A backend that reads each request and never answers; it notes when the proxy
+    hangs up on it (by the request's path)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.hung_up: dict[str, float] = {}
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        with sock:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            path = data.split(b" ", 2)[1].decode()
+            try:
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass
+            self.hung_up[path] = time.monotonic()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
 @pytest.fixture(scope="module")
-def proxy(module_kanal, module_backends):
+def silent() -> Iterator[Silent]:
+    backend = Silent()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(module_kanal, module_backends, silent):
     users, orders = module_backends("users"), module_backends("orders")
     closed = free_port()
     dead = ("apiVersion: kanal.dev/v1alpha1\nkind: Upstream\nmetadata: {name: dead}\n"
@@ -66,9 +132,11 @@ def proxy(module_kanal, module_backends):
     half = ("apiVersion: kanal.dev/v1alpha1\nkind: Upstream\nmetadata: {name: half-dead}\n"
             f"spec:\n  endpoints: [{{address: 127.0.0.1, port: {closed}}}, "
             f"{{address: 127.0.0.1, port: {users.port}}}]\n")
+    quiet = ("apiVersion: kanal.dev/v1alpha1\nkind: Upstream\nmetadata: {name: silent}\n"
+             f"spec:\n  endpoints: [{{address: 127.0.0.1, port: {silent.port}}}]\n")
     return module_kanal({"routes.yaml": ROUTES, "users.yaml": upstream_yaml("users", users),
                          "orders.yaml": upstream_yaml("orders", orders), "dead.yaml": dead,
-                         "half.yaml": half})
+                         "half.yaml": half, "silent.yaml": quiet})
 
 
 async def get(proxy, path: str, headers: dict[str, str] | None = None):
@@ -125,6 +193,44 @@ async def test_fail_policy_answers_502_naming_the_part(proxy):
     status, _, body = await get(proxy, "/bff/fail")
     assert status == 502
     assert body["error"].startswith("part broken failed")
+
+
+async def hung_up(silent: Silent, path: str, since: float) -> None:
+    """The part's request to `silent` was given up (its connection closed) within 2s of
+    `since` (well before the 10s of the parts the rule's timeout cuts)."""
+    async def closed() -> bool:
+        return path in silent.hung_up
+    await async_wait_until(closed, timeout=5)
+    assert silent.hung_up[path] - since < 2.0
+
+
+async def test_a_late_parts_request_is_given_up(proxy, silent):
+    """A part later than its own timeout is not left running on its backend."""
+    started = time.monotonic()
+    status, _, body = await get(proxy, "/bff/late")
+    assert status == 200 and body["errors"] == {"slow": "no answer within 0.3s"}
+    await hung_up(silent, "/hang/own", started)
+
+
+async def test_the_rules_timeout_bounds_a_partial_aggregate(proxy, silent):
+    """Past the rule's 500ms timeout the slow part (its own timeout 10s) is cancelled:
+    null and an error entry for it, the parts that answered kept."""
+    started = time.monotonic()
+    status, _, body = await get(proxy, "/bff/deadline/partial")
+    assert time.monotonic() - started < 2.0
+    assert status == 200
+    assert body["fast"]["path"] == "/fast" and body["slow"] is None
+    assert body["errors"] == {"slow": "no answer within the rule's timeout (0.5s)"}
+    await hung_up(silent, "/hang/partial", started)
+
+
+async def test_the_rules_timeout_fails_a_fail_aggregate_with_504(proxy, silent):
+    started = time.monotonic()
+    status, _, body = await get(proxy, "/bff/deadline/fail")
+    assert time.monotonic() - started < 2.0
+    assert status == 504
+    assert "part slow" in body["error"] and set(body["errors"]) == {"slow"}
+    await hung_up(silent, "/hang/fail", started)
 
 
 async def test_parts_take_the_upstreams_retries_and_breakers(proxy):

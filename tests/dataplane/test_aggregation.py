@@ -42,3 +42,14 @@ def test_merge_policies():
     status, body = merge(results, "Fail")
     assert status == 502 and json.loads(body)["error"] == "part c failed: no answer within 1s"
     assert merge(results[:2], "Fail")[0] == 200
+
+
+def test_a_part_cut_by_the_rules_timeout_makes_a_failing_aggregate_504():
+    results = [PartResult("a", 503, b""),
+               PartResult("b", error="no answer within the rule's timeout (1s)", overdue=True)]
+    status, body = merge(results, "Fail")
+    assert status == 504
+    assert json.loads(body)["errors"] == {"a": "answered 503",
+                                          "b": "no answer within the rule's timeout (1s)"}
+    status, body = merge(results, "Partial")
+    assert status == 200 and json.loads(body)["b"] is None

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from kanal.dataplane.overload import MemoryOverload, resident_bytes
+from kanal.dataplane.overload import resident_bytes
+from kanal.dataplane.overloadstate import MemoryOverload
 from tests.conftest import raw_request, read_response, upstream_yaml
 from tests.dataplane.test_connection_caps import ROUTE, metric
 

@@ -55,6 +55,9 @@ service Books {
     option (google.api.http) = { post: "/v1/shelves/{shelf}/books" body: "book" };
   }
   rpc Hidden(GetBookRequest) returns (Book);
+  rpc Deadline(GetBookRequest) returns (Book) {
+    option (google.api.http) = { get: "/v1/deadline" };
+  }
 }
 message Book { int64 id = 1; string title = 2; string shelf_name = 3; repeated string tags = 4; }
 message GetBookRequest { string shelf = 1; int64 book_id = 2; string view = 3; }
@@ -107,6 +110,11 @@ def shop(tmp_path_factory) -> Iterator[tuple[int, bytes]]:
         created.shelf_name = request.shelf
         return created
 
+    def deadline(request: Any, context: grpc.ServicerContext) -> Any:
+        """The seconds left of the deadline the call came with, or "none"."""
+        left = context.time_remaining()  # grpcio: None or a huge number without one
+        return book(title="none" if left is None or left > 1e9 else f"{left:f}")
+
     def handler(function: Any, request: str) -> Any:
         return grpc.unary_unary_rpc_method_handler(
             function, request_deserializer=classes[request].FromString,
@@ -117,6 +125,7 @@ def shop(tmp_path_factory) -> Iterator[tuple[int, bytes]]:
         "GetBook": handler(get_book, "GetBookRequest"),
         "CreateBook": handler(create_book, "CreateBookRequest"),
         "Hidden": handler(get_book, "GetBookRequest"),
+        "Deadline": handler(deadline, "GetBookRequest"),
     }),))
     port = free_port()
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -178,6 +187,17 @@ def proxy(module_kanal, shop, tmp_path_factory):
                               headers: [{{name: x-descriptors, value: file}}]}}]
                   backends: [{{upstream: books}}]
                   grpcTranscoder: {{descriptorFile: {descriptor_file}}}
+                - matches: [{{path: {{type: PathPrefix, value: /v1}},
+                              headers: [{{name: x-bound, value: route}}]}}]
+                  backends: [{{upstream: books}}]
+                  timeout: 2s
+                  grpcTranscoder: {{descriptorSecretName: shop-descriptors}}
+                - matches: [{{path: {{type: PathPrefix, value: /v1}},
+                              headers: [{{name: x-bound, value: try}}]}}]
+                  backends: [{{upstream: books}}]
+                  timeout: 5s
+                  retries: {{attempts: 1, perTryTimeout: 1500ms}}
+                  grpcTranscoder: {{descriptorSecretName: shop-descriptors}}
                 - matches: [{{path: {{type: PathPrefix, value: /v1}}}}]
                   backends: [{{upstream: books}}]
                   grpcTranscoder: {{descriptorSecretName: shop-descriptors}}
@@ -212,6 +232,24 @@ async def test_grpc_errors_become_http_statuses(proxy):
     assert (status, body) == (404, {"code": 5, "message": "no book 404"})
     status, body = await call(proxy, "GET", "/v1/shelves/x/books/notanumber")
     assert status == 400 and body["code"] == 3
+
+
+@pytest.mark.parametrize(("bound", "low", "high"), [
+    ("route", 1.0, 2.0),  # the rule's 2s timeout
+    ("try", 0.5, 1.5),    # the per-try timeout (1.5s), shorter than the rule's 5s
+])
+async def test_the_grpc_call_is_told_the_rules_timeout(proxy, bound, low, high):
+    """As a proxied gRPC call is: the server gets a `grpc-timeout`, so it gives up no
+    later than the proxy stops waiting for it."""
+    status, body = await call(proxy, "GET", "/v1/deadline", headers={"x-bound": bound})
+    assert status == 200
+    # grpcio reads its deadline back through a wall clock: allow it a little slack.
+    assert low < float(body["title"]) <= high + 0.3
+
+
+async def test_a_rule_without_timeouts_sends_no_deadline(proxy):
+    status, body = await call(proxy, "GET", "/v1/deadline")
+    assert (status, body) == (200, {"title": "none"})
 
 
 async def test_a_method_without_annotation_is_not_exposed(proxy):
