@@ -452,6 +452,25 @@ async def raw_request(port: int, data: bytes, *, responses: int = 1,
         writer.close()
 
 
+async def answer_while_sending(port: int, head: bytes, size: int, chunk: bytes = b"x" * 65536,
+                               timeout: float = 30.0) -> RawResponse:
+    """A client that writes its whole body (`size` bytes of `chunk`s) before it reads, as
+    many do: the proxy's answer must survive the bytes still coming (lingering close),
+    and the proxy closes its end after it. Returns that answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        async with asyncio.timeout(timeout):
+            for _ in range(size // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+            answer = await read_response(reader)
+            assert await reader.read() == b""  # then the proxy's end of the connection
+        return answer
+    finally:
+        writer.close()
+
+
 def header_values(record: dict[str, Any], name: str) -> list[str]:
     """Every value of header `name` in a backend's record of a request."""
     return [value for key, value in record["headers"] if key.lower() == name.lower()]

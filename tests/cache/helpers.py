@@ -5,8 +5,10 @@ manifest of an origin."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import quote
 
 from tests.cache.origin import Origin
@@ -51,3 +53,17 @@ def upstream(origin: Origin) -> str:
         spec:
           endpoints: [{{address: 127.0.0.1, port: {origin.port}}}]
         """
+
+
+async def read_fifo(fifo: Path) -> bytes:
+    """Everything a cache's disk write puts into a FIFO standing in for its file: opening
+    it lets the write (blocked until a reader comes) go on; read until the writer is done."""
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    os.set_blocking(reader, True)
+    try:
+        chunks = []
+        while chunk := await asyncio.to_thread(os.read, reader, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(reader)
+    return b"".join(chunks)

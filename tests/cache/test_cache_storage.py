@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kanal.dataplane.cache.policy import url_key
 from kanal.dataplane.cache.store import file_name
-from tests.cache.helpers import get, q, upstream
+from tests.cache.helpers import get, q, read_fifo, upstream
 from tests.cache.test_cache_admin import ROUTE, admin, metric
 
 
@@ -60,15 +60,8 @@ async def test_a_slow_disk_holds_up_no_request(origin, kanal, tmp_path: Path):
         assert [a.status for a in smalls] == [200] * 10
         assert again.header("X-Cache") == "HIT" and again.body == first.body
     finally:
-        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the write goes on
-    os.set_blocking(reader, True)
-    try:
-        chunks = []
-        while chunk := await asyncio.to_thread(os.read, reader, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(reader)
-    assert b"".join(chunks) == first.body  # the write was under way all along
+        on_disk = await read_fifo(fifo)  # the write goes on
+    assert on_disk == first.body  # the write was under way all along
 
 
 async def test_an_unusable_folder_costs_entries_not_answers(origin, kanal, tmp_path: Path):

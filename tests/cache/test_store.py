@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from kanal.dataplane.cache.policy import NO_DIRECTIVES
 from kanal.dataplane.cache.store import ENTRY_OVERHEAD, CacheStore, Entry, file_name, lookup
+from tests.cache.helpers import read_fifo
 
 
 def entry(key: str, size: int = 100, variant: tuple[str, ...] = ()) -> Entry:
@@ -115,15 +116,8 @@ async def test_a_slow_disk_holds_up_nothing_and_the_entry_is_served_meanwhile(
             assert store.body(spilled) == b"x" * 50_000
         assert spilled.body is not None and store.disk_io.pending_writes == 1
     finally:
-        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the write goes on
-    os.set_blocking(reader, True)
-    try:
-        chunks = []
-        while chunk := await asyncio.to_thread(os.read, reader, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(reader)
-    assert b"".join(chunks) == b"x" * 50_000  # the whole body went to the file
+        on_disk = await read_fifo(fifo)  # the write goes on
+    assert on_disk == b"x" * 50_000  # the whole body went to the file
     await written(store)
     assert store.disk_io.pending_writes == 0
 

@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 
-from tests.conftest import free_port, raw_request, read_response
+from tests.conftest import answer_while_sending, free_port, raw_request, read_response
 from tests.dataplane import test_forward, test_forward_pool
 from tests.dataplane.test_connection_caps import metric
 from tests.dataplane.test_forward import allow, local
@@ -88,24 +88,11 @@ async def test_a_spaced_line_behind_a_valid_one_is_caught_after_its_answer(forwa
 async def test_an_error_answer_survives_a_client_that_goes_on_sending(forward, origin) -> None:
     web = await origin(ok())
     fwd = await forward(allow(local(web.port)))
-    reader, writer = await asyncio.open_connection("127.0.0.1", fwd.port)
-    size = 16 * 1024 * 1024
-    try:
-        # A client that writes its whole body before it reads, to a destination no
-        # policy allows: the 403 goes out while the body keeps coming. Without a
-        # lingering close the proxy's close resets the connection under the client's
-        # writes, and the answer is lost.
-        writer.write(b"POST http://denied.localhost/upload HTTP/1.1\r\n"
-                     b"Host: denied.localhost\r\nContent-Length: %d\r\n\r\n" % size)
-        chunk = b"x" * 65536
-        async with asyncio.timeout(30):
-            for _ in range(size // len(chunk)):
-                writer.write(chunk)
-                await writer.drain()
-            answer = await read_response(reader)
-            assert await reader.read() == b""  # then the proxy's end of the connection
-    finally:
-        writer.close()
+    # A client that writes its whole body before it reads, to a destination no policy
+    # allows: the 403 goes out while the body keeps coming.
+    answer = await answer_while_sending(
+        fwd.port, b"POST http://denied.localhost/upload HTTP/1.1\r\n"
+                  b"Host: denied.localhost\r\nContent-Length: %d\r\n\r\n" % (16 << 20), 16 << 20)
     assert answer.status == 403
     assert answer.header("Connection") == "close"
     assert not web.heads
@@ -118,23 +105,13 @@ async def test_a_mesh_error_answer_closes_lingering_too(forward, backends) -> No
     rule = dataclasses.replace(route.rules[0], max_request_body_size=1024)
     config["routes"] = (dataclasses.replace(route, rules=(rule,)), other)
     fwd = await forward(**config)
-    reader, writer = await asyncio.open_connection("127.0.0.1", fwd.port)
-    size = 16 * 1024 * 1024
-    try:
-        # The reverse proxy that routes mesh requests answers 413 at the head; the body
-        # keeps coming and must be dropped, not parsed as requests, until the client is done.
-        writer.write(b"POST http://orders.mesh/upload HTTP/1.1\r\nHost: orders.mesh\r\n"
-                     b"Content-Length: %d\r\n\r\n" % size)
-        chunk = b"GET http://orders.mesh/smuggled HTTP/1.1\r\nHost: orders.mesh\r\n\r\n"
-        chunk *= 65536 // len(chunk)
-        async with asyncio.timeout(30):
-            for _ in range(size // len(chunk)):
-                writer.write(chunk)
-                await writer.drain()
-            answer = await read_response(reader)
-            assert await reader.read() == b""
-    finally:
-        writer.close()
+    # The reverse proxy that routes mesh requests answers 413 at the head; the body keeps
+    # coming and must be dropped, not parsed as requests, until the client is done.
+    smuggled = b"GET http://orders.mesh/smuggled HTTP/1.1\r\nHost: orders.mesh\r\n\r\n"
+    answer = await answer_while_sending(
+        fwd.port, b"POST http://orders.mesh/upload HTTP/1.1\r\nHost: orders.mesh\r\n"
+                  b"Content-Length: %d\r\n\r\n" % (16 << 20), 16 << 20,
+        chunk=smuggled * (65536 // len(smuggled)))
     assert answer.status == 413
     assert not app.received
 

@@ -12,7 +12,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.conftest import free_port, raw_request, read_response, upstream_yaml
+from tests.conftest import (
+    answer_while_sending,
+    free_port,
+    raw_request,
+    read_response,
+    upstream_yaml,
+)
 
 
 @dataclass
@@ -544,23 +550,10 @@ async def test_empty_lines_before_a_request_line_are_ignored(edge) -> None:
 
 async def test_an_error_answer_survives_a_client_that_goes_on_sending(edge) -> None:
     port, recorder = edge
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    size = 16 * 1024 * 1024
-    try:
-        # A client that writes its whole body before it reads: the 413 goes out at the
-        # head, and the body keeps coming. Without a lingering close the proxy's close
-        # resets the connection under the client's writes, and the answer is lost.
-        writer.write(b"POST /linger HTTP/1.1\r\nHost: limits.test\r\n"
-                     b"Content-Length: %d\r\n\r\n" % size)
-        chunk = b"x" * 65536
-        async with asyncio.timeout(30):
-            for _ in range(size // len(chunk)):
-                writer.write(chunk)
-                await writer.drain()
-            answer = await read_response(reader)
-            assert await reader.read() == b""  # then the proxy's end of the connection
-    finally:
-        writer.close()
+    # The 413 goes out at the head, and the body keeps coming.
+    answer = await answer_while_sending(
+        port, b"POST /linger HTTP/1.1\r\nHost: limits.test\r\n"
+              b"Content-Length: %d\r\n\r\n" % (16 << 20), 16 << 20)
     assert (answer.status, answer.reason) == (413, "Content Too Large")
     assert answer.body.startswith(b"kanal: 413 request body larger than 1024 bytes")
     assert not received(recorder, b"/linger")
