@@ -39,28 +39,39 @@ if TYPE_CHECKING:
 
 
 class AggregateClient(ResponseSink, Protocol):
-    """What the request logic (`proxy.ClientConnection`) offers an aggregate."""
+    """What the request logic (`proxy.ClientConnection`) offers an aggregate: the
+    client's address, the upstream side it pairs with, and its answer path."""
 
     peer: str
     upstream: UpstreamConnection | None
+
+
+class AggregateRequest(Protocol):
+    """What an aggregate reads and sets of the request's exchange (`proxy.Request`)."""
+
     upstream_key: str
-    set_cookie: bytes | None
+
+    @property
+    def target(self) -> bytes: ...
+    @property
+    def host(self) -> bytes | None: ...
+
+    def get(self, name: str, default: str | None = None) -> str | None: ...
 
 
 PartHeaders = Callable[[list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]
 """The rule's request header filters, applied to a part's own headers."""
 
 
-def begin(client: AggregateClient, target: bytes, host: bytes | None,
-          header: Callable[[str], str | None], rule: Rule, config: Config,
+def begin(client: AggregateClient, request: AggregateRequest, rule: Rule, config: Config,
           part_headers: PartHeaders | None = None) -> None:
-    """Answer the current request of `client` with `rule`'s aggregate."""
+    """Answer `request`, the current one of `client`, with `rule`'s aggregate."""
     answer = AggregateAnswer()
     client.upstream = answer  # a client that leaves aborts it, which cancels the parts
-    client.upstream_key = "aggregate"
-    client.set_cookie = None
+    request.upstream_key = "aggregate"
     answer.task = asyncio.get_running_loop().create_task(
-        _run(client, answer, target, host, header, rule, config, part_headers))
+        _run(client, answer, request.target, request.host, request.get, rule, config,
+             part_headers))
 
 
 class AggregateAnswer(UpstreamConnection):

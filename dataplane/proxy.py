@@ -76,14 +76,14 @@ _SPECIAL_REQUEST_HEADERS = (
 _METHOD_TEXT = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 class Request:
-    """What the parser learned of one request, and how far its exchange has come."""
+    """One request on a client connection and its exchange: what the parser learned of
+    it, then how far its exchange has come (route, backend, tries, answer).
 
-    __slots__ = (
-        "method", "target", "headers", "host", "http11", "keep_alive", "chunked",
-        "content_length", "upgrade", "expect_continue", "complete", "body", "body_size",
-        "started", "cookie", "forwarded", "connection_named", "upgrade_value", "decoded",
-        "head_size", "singletons", "websocket_key", "received", "line_unchecked",
-    )
+    A new one is made for every request, so nothing of one exchange carries into the
+    next on a keep-alive connection. The exchange's state sits at class level below:
+    its resting values cost nothing until a step of the exchange sets them (a rule
+    without retries, a cache or filters never touches theirs).
+    """
 
     def __init__(self) -> None:
         self.method = b""
@@ -111,6 +111,76 @@ class Request:
         self.received = 0  # body bytes, for the access log
         # Began in the middle of a read: its request line was not checked before parsing.
         self.line_unchecked = False
+
+    # --- the exchange ---------------------------------------------------------------------
+    # Where it goes: the route and rule, the Upstream and backend, the filters' state,
+    # the request id and trace, and what the access policy and the cache hold of it.
+    route_key: str = ""
+    route_rule: Rule | None = None
+    upstream_key: str = ""
+    upstream_runtime: UpstreamRuntime | None = None
+    filter_state: Exchange | None = None
+    request_id: bytes | None = None
+    trace: ExchangeTrace | None = None
+    hsts: bytes | None = None
+    set_cookie: bytes | None = None  # a session affinity cookie to set
+    hash_key: str | None = None
+    body_limit: int | None = None
+    access_headers: bytes | None = None  # RateLimit lines for the answer
+    body_waiter: Callable[[], None] | None = None  # an access check waiting for the body
+    cache_selection: Selection | None = None  # consulted once the access policy passed
+    cache_exchange: CacheExchange | None = None
+    cache_outcome: bytes = b""  # the access log's `cache` field, for an answer served here
+    aggregated: Rule | None = None  # answered by sub-requests once the policy passed
+    transcoded: Rule | None = None  # answered by transcoding once the policy passed
+    # Its tries: the head sent upstream, the endpoint of the try under way, the route's
+    # and the try's timers, the retry policy and what is kept to replay the body.
+    upstream_head: bytes = b""
+    request_sent: bool = False
+    endpoint_state: EndpointState | None = None
+    tried: EndpointState | None = None
+    attempt_started: float = 0.0
+    route_timer: asyncio.TimerHandle | None = None
+    try_timer: asyncio.TimerHandle | None = None
+    retries: Retries | None = None
+    attempts_left: int = 0
+    implicit_used: int = 0
+    retried: int = 0
+    is_retry: bool = False
+    resent_stale: bool = False
+    last_failure: tuple[int, str] | None = None
+    kept_body: list[bytes] | None = None
+    kept_size: int = 0
+    # Its answer.
+    response_started: bool = False
+    response_chunked: bool = False
+    response_close: bool = False
+    encoder: Encoder | None = None
+    body_sent: int = 0
+
+    def cancel_try_timer(self) -> None:
+        timer = self.try_timer
+        if timer is not None:
+            timer.cancel()
+            self.try_timer = None
+
+    def cancel_route_timer(self) -> None:
+        timer = self.route_timer
+        if timer is not None:
+            timer.cancel()
+            self.route_timer = None
+
+    def keep(self, chunks: list[bytes]) -> None:
+        """Remember body bytes sent, while they fit, so a retry can send them again."""
+        kept = self.kept_body
+        if kept is None:
+            return
+        for chunk in chunks:
+            self.kept_size += len(chunk)
+            if self.kept_size > RETRY_BUFFER:
+                self.kept_body = None  # too big to replay: this request is not retried
+                return
+            kept.append(chunk)
 
     # A read-only mapping of lower-case header names to values (repeated fields joined
     # with ", "), for the router; decoded only if a route asks for a header.
@@ -154,19 +224,12 @@ class ClientConnection(asyncio.Protocol):
         self.current: Request | None = None
         self.waiting: deque[Request] = deque()
         self.upstream: UpstreamConnection | None = None
-        self.upstream_runtime: UpstreamRuntime | None = None
-        self.route_key = ""
-        self.upstream_key = ""
-        self.response_chunked = False
-        self.response_close = False
-        self.response_started = False
-        self.request_sent = False
         self.close_after = False
         self.paused_for_body = False
         self.tunnel = False
-        self.timer: asyncio.TimerHandle | None = None
-        # A gRPC call over HTTP/2 (set by the stream's owner): the loop time its client's
-        # grpc-timeout runs out (inf without one). None for every other request.
+        # A gRPC call over HTTP/2 (set by the stream's owner, a connection that carries
+        # one request): the loop time its client's grpc-timeout runs out (inf without
+        # one). None on every other connection.
         self.grpc_deadline: float | None = None
         self.batch: list[bytes] | None = None
         self.forwarded_key: bytes | None = None
@@ -217,7 +280,6 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel = True  # data_received hands what comes to the Linger (no upstream)
         self.linger = lingering
         self.parsing = None
-        self._cancel_timer()
         if self.paused_for_body:
             self.paused_for_body = False
             transport.resume_reading()
@@ -296,7 +358,7 @@ class ClientConnection(asyncio.Protocol):
         current = self.current
         if current is not None and not current.complete:
             # The current request's own body is malformed: it cannot be finished.
-            if self.response_started:
+            if current.response_started:
                 self._abort()
             else:
                 self._fail_request(status, reason, close=True)
@@ -333,7 +395,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if current is not None:
             timeout = self.context.body_idle_timeout
-            if (not current.complete and not self.paused_for_body and not self.response_started
+            if (not current.complete and not self.paused_for_body and not current.response_started
                     and now - self.last_activity > timeout):
                 # The client stopped sending its body (not paused by us): answer, close.
                 self._fail_request(408, f"request body stalled for {timeout:g}s", close=True)
@@ -375,20 +437,23 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.context.clients.discard(self)
-        self._cancel_timer()
         if self.linger is not None:
             self.linger.cancel()
         upstream = self.upstream
-        if self.current is not None and self.context.observing and not self.tunnel:
-            # The client left mid-exchange: logged with what it was sent (0: nothing).
-            self._observed(self.current, upstream.status
-                           if upstream is not None and self.response_started else 0)
         self.upstream = None
-        if upstream is not None:
-            # The answer can no longer be delivered: the connection is mid-exchange.
+        request = self.current
+        if request is not None:
+            if self.context.observing and not self.tunnel:
+                # The client left mid-exchange: logged with what it was sent (0: nothing).
+                self._observed(request, upstream.status
+                               if upstream is not None and request.response_started else 0)
+            if upstream is not None:
+                # The answer can no longer be delivered: the connection is mid-exchange.
+                upstream.abort()
+            self._finish_endpoint(request, None)
+            self._exchange_over(request)
+        elif upstream is not None:
             upstream.abort()
-        self._finish_endpoint(None)
-        self._exchange_over()
         self.current = None
         self.waiting.clear()
 
@@ -543,40 +608,40 @@ class ClientConnection(asyncio.Protocol):
         if request is None:
             return
         request.received += len(body)
-        exchange = self.exchange
+        exchange = request.filter_state
         if exchange is not None and exchange.copy is not None and request is self.current:
             exchange.copy.feed(body)  # a RequestMirror's copy of the body
-        if request is self.current and self.request_sent and self.upstream is not None:
-            if self.body_limit is not None:
+        if request is self.current and request.request_sent and self.upstream is not None:
+            if request.body_limit is not None:
                 request.body_size += len(body)
-                if request.body_size > self.body_limit:
-                    self._body_too_large()
+                if request.body_size > request.body_limit:
+                    self._body_too_large(request)
                     return
             self.upstream.write(b"%x\r\n%b\r\n" % (len(body), body) if request.chunked else body)
-            if self.kept_body is not None:
-                self._keep([body])
+            if request.kept_body is not None:
+                request.keep([body])
             return
         request.body.append(body)
         request.body_size += len(body)
-        if (self.body_limit is not None and request is self.current
-                and request.body_size > self.body_limit):
-            self._body_too_large()
+        if (request.body_limit is not None and request is self.current
+                and request.body_size > request.body_limit):
+            self._body_too_large(request)
             return
         if request.body_size > MAX_BUFFERED_BODY and not self.paused_for_body:
             if self.transport is not None:
                 self.transport.pause_reading()
                 self.paused_for_body = True
-        if self.body_waiter is not None and request is self.current:
-            self.body_waiter()  # an access check waits for this body (external auth)
+        if request.body_waiter is not None and request is self.current:
+            request.body_waiter()  # an access check waits for this body (external auth)
 
-    def _body_too_large(self) -> None:
+    def _body_too_large(self, request: Request) -> None:
         """A streamed body went past its rule's maxRequestBodySize: 413 if nothing was
         answered yet, else a visible cut."""
-        if self.response_started:
+        if request.response_started:
             self._abort()
             return
-        self._fail_request(413, f"request body larger than {self.body_limit} bytes "
-                                f"(maxRequestBodySize of {self.route_key})", close=True)
+        self._fail_request(413, f"request body larger than {request.body_limit} bytes "
+                                f"(maxRequestBodySize of {request.route_key})", close=True)
 
     def on_message_complete(self) -> None:
         request = self.parsing
@@ -584,41 +649,25 @@ class ClientConnection(asyncio.Protocol):
             return
         request.complete = True
         self.parsing = None
-        exchange = self.exchange
+        exchange = request.filter_state
         if exchange is not None and exchange.copy is not None and request is self.current:
             exchange.copy.complete()  # the RequestMirror copies go out
             exchange.copy = None
-        if request is self.current and self.request_sent and self.upstream is not None:
+        if request is self.current and request.request_sent and self.upstream is not None:
             if request.chunked:
                 self.upstream.write(_CHUNK_END)
-        elif self.body_waiter is not None and request is self.current:
-            self.body_waiter()  # the body an access check waits for is complete
+        elif request.body_waiter is not None and request is self.current:
+            request.body_waiter()  # the body an access check waits for is complete
 
     # --- one exchange ---------------------------------------------------------------------
 
     def _begin(self, request: Request) -> None:
         self.current = request
-        self.body_limit = None
-        self.exchange = None
-        self.cache_selection = None
-        self.aggregated = None
-        self.transcoded = None
-        self.route_key = ""
-        self.upstream_key = ""
-        self.response_started = False
-        self.request_sent = False
-        self.response_chunked = False
-        self.response_close = False
-        self.body_sent = 0
-        self.route_rule = None
-        self.tried = None
-        self.retried = 0
-        self.cache_exchange = None
         context = self.context
         if context.request_ids is not None:
-            self.request_id = context.request_ids.assign(request.headers, context.trusted_hops > 0)
+            request.request_id = context.request_ids.assign(request.headers, context.trusted_hops > 0)
         if context.tracing is not None:
-            self.trace = context.tracing.begin(request.headers)
+            request.trace = context.tracing.begin(request.headers)
         if context.overloaded:
             context.metrics.overload_refused += 1
             self._fail_request(503, http1.OVERLOADED, close=True, overloaded=True)
@@ -664,19 +713,17 @@ class ClientConnection(asyncio.Protocol):
             request,  # type: ignore[arg-type]  # a Mapping in all the router uses
         )
         if selection is None:
-            self.route_key = ""
             self._fail_request(404, f"no route for host {host_text or '-'} path {path.decode('latin-1')}")
             return
-        self.route_key = selection.route_key
-        self.route_rule = selection.rule
-        self.hsts = None
+        request.route_key = selection.route_key
+        request.route_rule = selection.rule
         route_tls = selection.route.tls
         if route_tls is not None or context.scheme == "https":
             if self._tls_policy(request, selection.route, host_text):
                 return
         filters = selection.filters
         if filters is not None:
-            exchange = self.exchange = filters.begin(request, scheme=context.scheme, peer=self.peer)
+            exchange = request.filter_state = filters.begin(request, scheme=context.scheme, peer=self.peer)
             if exchange.answer is not None:
                 if not request.chunked and request.content_length in (None, b"0"):
                     request.complete = True  # no body follows: the connection stays open
@@ -689,14 +736,14 @@ class ClientConnection(asyncio.Protocol):
             return
         if rule.aggregate is not None:
             # Answered by sub-requests, after the rule's access policy passed.
-            self.aggregated = rule
+            request.aggregated = rule
             if selection.access is not None and access_gate.admit(self, request, selection.access):
                 return
             self._access_passed(request)
             return
         limit = rule.max_request_body_size
         if limit is not None:
-            self.body_limit = limit
+            request.body_limit = limit
             declared = request.content_length
             if (declared is not None and int(declared) > limit) or request.body_size > limit:
                 self._fail_request(413, f"request body larger than {limit} bytes "
@@ -709,35 +756,32 @@ class ClientConnection(asyncio.Protocol):
         if backend is None:
             self._fail_request(503, f"route {selection.route_key} has no backend with weight above 0")
             return
-        self.upstream_key = backend
+        request.upstream_key = backend
         if filters is not None:
             filters.backend_chosen(exchange, request, backend)
         upstream = config.upstreams.get(backend)
         if upstream is None:
             self._fail_request(503, f"upstream {backend} does not exist")
             return
-        self.upstream_runtime = upstream
+        request.upstream_runtime = upstream
         if rule.grpc_transcoder is not None:
-            self.transcoded = rule  # answered by transcoding, once the policy passed
-        self.set_cookie = None
+            request.transcoded = rule  # answered by transcoding, once the policy passed
         if set_token is not None and selection.rule.session_affinity is not None:
-            self.set_cookie = selection.split.set_cookie_header(set_token).encode("latin-1")
-        self.hash_key = upstream.hash_key(request, self.peer) if upstream.hashed else None
-        rule = selection.rule
+            request.set_cookie = selection.split.set_cookie_header(set_token).encode("latin-1")
+        if upstream.hashed:
+            request.hash_key = upstream.hash_key(request, self.peer)
         retries = rule.retries
-        self.retries = retries
         if retries is not None:
-            # (Per-exchange retry state is otherwise left at its resting values by
-            # _exchange_over, so a request without a policy sets nothing here.)
-            self.attempts_left = retries.attempts
+            # (A request without a policy keeps the resting values: nothing to set.)
+            request.retries = retries
+            request.attempts_left = retries.attempts
             if retries.attempts and not request.upgrade:
-                self.kept_body = []
-                self.kept_size = 0
+                request.kept_body = []
         timeout = rule.timeout
         if timeout:
-            self.timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
+            request.route_timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
         if selection.cache is not None:
-            self.cache_selection = selection  # consulted once the access policy passed
+            request.cache_selection = selection  # consulted once the access policy passed
         if selection.access is not None and access_gate.admit(self, request, selection.access):
             return  # refused, or waiting for the policy (_access_passed goes on)
         self._access_passed(request)
@@ -746,18 +790,18 @@ class ClientConnection(asyncio.Protocol):
         """The request may go on (no policy, or its policy let it through, at once or
         after waiting): a cached rule looks in its cache first, never before its
         policy has passed."""
-        aggregated = self.aggregated
+        aggregated = request.aggregated
         if aggregated is not None:
-            self.aggregated = None
+            request.aggregated = None
             config = self.context.config
             assert config is not None
-            exchange = self.exchange
-            aggregate_begin(self, request.target, request.host, request.get, aggregated, config,
+            exchange = request.filter_state
+            aggregate_begin(self, request, aggregated, config,
                             exchange.part_headers if exchange is not None else None)
             return
-        selection = self.cache_selection
+        selection = request.cache_selection
         if selection is not None:
-            self.cache_selection = None
+            request.cache_selection = None
             if cache.begin(self, request, selection):
                 return  # answered from the cache, or waiting for a fill of the same key
         self._send_upstream(request)
@@ -767,47 +811,47 @@ class ClientConnection(asyncio.Protocol):
         context = self.context
         config = context.config
         assert config is not None
-        self.head = self._request_head(request, config)
-        exchange = self.exchange
+        request.upstream_head = self._request_head(request, config)
+        exchange = request.filter_state
         if exchange is not None and exchange.mirrors and not request.upgrade:
             # Only requests that passed their policies are copied.
             exchange.copy = mirror.start(
-                context, config, exchange.mirrors, self.head, body=request.body,
+                context, config, exchange.mirrors, request.upstream_head, body=request.body,
                 complete=request.complete, chunked=request.chunked,
                 head_only=request.method == b"HEAD")
         if request.expect_continue and not request.complete and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        rule = self.transcoded
+        rule = request.transcoded
         if rule is not None:
-            self.transcoded = None
-            assert self.upstream_runtime is not None
-            transcode_begin(self, request, rule, self.upstream_runtime)
+            request.transcoded = None
+            assert request.upstream_runtime is not None
+            transcode_begin(self, request, rule, request.upstream_runtime)
             return
         self._attempt(request, None)
 
     def _attempt(self, request: Request, exclude: EndpointState | None) -> None:
         """Send the request to one endpoint of the chosen upstream."""
-        upstream = self.upstream_runtime
+        upstream = request.upstream_runtime
         assert upstream is not None
-        state = upstream.balancer.pick(self.hash_key, exclude)
+        state = upstream.balancer.pick(request.hash_key, exclude)
         if state is not None and state.breaker is not None and state.breaker.state != "closed":
             # Half-open: this request is its probe if a probe is free, else pick another.
             if not upstream.acquire(state):
-                state = upstream.pick(self.hash_key, state)
+                state = upstream.pick(request.hash_key, state)
         if state is None:
-            if self.last_failure is not None:
-                self._fail_request(*self.last_failure)
+            if request.last_failure is not None:
+                self._fail_request(*request.last_failure)
             else:
                 self._fail_request(503, f"upstream {upstream.key} has no available endpoints "
                                         "(every endpoint is unhealthy or its circuit is open)")
             return
         state.active += 1
-        self.endpoint_state = state
-        self.tried = state
-        self.attempt_started = time.monotonic()
-        retries = self.retries
+        request.endpoint_state = state
+        request.tried = state
+        request.attempt_started = time.monotonic()
+        retries = request.retries
         if retries is not None and retries.per_try_timeout:
-            self.try_timer = asyncio.get_running_loop().call_later(
+            request.try_timer = asyncio.get_running_loop().call_later(
                 retries.per_try_timeout, self._try_timed_out, retries.per_try_timeout
             )
         pool = upstream.pools[state.key]
@@ -818,7 +862,7 @@ class ClientConnection(asyncio.Protocol):
         settings = upstream.spec.circuit_breaker
         admission = upstream.limits.admit(settings.max_connections, settings.max_pending_requests)
         if admission == "refuse":
-            self._finish_endpoint(None)
+            self._finish_endpoint(request, None)
             upstream.metrics.count_event("overload", upstream.key)
             self._fail_request(
                 503, f"upstream {upstream.key} is overloaded: {settings.max_connections} "
@@ -833,14 +877,14 @@ class ClientConnection(asyncio.Protocol):
     def _resume(self, request: Request, pool: EndpointPool) -> None:
         """A connection of the upstream freed up while this request waited for one."""
         if self.current is not request or self.closed or self.upstream is not None:
-            if self.upstream_runtime is not None:
-                self.upstream_runtime.limits.wake_one()
+            if request.upstream_runtime is not None:
+                request.upstream_runtime.limits.wake_one()
             return
         conn = pool.take_idle()
         if conn is not None:
             self._send(conn, request)
             return
-        upstream = self.upstream_runtime
+        upstream = request.upstream_runtime
         assert upstream is not None
         # It waited already: it keeps its place at the head of the queue.
         if upstream.limits.admit(upstream.spec.circuit_breaker.max_connections, 0) != "connect":
@@ -854,7 +898,7 @@ class ClientConnection(asyncio.Protocol):
         except UpstreamConnectError as exc:
             if self.current is request and not self.closed and self.upstream is None:
                 self._attempt_failed("connect-failure", False, 502,
-                                     f"upstream {self.upstream_key}: {exc}")
+                                     f"upstream {request.upstream_key}: {exc}")
             return
         if self.current is not request or self.closed or self.upstream is not None:
             conn.release()
@@ -863,19 +907,19 @@ class ClientConnection(asyncio.Protocol):
 
     def _send(self, conn: UpstreamConnection, request: Request) -> None:
         self.upstream = conn
-        head = self.head
+        head = request.upstream_head
         if self.grpc_deadline is not None:
-            head = self._with_grpc_timeout(head, self.grpc_deadline)
+            head = _with_grpc_timeout(request, head, self.grpc_deadline)
         conn.start(self, head, request.method == b"HEAD")
-        self.request_sent = True
+        request.request_sent = True
         chunks: list[bytes] = []
-        if self.is_retry and self.kept_body:
-            chunks.extend(self.kept_body)  # what the failed try had sent
+        if request.is_retry and request.kept_body:
+            chunks.extend(request.kept_body)  # what the failed try had sent
         if request.body:
             fresh = request.body  # what arrived while no connection was ready
             request.body = []
             request.body_size = 0
-            self._keep(fresh)
+            request.keep(fresh)
             chunks.extend(fresh)
         if chunks:
             if request.chunked:
@@ -888,51 +932,29 @@ class ClientConnection(asyncio.Protocol):
             self.paused_for_body = False
             self.transport.resume_reading()
 
-    def _with_grpc_timeout(self, head: bytes, deadline: float) -> bytes:
-        """A gRPC call's head with the time this try has left as its `grpc-timeout`: the
-        client's deadline, cut to the route's timeout and the per-try timeout (Envoy's
-        max_grpc_timeout), so the server stops when the proxy stops waiting for it."""
-        for timer in (self.timer, self.try_timer):
-            if timer is not None:
-                deadline = min(deadline, timer.when())
-        if deadline == math.inf:
-            return head
-        return grpc_rules.with_timeout(head, deadline - asyncio.get_running_loop().time())
-
-    def _keep(self, chunks: list[bytes]) -> None:
-        """Remember body bytes sent, while they fit, so a retry can send them again."""
-        kept = self.kept_body
-        if kept is None:
-            return
-        for chunk in chunks:
-            self.kept_size += len(chunk)
-            if self.kept_size > RETRY_BUFFER:
-                self.kept_body = None  # too big to replay: this request is not retried
-                return
-            kept.append(chunk)
-
     def _attempt_failed(self, condition: str, reached: bool, status: int, reason: str) -> None:
         """One try failed before any answer reached the client: retry it, or answer."""
         request = self.current
-        failed = self.endpoint_state
-        self._finish_endpoint(False, refused=condition == "connect-failure")
-        self._cancel_try_timer()
         if request is None:
             return
+        failed = request.endpoint_state
+        self._finish_endpoint(request, False, refused=condition == "connect-failure")
+        request.cancel_try_timer()
         self.upstream = None
-        self.last_failure = (status, reason)
+        request.last_failure = (status, reason)
         if self._may_retry(request, condition, reached):
-            upstream = self.upstream_runtime
+            upstream = request.upstream_runtime
             assert upstream is not None
             upstream.metrics.count_event("retry", upstream.key)
-            upstream.metrics.count_retry(self.route_key, upstream.key)
-            self.retried += 1
-            if self.trace is not None and self.context.tracing is not None:
-                self.head = self.context.tracing.retry(
-                    self.trace, self.head, started=self.attempt_started, upstream=upstream.key,
-                    endpoint=failed.key if failed is not None else "", condition=condition)
-            if not self.is_retry:
-                self.is_retry = True
+            upstream.metrics.count_retry(request.route_key, upstream.key)
+            request.retried += 1
+            if request.trace is not None and self.context.tracing is not None:
+                request.upstream_head = self.context.tracing.retry(
+                    request.trace, request.upstream_head, started=request.attempt_started,
+                    upstream=upstream.key, endpoint=failed.key if failed is not None else "",
+                    condition=condition)
+            if not request.is_retry:
+                request.is_retry = True
                 upstream.limits.active_retries += 1
             log.debug("retrying %s %s after %s: %s", request.method.decode("latin-1"),
                       request.target.decode("latin-1"), condition, reason)
@@ -941,42 +963,40 @@ class ClientConnection(asyncio.Protocol):
         self._fail_request(status, reason)
 
     def _may_retry(self, request: Request, condition: str, reached: bool) -> bool:
-        upstream = self.upstream_runtime
-        if upstream is None or self.response_started or request.upgrade or self.closed:
+        upstream = request.upstream_runtime
+        if upstream is None or request.response_started or request.upgrade or self.closed:
             return False
         failure = FailedTry(condition, reached, request.method,
                             request.chunked or request.content_length not in (None, b"0"),
-                            self.kept_body is not None)
+                            request.kept_body is not None)
         budget_allows = upstream.retry_allowed()
-        kind = retry_kind(failure, self.retries, endpoints=len(upstream.states),
-                          implicit_used=self.implicit_used, attempts_left=self.attempts_left,
-                          already_retrying=self.is_retry, budget_allows=budget_allows)
+        kind = retry_kind(failure, request.retries, endpoints=len(upstream.states),
+                          implicit_used=request.implicit_used, attempts_left=request.attempts_left,
+                          already_retrying=request.is_retry, budget_allows=budget_allows)
         if kind == "implicit":
-            self.implicit_used += 1
+            request.implicit_used += 1
             return True
         if kind is None:
             return False
         if not budget_allows:
             upstream.metrics.count_event("retry_budget_exhausted", upstream.key)
             return False
-        self.attempts_left -= 1
+        request.attempts_left -= 1
         return True
 
     def _try_timed_out(self, timeout: float) -> None:
-        self.try_timer = None
-        if self.current is None or self.response_started:
+        request = self.current
+        if request is None:
+            return
+        request.try_timer = None
+        if request.response_started:
             return
         conn = self.upstream
         self.upstream = None
         if conn is not None:
             conn.abort()
         self._attempt_failed("timeout", True, 504,
-                             f"upstream {self.upstream_key} did not answer within {timeout:g}s (per try)")
-
-    def _cancel_try_timer(self) -> None:
-        if self.try_timer is not None:
-            self.try_timer.cancel()
-            self.try_timer = None
+                             f"upstream {request.upstream_key} did not answer within {timeout:g}s (per try)")
 
     def _tls_policy(self, request: Request, route: Route, host_text: str) -> bool:
         """HTTPS redirects, HSTS and misdirected requests; True when already answered."""
@@ -991,7 +1011,7 @@ class ClientConnection(asyncio.Protocol):
             self._fail_request(answer.status, answer.reason, location=answer.location)
             return True
         if context.scheme == "https":
-            self.hsts = hsts_value(route.tls)
+            request.hsts = hsts_value(route.tls)
         return False
 
     def _request_head(self, request: Request, config: Config) -> bytes:
@@ -1002,7 +1022,7 @@ class ClientConnection(asyncio.Protocol):
         lines = [request.method + b" " + request.target + b" HTTP/1.1"]
         if request.host is None:
             # An HTTP/1.0 client may send no Host; the upstream leg is HTTP/1.1 and needs one.
-            upstream = self.upstream_runtime
+            upstream = request.upstream_runtime
             authority = upstream.states[0].key if upstream is not None and upstream.states else "localhost"
             lines.append(b"Host: " + authority.encode("latin-1"))
         lines += [name + b": " + value for name, value in headers]
@@ -1055,36 +1075,36 @@ class ClientConnection(asyncio.Protocol):
             conn.abort()
             return
         status = conn.status
-        if self.try_timer is not None:
-            self._cancel_try_timer()
+        if request.try_timer is not None:
+            request.cancel_try_timer()
         if status >= 500 or conn.grpc_status:
             condition = str(status) if status >= 500 else conn.grpc_status
-            if self.retries is not None and self._may_retry(request, condition, True):
+            if request.retries is not None and self._may_retry(request, condition, True):
                 # Retried: this answer is dropped, and so is its connection.
-                self.attempts_left += 1  # _attempt_failed counts it again
+                request.attempts_left += 1  # _attempt_failed counts it again
                 conn.sink = None
                 conn.abort()
                 self.upstream = None
                 self._attempt_failed(condition, True, status if status >= 500 else 502,
                                      f"upstream answered {condition}")
                 return
-            self._finish_endpoint(status < 500)
+            self._finish_endpoint(request, status < 500)
         else:
-            self._finish_endpoint(True)
-        if self.cache_exchange is not None and cache.head(self, conn):
+            self._finish_endpoint(request, True)
+        if request.cache_exchange is not None and cache.head(self, request, conn):
             return  # the cache answered (a revalidated or stale entry)
         headers = conn.headers
         if conn.connection_named:
             named = conn.connection_named
             headers = [(name, value) for name, value in headers if name.lower() not in named]
-        if self.request_id is not None:  # the client sees the id the backend was given
-            headers = [*without_request_id(headers), (REQUEST_ID, self.request_id)]
+        if request.request_id is not None:  # the client sees the id the backend was given
+            headers = [*without_request_id(headers), (REQUEST_ID, request.request_id)]
         no_body = conn.no_body or request.method == b"HEAD"
         conn.no_body = no_body
         length = conn.content_length
-        exchange = self.exchange
+        exchange = request.filter_state
         if exchange is not None:
-            headers, length, self.encoder = exchange.response_head(
+            headers, length, request.encoder = exchange.response_head(
                 status, headers, length, no_body=no_body, chunked_ok=request.http11)
         # After an answer that refuses an upgrade, the client may already be speaking
         # the new protocol: nothing more on this connection can be read as HTTP.
@@ -1098,16 +1118,15 @@ class ClientConnection(asyncio.Protocol):
             pass
         elif request.http11:
             lines.append(b"Transfer-Encoding: chunked")
-            self.response_chunked = True
+            request.response_chunked = True
         else:
             close = True
-        if self.set_cookie is not None:
-            lines.append(b"Set-Cookie: " + self.set_cookie)
-        if self.hsts is not None:
-            lines.append(b"Strict-Transport-Security: " + self.hsts)
-        if self.access_headers is not None:
-            lines.append(self.access_headers)  # set by an access policy (RateLimit)
-            self.access_headers = None
+        if request.set_cookie is not None:
+            lines.append(b"Set-Cookie: " + request.set_cookie)
+        if request.hsts is not None:
+            lines.append(b"Strict-Transport-Security: " + request.hsts)
+        if request.access_headers is not None:
+            lines.append(request.access_headers)  # set by an access policy (RateLimit)
         if not request.complete:
             # The client is still sending a body the upstream did not wait for; the
             # connection cannot be reused for another request once this one ends.
@@ -1116,23 +1135,26 @@ class ClientConnection(asyncio.Protocol):
             lines.append(b"Connection: close")
         elif not request.http11:
             lines.append(b"Connection: keep-alive")
-        self.response_close = close
+        request.response_close = close
         lines.append(b"\r\n")
-        self.response_started = True
+        request.response_started = True
         self._write(b"\r\n".join(lines))
 
     def response_body(self, chunk: bytes) -> None:
-        if self.cache_exchange is not None and cache.body(self, chunk):
+        request = self.current
+        if request is None:
             return
-        if self.response_chunked:
-            if self.encoder is not None:
-                chunk = self.encoder.compress(chunk)
+        if request.cache_exchange is not None and cache.body(request, chunk):
+            return
+        if request.response_chunked:
+            if request.encoder is not None:
+                chunk = request.encoder.compress(chunk)
                 if not chunk:
                     return
-            self.body_sent += len(chunk)
+            request.body_sent += len(chunk)
             self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
-            self.body_sent += len(chunk)
+            request.body_sent += len(chunk)
             self._write(chunk)
 
     def response_done(self, conn: UpstreamConnection) -> None:
@@ -1140,14 +1162,14 @@ class ClientConnection(asyncio.Protocol):
         if request is None:
             conn.abort()
             return
-        if self.cache_exchange is not None and cache.done(self, conn):
+        if request.cache_exchange is not None and cache.done(self, request, conn):
             return
-        if self.response_chunked:
-            if self.encoder is not None:
-                tail = self.encoder.finish()
-                self.encoder = None
+        if request.response_chunked:
+            if request.encoder is not None:
+                tail = request.encoder.finish()
+                request.encoder = None
                 if tail:
-                    self.body_sent += len(tail)
+                    request.body_sent += len(tail)
                     self._write(b"%x\r\n%b\r\n" % (len(tail), tail))
             trailers = conn.trailers  # an HTTP/2 upstream's (gRPC status): after the last chunk
             self._write(_CHUNK_END if trailers is None else
@@ -1163,14 +1185,14 @@ class ClientConnection(asyncio.Protocol):
         self._end_exchange(conn.status)
 
     def upstream_failed(self, conn: UpstreamConnection, reason: str, exc: BaseException | None) -> None:
-        if self.cache_exchange is not None and cache.upstream_failed(self):
-            return  # the client had its answer from the cache
         request = self.current
-        self.upstream = None
         if request is None:
-            self._finish_endpoint(None)
+            self.upstream = None
             return
-        if self.response_started:
+        if request.cache_exchange is not None and cache.upstream_failed(self, request):
+            return  # the client had its answer from the cache
+        self.upstream = None
+        if request.response_started:
             # Mid-answer: the client must see the answer cut off, never a clean end.
             self._record(request, 502)
             self._abort()
@@ -1180,21 +1202,21 @@ class ClientConnection(asyncio.Protocol):
             and not conn.got_bytes
             and not isinstance(exc, TimeoutError)
             and not request.upgrade
-            and (self.kept_body is not None or not (
+            and (request.kept_body is not None or not (
                 request.chunked or request.content_length not in (None, b"0")))
-            and not self.resent_stale
+            and not request.resent_stale
         ):
             # A pooled connection the server had closed while it sat idle: the request
             # never reached the application (no byte came back), so send it again on a
             # new connection to the same endpoint. Not a failure of the endpoint.
-            self.resent_stale = True
-            self.is_retry = self.is_retry or bool(self.kept_body)
+            request.resent_stale = True
+            request.is_retry = request.is_retry or bool(request.kept_body)
             self.context.spawn(self._connect_and_send(conn.pool, request))
             return
         if isinstance(exc, TimeoutError):
-            self._attempt_failed("timeout", True, 504, f"upstream {self.upstream_key}: {reason}")
+            self._attempt_failed("timeout", True, 504, f"upstream {request.upstream_key}: {reason}")
         else:
-            self._attempt_failed("reset", True, 502, f"upstream {self.upstream_key}: {reason}")
+            self._attempt_failed("reset", True, 502, f"upstream {request.upstream_key}: {reason}")
 
     def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
         transport = self.transport
@@ -1207,8 +1229,8 @@ class ClientConnection(asyncio.Protocol):
             # No tunnel: nothing the client sends next may reach the backend unparsed.
             conn.abort()
             self.upstream = None
-            self._finish_endpoint(False)
-            self._fail_request(502, f"upstream {self.upstream_key}: {problem}", close=True)
+            self._finish_endpoint(request, False)
+            self._fail_request(502, f"upstream {request.upstream_key}: {problem}", close=True)
             return
         status = conn.status
         lines = [b"HTTP/1.1 %d Switching Protocols" % status]
@@ -1223,9 +1245,9 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel = True
         conn.tunnel = transport
         conn.sink = None
-        self._finish_endpoint(True)
+        self._finish_endpoint(request, True)
         self._record(request, status)
-        self._cancel_timer()
+        request.cancel_route_timer()
         buffered = request.body
         request.body = []
         for chunk in buffered:
@@ -1252,7 +1274,7 @@ class ClientConnection(asyncio.Protocol):
         request.complete = True
         self.parsing = None
         if rest:
-            if self.request_sent and self.upstream is not None and self.tunnel:
+            if request.request_sent and self.upstream is not None and self.tunnel:
                 self.upstream.write(rest)
             else:
                 request.body.append(rest)
@@ -1261,28 +1283,31 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
             self.paused_for_body = True
 
-    def _finish_endpoint(self, ok: bool | None, *, refused: bool = False) -> None:
-        """The current try is over: count it off the endpoint, and tell its breaker."""
-        state = self.endpoint_state
+    def _finish_endpoint(self, request: Request, ok: bool | None, *, refused: bool = False
+                         ) -> None:
+        """The request's try is over: count it off the endpoint, and tell its breaker."""
+        state = request.endpoint_state
         if state is not None:
             state.active -= 1
-            self.endpoint_state = None
+            request.endpoint_state = None
             breaker = state.breaker
             now = time.monotonic()
-            if ok and breaker is not None and breaker.count_success(now, now - self.attempt_started):
+            if ok and breaker is not None and breaker.count_success(
+                    now, now - request.attempt_started):
                 return  # the common case: a success of a closed circuit, counted
-            upstream = self.upstream_runtime
+            upstream = request.upstream_runtime
             if upstream is not None:
-                upstream.report(state, ok, now - self.attempt_started, refused=refused)
+                upstream.report(state, ok, now - request.attempt_started, refused=refused)
 
     def _end_exchange(self, status: int) -> None:
         request = self.current
         assert request is not None
         self._record(request, status)
-        if self.timer is not None:
-            self._cancel_timer()
-        if self.try_timer is not None or self.retries is not None or self.last_failure is not None:
-            self._exchange_over()
+        if request.route_timer is not None:
+            request.cancel_route_timer()
+        if (request.try_timer is not None or request.retries is not None
+                or request.last_failure is not None):
+            self._exchange_over(request)
         self.current = None
         transport = self.transport
         if transport is None:
@@ -1290,7 +1315,7 @@ class ClientConnection(asyncio.Protocol):
         if not request.complete:
             self._close_lingering()  # answered before the end of its body
             return
-        if self.response_close or self.close_after:
+        if request.response_close or self.close_after:
             self._close()
             return
         if self.waiting:
@@ -1307,8 +1332,8 @@ class ClientConnection(asyncio.Protocol):
         if self.context.observing:
             self._observed(request, status)
         self.context.metrics.observe(
-            self.route_key, self.upstream_key, status, time.monotonic() - request.started,
-            request.received, self.body_sent,
+            request.route_key, request.upstream_key, status, time.monotonic() - request.started,
+            request.received, request.body_sent,
         )
         if self.exchange_ended is not None:
             self.exchange_ended()  # (a forward proxy's mesh requests: it moves on)
@@ -1325,9 +1350,9 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = None
         if upstream is not None:
             upstream.abort()
-        self._cancel_timer()
-        self._finish_endpoint(None)
-        self._exchange_over()
+        if request is not None:
+            self._finish_endpoint(request, None)
+            self._exchange_over(request)
         if request is None or transport is None or transport.is_closing():
             if transport is not None:
                 transport.close()
@@ -1344,17 +1369,17 @@ class ClientConnection(asyncio.Protocol):
         if location is not None:
             extra += b"Location: " + location + b"\r\n"
         cache_line = b""  # X-Cache, on a rule with a cache
-        if self.cache_exchange is not None:
+        if request.cache_exchange is not None:
             outcome = cache.error(self, request, status)
             if outcome is None:
                 return  # a stale entry answered instead (stale-if-error)
             cache_line = outcome
         elif self.current is request:
-            cache_line = cache.not_asked(self.route_rule)  # answered before the cache was asked
+            cache_line = cache.not_asked(request.route_rule)  # answered before the cache was asked
             if cache_line:
-                self.cache_outcome = cache.BYPASS  # (the access log's `cache` field)
+                request.cache_outcome = cache.BYPASS  # (the access log's `cache` field)
         extra += cache_line
-        rid = self.request_id if self.current is request else None
+        rid = request.request_id
         if rid is not None:
             extra += REQUEST_ID + b": " + rid + b"\r\n"
         extra += extra_headers
@@ -1364,19 +1389,15 @@ class ClientConnection(asyncio.Protocol):
             if lines:  # after the status line
                 data = data.replace(b"\r\n", b"\r\n" + lines, 1)
             self._write(data)
-            self.body_sent = 0 if request.method == b"HEAD" else len(own.body)
+            request.body_sent = 0 if request.method == b"HEAD" else len(own.body)
         else:
             head = (http1.relayed_head if relayed else http1.error_head)(
                 status, len(body), keep_alive=keep, extra=extra)
             self._write(head + (b"" if request.method == b"HEAD" else body))
-            self.body_sent = 0 if request.method == b"HEAD" else len(body)
+            request.body_sent = 0 if request.method == b"HEAD" else len(body)
         if self.current is request:
             self._record(request, status)
         elif self.context.observing:  # a request refused before it began
-            self.route_key = self.upstream_key = ""
-            self.route_rule = self.tried = None
-            self.request_id = None
-            self.trace = None
             self._observed(request, status)
         self.current = None
         if not keep:
@@ -1391,42 +1412,31 @@ class ClientConnection(asyncio.Protocol):
             transport.resume_reading()
 
     def _timed_out(self, timeout: float) -> None:
-        self.timer = None
-        if self.current is None:
+        request = self.current
+        if request is None:
             return
-        if self.response_started:
-            self._record(self.current, 504)
+        request.route_timer = None
+        if request.response_started:
+            self._record(request, 504)
             self._abort()
             return
-        self._finish_endpoint(False)
-        self._fail_request(504, f"upstream {self.upstream_key} did not answer within {timeout:g}s"
+        self._finish_endpoint(request, False)
+        self._fail_request(504, f"upstream {request.upstream_key} did not answer within {timeout:g}s"
                                 " (the route's timeout, retries included)")
 
-    def _exchange_over(self) -> None:
-        """Release what one exchange held: its per-try timer and its retry budget."""
-        self._cancel_try_timer()
-        if self.cache_exchange is not None:
-            cache.over(self)
-        if self.is_retry:
-            self.is_retry = False
-            if self.upstream_runtime is not None:
-                limits = self.upstream_runtime.limits
+    def _exchange_over(self, request: Request) -> None:
+        """Release what an exchange held outside itself: its timers, a cache fill and its
+        share of the retry budget. (Its own state goes with it: the next request is a
+        new object.)"""
+        request.cancel_route_timer()
+        request.cancel_try_timer()
+        if request.cache_exchange is not None:
+            cache.over(request)
+        if request.is_retry:
+            request.is_retry = False
+            if request.upstream_runtime is not None:
+                limits = request.upstream_runtime.limits
                 limits.active_retries = max(limits.active_retries - 1, 0)
-        # Back to the resting values _begin relies on.
-        self.access_headers = None
-        self.body_waiter = None
-        self.retries = None
-        self.attempts_left = 0
-        self.kept_body = None
-        self.kept_size = 0
-        self.implicit_used = 0
-        self.last_failure = None
-        self.resent_stale = False
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
     def _abort(self) -> None:
         """Cut the client off visibly: a truncated answer must never look complete."""
@@ -1434,8 +1444,10 @@ class ClientConnection(asyncio.Protocol):
         self.upstream = None
         if upstream is not None:
             upstream.abort()
-        self._finish_endpoint(None)
-        self._exchange_over()
+        request = self.current
+        if request is not None:
+            self._finish_endpoint(request, None)
+            self._exchange_over(request)
         self.current = None
         if self.transport is not None:
             reset_connection(self.transport)
@@ -1445,81 +1457,60 @@ class ClientConnection(asyncio.Protocol):
         context = self.context
         if context.access_log is not None:
             context.access_log.put(self._access_record(request, status))
-        trace = self.trace
+        trace = request.trace
         if trace is not None and trace.sampled and context.tracing is not None:
-            self.trace = None
-            rule = self.route_rule
-            tried = self.tried
+            request.trace = None
+            rule = request.route_rule
+            tried = request.tried
             context.tracing.finish(
                 trace, started=request.started,
-                attempt_started=self.attempt_started if tried is not None else None,
+                attempt_started=request.attempt_started if tried is not None else None,
                 method=request.method, host=self.host_text if request.host is not None else "",
                 target=request.target, http11=request.http11, status=status, peer=self.peer,
-                route=self.route_key,
+                route=request.route_key,
                 rule=(rule.name if rule.name is not None else rule.index) if rule else "",
-                upstream=self.upstream_key, endpoint=tried.key if tried is not None else "",
-                retries=self.retried, request_id=self.request_id)
+                upstream=request.upstream_key, endpoint=tried.key if tried is not None else "",
+                retries=request.retried, request_id=request.request_id)
 
     def _access_record(self, request: Request, status: int) -> Record:
         """The access log's record of the current exchange (see logformat.FIELDS): values
         held now, formatted later by the writer thread."""
         now = time.monotonic()
-        rule = self.route_rule
-        tried = self.tried
+        rule = request.route_rule
+        tried = request.tried
         started = request.started
-        exchange = self.cache_exchange  # (an answer from the store has already let it go)
-        cached = self.cache_outcome or (exchange.outcome if exchange is not None else b"")
-        self.cache_outcome = b""
+        exchange = request.cache_exchange  # (an answer from the store has already let it go)
+        cached = request.cache_outcome or (exchange.outcome if exchange is not None else b"")
         return (
             time.time(), self.context.listener, self.peer, request.method,
             self.host_text if request.host is not None else "", request.target,
             "HTTP/1.1" if request.http11 else "HTTP/1.0", status, request.received,
-            self.body_sent, now - started if started else 0.0,
-            now - self.attempt_started if tried is not None and self.attempt_started else None,
-            self.route_key, (rule.name if rule.name is not None else rule.index) if rule else "",
-            self.upstream_key, tried.key if tried is not None else "", self.retried, cached,
+            request.body_sent, now - started if started else 0.0,
+            now - request.attempt_started if tried is not None and request.attempt_started else None,
+            request.route_key, (rule.name if rule.name is not None else rule.index) if rule else "",
+            request.upstream_key, tried.key if tried is not None else "", request.retried, cached,
             self.context.policy,
-            self.request_id, self.trace.trace_id if self.trace is not None else None,
+            request.request_id, request.trace.trace_id if request.trace is not None else None,
         )
 
-    set_cookie: bytes | None = None
     exchange_ended: Callable[[], None] | None = None
     linger: Linger | None = None  # a lingering close under way (see _close_lingering)
     refused: tuple[int, str] | None = None
     deferred_error: tuple[int, str] | None = None
     heads_seen: int = 0
     checked_host: bytes | None = None
-    body_limit: int | None = None
     strict_head: bool = False
-    hsts: bytes | None = None
-    head: bytes = b""
-    endpoint_state: EndpointState | None = None
-    attempt_started: float = 0.0
-    hash_key: str | None = None
-    retries: Retries | None = None
-    attempts_left: int = 0
-    implicit_used: int = 0
-    kept_body: list[bytes] | None = None
-    kept_size: int = 0
-    is_retry: bool = False
-    resent_stale: bool = False
-    last_failure: tuple[int, str] | None = None
-    try_timer: asyncio.TimerHandle | None = None
-    access_headers: bytes | None = None
-    body_waiter: Callable[[], None] | None = None
-    exchange: Exchange | None = None
-    encoder: Encoder | None = None
-    body_sent: int = 0
-    route_rule: Rule | None = None
-    tried: EndpointState | None = None
-    retried: int = 0
-    request_id: bytes | None = None
-    trace: ExchangeTrace | None = None
-    cache_exchange: CacheExchange | None = None
-    cache_outcome: bytes = b""
-    cache_selection: Selection | None = None
-    aggregated: Rule | None = None
-    transcoded: Rule | None = None
+
+def _with_grpc_timeout(request: Request, head: bytes, deadline: float) -> bytes:
+    """A gRPC call's head with the time this try has left as its `grpc-timeout`: the
+    client's deadline, cut to the route's timeout and the per-try timeout (Envoy's
+    max_grpc_timeout), so the server stops when the proxy stops waiting for it."""
+    for timer in (request.route_timer, request.try_timer):
+        if timer is not None:
+            deadline = min(deadline, timer.when())
+    if deadline == math.inf:
+        return head
+    return grpc_rules.with_timeout(head, deadline - asyncio.get_running_loop().time())
 
 
 def _switch_problem(request: Request, conn: UpstreamConnection) -> str | None:

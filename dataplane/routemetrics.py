@@ -59,9 +59,11 @@ def in_flight(runtime: Runtime) -> dict[tuple[str, str], int]:
     for owner in (runtime, *runtime.companions):
         for context in owner.contexts:
             for client in context.clients:
-                if isinstance(client, ClientConnection) and client.current is not None \
-                        and client.route_key and not client.tunnel:
-                    key = (client.route_key, client.upstream_key)
+                if not isinstance(client, ClientConnection) or client.tunnel:
+                    continue
+                request = client.current
+                if request is not None and request.route_key:
+                    key = (request.route_key, request.upstream_key)
                     counts[key] = counts.get(key, 0) + 1
     return counts
 

@@ -52,13 +52,9 @@ def transcoder(descriptor_set: str) -> Transcoder | str:
     return found
 
 
-class TranscodeClient(AggregateClient, Protocol):
-    retries: Retries | None
-    request_sent: bool
-    timer: asyncio.TimerHandle | None  # the rule's `timeout`, when it has one
-
-
 class TranscodeRequest(Protocol):
+    """What transcoding reads and sets of the request and its exchange (`proxy.Request`)."""
+
     method: bytes
     target: bytes
     host: bytes | None
@@ -66,18 +62,24 @@ class TranscodeRequest(Protocol):
     content_length: bytes | None
     complete: bool
     body: list[bytes]
+    upstream_key: str
+    set_cookie: bytes | None
+    retries: Retries | None
+    request_sent: bool
+    route_timer: asyncio.TimerHandle | None  # the rule's `timeout`, when it has one
 
 
-def begin(client: TranscodeClient, request: TranscodeRequest, rule: Rule,
+def begin(client: AggregateClient, request: TranscodeRequest, rule: Rule,
           upstream: UpstreamRuntime) -> None:
-    """Serve the current request of `client` by transcoding (the rule has a transcoder)."""
+    """Serve `request`, the current one of `client`, by transcoding (the rule has a
+    transcoder)."""
     settings = rule.grpc_transcoder
     assert settings is not None
-    client.retries = None  # the answer is the transcoder's: never re-sent as it came
+    request.retries = None  # the answer is the transcoder's: never re-sent as it came
     answer = TranscodeAnswer(request.chunked, request.content_length)
     client.upstream = answer
-    client.upstream_key = upstream.key
-    client.set_cookie = None
+    request.upstream_key = upstream.key
+    request.set_cookie = None  # no session affinity cookie on a transcoded answer
     loop = asyncio.get_running_loop()
     found = transcoder(settings.descriptor_set)
     path, _, query = request.target.decode("latin-1").partition("?")
@@ -91,7 +93,8 @@ def begin(client: TranscodeClient, request: TranscodeRequest, rule: Rule,
         return
     binding, variables = match
     authority = request.host.decode("latin-1") if request.host is not None else upstream.key
-    deadline = client.timer.when() if rule.timeout and client.timer is not None else math.inf
+    deadline = (request.route_timer.when() if rule.timeout and request.route_timer is not None
+                else math.inf)
 
     def call(body: bytes | None) -> None:
         if body is None:
@@ -103,7 +106,7 @@ def begin(client: TranscodeClient, request: TranscodeRequest, rule: Rule,
                                              body, rule, upstream, authority, deadline))
 
     answer.ready = call
-    client.request_sent = True
+    request.request_sent = True
     for chunk in request.body:  # what arrived with the head
         answer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if request.chunked else chunk)
     request.body = []
@@ -173,7 +176,7 @@ def _timed_heads(head: bytes, deadline: float, rule: Rule) -> Callable[[], bytes
     return timed
 
 
-async def _call(client: TranscodeClient, answer: TranscodeAnswer, found: Transcoder,
+async def _call(client: AggregateClient, answer: TranscodeAnswer, found: Transcoder,
                 binding: Binding, variables: dict[str, str], query: str, body: bytes,
                 rule: Rule, upstream: UpstreamRuntime, authority: str, deadline: float) -> None:
     try:

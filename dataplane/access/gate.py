@@ -31,7 +31,9 @@ from kanal.dataplane.runtime import ProxyContext
 
 
 class Request(Protocol):
-    """What the gate reads and rewrites of `kanal.dataplane.proxy.Request`."""
+    """What the gate reads and rewrites of `kanal.dataplane.proxy.Request`, and what it
+    leaves on the request's exchange: RateLimit lines for the answer, and a waiter for
+    the body while an authorization service needs it."""
 
     method: bytes
     complete: bool
@@ -43,6 +45,8 @@ class Request(Protocol):
     host: bytes | None
     forwarded: dict[bytes, list[bytes]] | None
     decoded: dict[str, str] | None
+    access_headers: bytes | None
+    body_waiter: Callable[[], None] | None
 
 
 class ClientConnection(Protocol):
@@ -52,8 +56,6 @@ class ClientConnection(Protocol):
     context: ProxyContext
     peer: str
     closed: bool
-    access_headers: bytes | None
-    body_waiter: Callable[[], None] | None
 
     @property
     def current(self) -> Any: ...
@@ -101,7 +103,7 @@ def _decide(conn: ClientConnection, request: Request, access: Access, *, refetch
         if rate is not None:
             keys = rate.keys(client, request.headers, decision.claims)
             allowed, levels = local_buckets().take_all(keys, rate.limits, time.monotonic())
-            if _judged(conn, access, rate, allowed, levels):
+            if _judged(conn, request, access, rate, allowed, levels):
                 return True
         _apply(request, decision)
         return False
@@ -143,7 +145,7 @@ async def _body_for_auth(conn: ClientConnection, request: Request, limit: int) -
             if enough() and not waiter.done():
                 waiter.set_result(None)
 
-        conn.body_waiter = wake
+        request.body_waiter = wake
         try:
             # A body that stalls is answered 408 by the connection's sweep; this bound
             # only ends the wait then.
@@ -151,16 +153,16 @@ async def _body_for_auth(conn: ClientConnection, request: Request, limit: int) -
         except TimeoutError:
             pass
         finally:
-            if conn.body_waiter is wake:
-                conn.body_waiter = None
+            if request.body_waiter is wake:
+                request.body_waiter = None
     return b"".join(request.body)
 
 
-def _judged(conn: ClientConnection, access: Access, rate: RateLimiter, allowed: bool,
-            levels: list[float]) -> bool:
+def _judged(conn: ClientConnection, request: Request, access: Access, rate: RateLimiter,
+            allowed: bool, levels: list[float]) -> bool:
     verdict = rate.verdict(allowed, levels)
     if allowed:
-        conn.access_headers = verdict.headers  # RateLimit on the backend's answer too
+        request.access_headers = verdict.headers  # RateLimit on the backend's answer too
         return False
     _refuse(conn, access, Refusal(
         429, f"rate limit {verdict.limit} exceeded; retry in {verdict.retry_after}s",
@@ -220,7 +222,7 @@ async def _finish(conn: ClientConnection, request: Request, access: Access, clie
                 return
         else:
             allowed, levels = local_buckets().take_all(keys, rate.limits, time.monotonic())
-        if levels and _judged(conn, access, rate, allowed, levels):
+        if levels and _judged(conn, request, access, rate, allowed, levels):
             return
     _apply(request, grant)
     conn._access_passed(request)

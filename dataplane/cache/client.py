@@ -1,13 +1,13 @@
 """The cache's state of an exchange, and what it reads and does of a client connection.
 
 Protocols, so the cache's modules need not import `proxy` (which imports them): the
-reverse proxy's `ClientConnection` and `Request` are the implementations, checked by
-mypy where proxy.py hands itself to the hooks.
+reverse proxy's `ClientConnection` and `Request` (which holds the exchange's state,
+`ProxiedRequest` here) are the implementations, checked by mypy where proxy.py hands
+itself and its request to the hooks.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kanal.dataplane.cache import policy
@@ -118,17 +118,28 @@ class CachedRequest(Protocol):
     def content_length(self) -> bytes | None: ...
 
 
+class ProxiedRequest(CachedRequest, Protocol):
+    """A reverse-proxy request with its exchange (`proxy.Request`): the cache's state
+    of it, and how its answer is going (for an answer served from the store)."""
+
+    cache_exchange: CacheExchange | None
+    response_close: bool
+    response_started: bool
+    body_sent: int  # the access log's and /metrics' response body bytes
+    cache_outcome: bytes  # the access log's `cache` field, for an answer served here
+
+    @property
+    def route_key(self) -> str: ...
+    @property
+    def hsts(self) -> bytes | None: ...
+    @property
+    def upstream_runtime(self) -> UpstreamRuntime | None: ...
+
+
 class CacheClient(Protocol):
     """A client connection, as the cache answers on it or lets it go upstream."""
 
-    cache_exchange: CacheExchange | None
     upstream: UpstreamConnection | None
-    response_close: bool
-    response_started: bool
-    timer: asyncio.TimerHandle | None
-    head: bytes
-    body_sent: int  # the access log's and /metrics' response body bytes
-    cache_outcome: bytes  # the access log's `cache` field, for an answer served here
 
     @property
     def context(self) -> ProxyContext: ...
@@ -137,19 +148,11 @@ class CacheClient(Protocol):
     @property
     def closed(self) -> bool: ...
     @property
-    def route_key(self) -> str: ...
-    @property
-    def upstream_runtime(self) -> UpstreamRuntime | None: ...
-    @property
-    def hsts(self) -> bytes | None: ...
-    @property
     def close_after(self) -> bool: ...
 
     def _write(self, data: bytes) -> None: ...
     def _end_exchange(self, status: int) -> None: ...
     def _fail_request(self, status: int, reason: str) -> None: ...
     def _abort(self) -> None: ...
-    def _attempt(self, request: Any, exclude: Any) -> None: ...
     def _request_head(self, request: Any, config: Any) -> bytes: ...
     def _send_upstream(self, request: Any) -> None: ...
-    def _timed_out(self, timeout: float) -> None: ...

@@ -1,9 +1,9 @@
 """The cache's part in one reverse-proxy exchange: the hooks `proxy.py` calls.
 
 `proxy.ClientConnection` calls these only for rules with a cache (a `RuleCache` on
-the Selection), and only through `conn.cache_exchange` afterwards, so a rule without
-a cache pays one attribute test per step. The decisions are `policy`'s; this module
-does what they say on the client connection:
+the Selection), and only through the request's `cache_exchange` afterwards, so a rule
+without a cache pays one attribute test per step. The decisions are `policy`'s; this
+module does what they say on the request's exchange and its client connection:
 
 - `begin`, after route selection: answer a fresh hit from the store (no upstream is
   touched), wait for a fill of the same key in progress (bounded), or prepare the
@@ -52,7 +52,7 @@ from kanal.dataplane.http1 import status_line
 
 if TYPE_CHECKING:
     from kanal.contract.snapshot import Rule
-    from kanal.dataplane.cache.client import CacheClient, CachedRequest
+    from kanal.dataplane.cache.client import CacheClient, ProxiedRequest
     from kanal.dataplane.pool import UpstreamConnection
     from kanal.dataplane.router import Selection
 
@@ -60,14 +60,14 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------- begin
 
 
-def begin(conn: CacheClient, request: CachedRequest, selection: Selection) -> bool:
+def begin(conn: CacheClient, request: ProxiedRequest, selection: Selection) -> bool:
     """After route selection; True when the request was answered (or is waiting)."""
     store = PROCESS_STORE
     rule = selection.cache
     assert rule is not None
-    exchange = CacheExchange(store, rule, request, conn.route_key)
+    exchange = CacheExchange(store, rule, request, request.route_key)
     exchange.timeout = selection.rule.timeout
-    conn.cache_exchange = exchange
+    request.cache_exchange = exchange
     method = request.method
     if method == b"GET" or method == b"HEAD":
         if (request.upgrade or request.chunked or request.content_length not in (None, b"0")
@@ -95,7 +95,7 @@ def begin(conn: CacheClient, request: CachedRequest, selection: Selection) -> bo
     return _decide(conn, request, exchange, entry, entry.body if entry is not None else None)
 
 
-def _decide(conn: CacheClient, request: CachedRequest, exchange: CacheExchange,
+def _decide(conn: CacheClient, request: ProxiedRequest, exchange: CacheExchange,
             entry: Entry | None, body: bytes | None) -> bool:
     """What to do with the stored entry (its body at hand) or with none; True when the
     request was answered (or is waiting for a fill)."""
@@ -132,14 +132,14 @@ def _decide(conn: CacheClient, request: CachedRequest, exchange: CacheExchange,
     return False
 
 
-def _load(conn: CacheClient, request: CachedRequest, exchange: CacheExchange,
+def _load(conn: CacheClient, request: ProxiedRequest, exchange: CacheExchange,
           entry: Entry) -> None:
     """A disk hit: the body is read on a worker thread; the request goes on with it
     once read (answered from it, or revalidating it), or as a miss if it is unreadable."""
     exchange.outcome = MISS  # until answered: an error meanwhile comes from a lookup
 
     def loaded(read: asyncio.Future[bytes | None]) -> None:
-        if conn.current is not request or conn.closed or conn.cache_exchange is not exchange:
+        if conn.current is not request or conn.closed or request.cache_exchange is not exchange:
             return  # answered meanwhile (a timeout), or the client left
         body = read.result()
         if not _decide(conn, request, exchange, entry if body is not None else None, body):
@@ -152,7 +152,7 @@ EVENTS = {HIT: "hit", MISS: "miss", STALE: "stale", REVALIDATED: "revalidated",
           BYPASS: "bypass"}
 
 
-def _go_upstream(request: CachedRequest, exchange: CacheExchange) -> None:
+def _go_upstream(request: ProxiedRequest, exchange: CacheExchange) -> None:
     """Ready the upstream request: the client's own conditions and ranges are left out
     (the whole answer is fetched, to store), a revalidation adds the entry's."""
     exchange.outcome = MISS
@@ -164,7 +164,7 @@ def _go_upstream(request: CachedRequest, exchange: CacheExchange) -> None:
         exchange.fill = exchange.store.start_fill(exchange.key)
 
 
-def _wait(conn: CacheClient, request: CachedRequest, exchange: CacheExchange, fill: Fill) -> None:
+def _wait(conn: CacheClient, request: ProxiedRequest, exchange: CacheExchange, fill: Fill) -> None:
     """Concurrent miss: wait for the fill in progress (bounded), then look again."""
     loop = asyncio.get_running_loop()
     woken = False
@@ -176,7 +176,7 @@ def _wait(conn: CacheClient, request: CachedRequest, exchange: CacheExchange, fi
             return
         woken = True
         timer.cancel()
-        if conn.current is not request or conn.closed or conn.cache_exchange is not exchange:
+        if conn.current is not request or conn.closed or request.cache_exchange is not exchange:
             return
         if stored:
             entry = lookup(exchange.store, exchange.key, request_fields(request))
@@ -197,7 +197,7 @@ def _wait(conn: CacheClient, request: CachedRequest, exchange: CacheExchange, fi
     fill.waiters.append(wake)
 
 
-def _proceed(conn: CacheClient, request: CachedRequest, exchange: CacheExchange) -> None:
+def _proceed(conn: CacheClient, request: ProxiedRequest, exchange: CacheExchange) -> None:
     """What `ClientConnection` does after the cache hook, for a request that waited for
     a fill and now goes upstream itself (its route timeout has run since it began)."""
     if conn.context.config is None:
@@ -209,10 +209,10 @@ def _proceed(conn: CacheClient, request: CachedRequest, exchange: CacheExchange)
 # --------------------------------------------------------------------------- answering
 
 
-def serve(conn: CacheClient, request: CachedRequest, entry: Entry, outcome: bytes,
+def serve(conn: CacheClient, request: ProxiedRequest, entry: Entry, outcome: bytes,
           now: float, *, finish: bool = True) -> bool:
     """Answer the request from a stored entry; False when its body cannot be read."""
-    exchange = conn.cache_exchange
+    exchange = request.cache_exchange
     store = exchange.store if exchange is not None else PROCESS_STORE
     body = entry_body(exchange, entry)
     if body is None:
@@ -251,24 +251,24 @@ def serve(conn: CacheClient, request: CachedRequest, entry: Entry, outcome: byte
     lines.append(b"Age: %d\r\nX-Cache: %b\r\n" % (int(entry.age(now)), outcome))
     if status not in NO_BODY_STATUSES:
         lines.append(b"Content-Length: %d\r\n" % len(body))
-    if conn.hsts is not None:
-        lines.append(b"Strict-Transport-Security: " + conn.hsts + b"\r\n")
+    if request.hsts is not None:
+        lines.append(b"Strict-Transport-Security: " + request.hsts + b"\r\n")
     close = not request.keep_alive or conn.close_after or not request.complete
     if close:
         lines.append(b"Connection: close\r\n")
     elif not request.http11:
         lines.append(b"Connection: keep-alive\r\n")
     lines.append(b"\r\n")
-    conn.response_close = close
-    conn.response_started = True
+    request.response_close = close
+    request.response_started = True
     if not head_only and status not in NO_BODY_STATUSES:
         lines.append(body)
-        conn.body_sent = len(body)
-    conn.cache_outcome = outcome
+        request.body_sent = len(body)
+    request.cache_outcome = outcome
     conn._write(b"".join(lines))
-    store.stats.count(EVENTS[outcome], conn.route_key)
+    store.stats.count(EVENTS[outcome], request.route_key)
     if finish:
-        conn.cache_exchange = None
+        request.cache_exchange = None
         conn._end_exchange(status)
     elif exchange is not None:
         exchange.swallow = True
@@ -279,12 +279,12 @@ def serve(conn: CacheClient, request: CachedRequest, entry: Entry, outcome: byte
 # --------------------------------------------------------------------------- the answer
 
 
-def head(conn: CacheClient, upstream: UpstreamConnection) -> bool:
-    """The upstream's answer head; True when the cache answered instead (the upstream's
-    answer is then read to its end and dropped)."""
-    exchange = conn.cache_exchange
-    request = conn.current
-    if exchange is None or request is None or exchange.request is not request:
+def head(conn: CacheClient, request: ProxiedRequest, upstream: UpstreamConnection) -> bool:
+    """The upstream's answer head to `request`, the connection's current one; True when
+    the cache answered instead (the upstream's answer is then read to its end and
+    dropped)."""
+    exchange = request.cache_exchange
+    if exchange is None or exchange.request is not request:
         return False
     store = exchange.store
     status = upstream.status
@@ -354,18 +354,18 @@ def _invalidate(exchange: CacheExchange, method: bytes, status: int,
             exchange.store.stats.count("invalidation", exchange.route)
 
 
-def body(conn: CacheClient, chunk: bytes) -> bool:
+def body(request: ProxiedRequest, chunk: bytes) -> bool:
     """A piece of the upstream's body; True when it is dropped (the cache answered)."""
-    return feed_body(conn.cache_exchange, chunk)
+    return feed_body(request.cache_exchange, chunk)
 
 
-def done(conn: CacheClient, upstream: UpstreamConnection) -> bool:
+def done(conn: CacheClient, request: ProxiedRequest, upstream: UpstreamConnection) -> bool:
     """The upstream's answer ended; True when the exchange was finished here."""
-    exchange = conn.cache_exchange
+    exchange = request.cache_exchange
     if exchange is None:
         return False
     if exchange.swallow:
-        conn.cache_exchange = None
+        request.cache_exchange = None
         conn.upstream = None
         if exchange.request.complete:
             upstream.release()
@@ -377,24 +377,24 @@ def done(conn: CacheClient, upstream: UpstreamConnection) -> bool:
     return False
 
 
-def upstream_failed(conn: CacheClient) -> bool:
+def upstream_failed(conn: CacheClient, request: ProxiedRequest) -> bool:
     """The upstream's answer broke off; True when the client already has its answer."""
-    exchange = conn.cache_exchange
+    exchange = request.cache_exchange
     if exchange is None:
         return False
     if exchange.swallow:
-        conn.cache_exchange = None
+        request.cache_exchange = None
         conn.upstream = None
         conn._end_exchange(exchange.served)
         return True
-    over(conn)
+    over(request)
     return False
 
 
-def over(conn: CacheClient) -> None:
+def over(request: ProxiedRequest) -> None:
     """The exchange ends another way (an error, an abort, the client left): a fill that
     did not finish is dropped, and those waiting for it go on."""
-    abort_fill(conn.cache_exchange)
+    abort_fill(request.cache_exchange)
 
 
 _NOT_ASKED = b"X-Cache: " + BYPASS + b"\r\n"
@@ -408,10 +408,10 @@ def not_asked(rule: Rule | None) -> bytes:
     return _NOT_ASKED if settings is not None and settings.enabled else b""
 
 
-def error(conn: CacheClient, request: CachedRequest, status: int) -> bytes | None:
+def error(conn: CacheClient, request: ProxiedRequest, status: int) -> bytes | None:
     """The proxy answers with an error of its own: serve a stale entry instead when
     `stale-if-error` allows (None: answered), else the X-Cache line to add."""
-    exchange = conn.cache_exchange
+    exchange = request.cache_exchange
     if exchange is None or exchange.request is not request:
         return b""
     entry = exchange.entry

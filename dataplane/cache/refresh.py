@@ -19,7 +19,7 @@ from kanal.dataplane.cache.store import Entry, Fill
 from kanal.dataplane.pool import UpstreamConnectError, UpstreamConnection
 
 if TYPE_CHECKING:
-    from kanal.dataplane.cache.client import CacheClient, CachedRequest
+    from kanal.dataplane.cache.client import CacheClient, ProxiedRequest
     from kanal.dataplane.runtime import UpstreamRuntime
 
 log = logging.getLogger("kanal.cache")
@@ -83,11 +83,11 @@ class Refresh:
         pass
 
 
-def refresh_in_background(conn: CacheClient, request: CachedRequest, entry: Entry,
+def refresh_in_background(conn: CacheClient, request: ProxiedRequest, entry: Entry,
                           exchange: CacheExchange) -> None:
     """Start one revalidation of `entry` unless one for its key is under way."""
     store = exchange.store
-    upstream = conn.upstream_runtime
+    upstream = request.upstream_runtime
     config = conn.context.config
     if (request.method != b"GET" or upstream is None or config is None
             or store.active_fill(exchange.key) is not None):
