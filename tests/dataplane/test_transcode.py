@@ -165,14 +165,7 @@ def proxy(module_kanal, shop, tmp_path_factory):
             binaryData:
               shop.pb: {base64.b64encode(data).decode()}
             """),
-        "upstream.yaml": textwrap.dedent(f"""\
-            apiVersion: kanal.dev/v1alpha1
-            kind: Upstream
-            metadata: {{name: books}}
-            spec:
-              protocol: H2C
-              endpoints: [{{address: 127.0.0.1, port: {port}}}]
-            """),
+        "upstream.yaml": upstream_yaml(port),
         "route.yaml": textwrap.dedent(f"""\
             apiVersion: kanal.dev/v1alpha1
             kind: Route
