@@ -320,147 +320,129 @@ async def test_mesh_requests_through_the_forward_listener_get_a_request_id(backe
          "route": "default/orders", "requestId": given[0]}]
 
 
-def test_kanal_run_access_log_flags(kanal, tmp_path):
-    from tests.conftest import BackendThread
-
-    pool = BackendThread()
-    try:
-        app = pool.start("app")
-        path = tmp_path / "access.log"
-        route = """\
+def test_kanal_run_access_log_flags(kanal, tmp_path, module_backends):
+    app = module_backends("app")
+    path = tmp_path / "access.log"
+    route = """\
 apiVersion: kanal.dev/v1alpha1
 kind: Route
 metadata: {name: web}
 spec:
   rules: [{name: all, backends: [{upstream: app}]}]
 """
-        k = kanal({"app.yaml": upstream_yaml("app", app), "route.yaml": route},
-                  "--access-log", str(path), "--access-log-format", "text",
-                  "--access-log-fields", "status,method,path,rule,upstream")
-        import urllib.request
+    k = kanal({"app.yaml": upstream_yaml("app", app), "route.yaml": route},
+              "--access-log", str(path), "--access-log-format", "text",
+              "--access-log-fields", "status,method,path,rule,upstream")
+    import urllib.request
 
-        for i in range(3):
-            with urllib.request.urlopen(f"{k.url}/page/{i}", timeout=5) as answer:
-                assert answer.status == 200
-                assert answer.headers["X-Request-Id"]  # --request-id auto: on with the log
-        wait_until(lambda: len(_text_lines(path)) == 3)
-        assert _text_lines(path) == [
-            f"status=200 method=GET path=/page/{i} rule=all upstream=default/app" for i in range(3)]
-    finally:
-        pool.close()
+    for i in range(3):
+        with urllib.request.urlopen(f"{k.url}/page/{i}", timeout=5) as answer:
+            assert answer.status == 200
+            assert answer.headers["X-Request-Id"]  # --request-id auto: on with the log
+    wait_until(lambda: len(_text_lines(path)) == 3)
+    assert _text_lines(path) == [
+        f"status=200 method=GET path=/page/{i} rule=all upstream=default/app" for i in range(3)]
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_sighup_reopens_the_file_after_a_rotation(kanal, tmp_path, workers):
+def test_sighup_reopens_the_file_after_a_rotation(kanal, tmp_path, workers, module_backends):
     import signal
     import urllib.request
 
-    from tests.conftest import BackendThread
-
-    pool = BackendThread()
-    try:
-        app = pool.start("app")
-        path = tmp_path / "access.log"
-        route = """\
+    app = module_backends("app")
+    path = tmp_path / "access.log"
+    route = """\
 apiVersion: kanal.dev/v1alpha1
 kind: Route
 metadata: {name: web}
 spec:
   rules: [{backends: [{upstream: app}]}]
 """
-        k = kanal({"app.yaml": upstream_yaml("app", app), "route.yaml": route},
-                  "--access-log", str(path), "--access-log-fields", "path",
-                  "--workers", workers)
+    k = kanal({"app.yaml": upstream_yaml("app", app), "route.yaml": route},
+              "--access-log", str(path), "--access-log-fields", "path",
+              "--workers", workers)
 
-        def get(page: str) -> None:
-            with urllib.request.urlopen(f"{k.url}/{page}", timeout=5) as answer:
-                assert answer.status == 200
+    def get(page: str) -> None:
+        with urllib.request.urlopen(f"{k.url}/{page}", timeout=5) as answer:
+            assert answer.status == 200
 
-        get("before")
-        wait_until(lambda: _text_lines(path) == ['{"path":"/before"}'])
-        rotated = tmp_path / "access.log.1"
-        path.rename(rotated)
-        assert k.process is not None
-        k.process.send_signal(signal.SIGHUP)
-        # Until a worker has reopened, its lines still go to the renamed file: keep
-        # asking until one reaches the new one.
-        def reopened() -> bool:
-            get("after")
-            return '{"path":"/after"}' in _text_lines(path)
+    get("before")
+    wait_until(lambda: _text_lines(path) == ['{"path":"/before"}'])
+    rotated = tmp_path / "access.log.1"
+    path.rename(rotated)
+    assert k.process is not None
+    k.process.send_signal(signal.SIGHUP)
+    # Until a worker has reopened, its lines still go to the renamed file: keep
+    # asking until one reaches the new one.
+    def reopened() -> bool:
+        get("after")
+        return '{"path":"/after"}' in _text_lines(path)
 
-        wait_until(reopened)
-        assert k.process.poll() is None
-        assert _text_lines(rotated)[0] == '{"path":"/before"}'
-    finally:
-        pool.close()
+    wait_until(reopened)
+    assert k.process.poll() is None
+    assert _text_lines(rotated)[0] == '{"path":"/before"}'
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_each_listener_writes_to_its_own_file_and_sighup_reopens_both(kanal, tmp_path, workers):
+def test_each_listener_writes_to_its_own_file_and_sighup_reopens_both(kanal, tmp_path, workers, module_backends):
     import signal
     import urllib.request
 
-    from tests.conftest import BackendThread
+    app = module_backends("app")
+    forward_port = free_port()
+    reverse_log, forward_log = tmp_path / "reverse.log", tmp_path / "forward.log"
+    files = {
+        "app.yaml": upstream_yaml("app", app),
+        "route.yaml": "apiVersion: kanal.dev/v1alpha1\nkind: Route\n"
+                      "metadata: {name: web}\nspec:\n  rules: [{backends: [{upstream: app}]}]\n",
+        "policy.yaml": "apiVersion: kanal.dev/v1alpha1\nkind: EgressPolicy\n"
+                       "metadata: {name: egress}\nspec:\n"
+                       f"  allow: [{{host: localhost, ports: [{app.port}]}}]\n"
+                       "  allowPrivateNetworks: true\n",
+    }
+    # The default (the inbound listener's, unused here) is overridden for both.
+    k = kanal(files, "--forward-listen", f"127.0.0.1:{forward_port}",
+              "--access-log", "off", "--access-log", f"reverse={reverse_log}",
+              "--access-log", f"forward={forward_log}",
+              "--access-log-fields", "listener,path,status", "--workers", workers)
+    through_forward = urllib.request.build_opener(urllib.request.ProxyHandler(
+        {"http": f"http://127.0.0.1:{forward_port}"}))
 
-    pool = BackendThread()
-    try:
-        app = pool.start("app")
-        forward_port = free_port()
-        reverse_log, forward_log = tmp_path / "reverse.log", tmp_path / "forward.log"
-        files = {
-            "app.yaml": upstream_yaml("app", app),
-            "route.yaml": "apiVersion: kanal.dev/v1alpha1\nkind: Route\n"
-                          "metadata: {name: web}\nspec:\n  rules: [{backends: [{upstream: app}]}]\n",
-            "policy.yaml": "apiVersion: kanal.dev/v1alpha1\nkind: EgressPolicy\n"
-                           "metadata: {name: egress}\nspec:\n"
-                           f"  allow: [{{host: localhost, ports: [{app.port}]}}]\n"
-                           "  allowPrivateNetworks: true\n",
-        }
-        # The default (the inbound listener's, unused here) is overridden for both.
-        k = kanal(files, "--forward-listen", f"127.0.0.1:{forward_port}",
-                  "--access-log", "off", "--access-log", f"reverse={reverse_log}",
-                  "--access-log", f"forward={forward_log}",
-                  "--access-log-fields", "listener,path,status", "--workers", workers)
-        through_forward = urllib.request.build_opener(urllib.request.ProxyHandler(
-            {"http": f"http://127.0.0.1:{forward_port}"}))
+    def reverse(page: str) -> None:
+        with urllib.request.urlopen(f"{k.url}/{page}", timeout=5) as answer:
+            assert answer.status == 200
 
-        def reverse(page: str) -> None:
-            with urllib.request.urlopen(f"{k.url}/{page}", timeout=5) as answer:
-                assert answer.status == 200
+    def forward(page: str) -> None:
+        with through_forward.open(f"http://localhost:{app.port}/{page}", timeout=5) as answer:
+            assert answer.status == 200
 
-        def forward(page: str) -> None:
-            with through_forward.open(f"http://localhost:{app.port}/{page}", timeout=5) as answer:
-                assert answer.status == 200
+    for i in range(3):
+        reverse(f"in-{i}")
+        forward(f"out-{i}")
+    wait_until(lambda: len(_text_lines(reverse_log)) == 3 and len(_text_lines(forward_log)) == 3)
+    assert sorted(read_json_lines(reverse_log), key=str) == [
+        {"listener": "reverse", "path": f"/in-{i}", "status": 200} for i in range(3)]
+    # The forward listener logs the absolute target it was asked for.
+    assert sorted(read_json_lines(forward_log), key=str) == [
+        {"listener": "forward", "path": f"http://localhost:{app.port}/out-{i}", "status": 200}
+        for i in range(3)]
 
-        for i in range(3):
-            reverse(f"in-{i}")
-            forward(f"out-{i}")
-        wait_until(lambda: len(_text_lines(reverse_log)) == 3 and len(_text_lines(forward_log)) == 3)
-        assert sorted(read_json_lines(reverse_log), key=str) == [
-            {"listener": "reverse", "path": f"/in-{i}", "status": 200} for i in range(3)]
-        # The forward listener logs the absolute target it was asked for.
-        assert sorted(read_json_lines(forward_log), key=str) == [
-            {"listener": "forward", "path": f"http://localhost:{app.port}/out-{i}", "status": 200}
-            for i in range(3)]
+    # Rotation: both files renamed, one SIGHUP, and both are written at their path again.
+    reverse_log.rename(tmp_path / "reverse.log.1")
+    forward_log.rename(tmp_path / "forward.log.1")
+    assert k.process is not None
+    k.process.send_signal(signal.SIGHUP)
 
-        # Rotation: both files renamed, one SIGHUP, and both are written at their path again.
-        reverse_log.rename(tmp_path / "reverse.log.1")
-        forward_log.rename(tmp_path / "forward.log.1")
-        assert k.process is not None
-        k.process.send_signal(signal.SIGHUP)
+    def reopened() -> bool:
+        reverse("after")
+        forward("after")
+        return (any(line["path"] == "/after" for line in read_json_lines(reverse_log))
+                and any(line["path"].endswith("/after") for line in read_json_lines(forward_log)))
 
-        def reopened() -> bool:
-            reverse("after")
-            forward("after")
-            return (any(line["path"] == "/after" for line in read_json_lines(reverse_log))
-                    and any(line["path"].endswith("/after") for line in read_json_lines(forward_log)))
-
-        wait_until(reopened)
-        assert k.process.poll() is None
-        assert {line["listener"] for line in read_json_lines(reverse_log)} == {"reverse"}
-        assert {line["listener"] for line in read_json_lines(forward_log)} == {"forward"}
-    finally:
-        pool.close()
+    wait_until(reopened)
+    assert k.process.poll() is None
+    assert {line["listener"] for line in read_json_lines(reverse_log)} == {"reverse"}
+    assert {line["listener"] for line in read_json_lines(forward_log)} == {"forward"}
 
 
 def test_destinations_per_listener():
@@ -528,33 +510,27 @@ async def _true(value: bool) -> bool:
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
-def test_an_answer_from_the_cache_counts_its_body_bytes(kanal, tmp_path):
+def test_an_answer_from_the_cache_counts_its_body_bytes(kanal, tmp_path, module_backends):
     import urllib.request
 
-    from tests.conftest import BackendThread
-
-    pool = BackendThread()
-    try:
-        app = pool.start("app")
-        path = tmp_path / "access.log"
-        route = """\
+    app = module_backends("app")
+    path = tmp_path / "access.log"
+    route = """\
 apiVersion: kanal.dev/v1alpha1
 kind: Route
 metadata: {name: web}
 spec:
   rules: [{backends: [{upstream: app}], cache: {defaultTTL: 60s}}]
 """
-        k = kanal({"app.yaml": upstream_yaml("app", app), "route.yaml": route},
-                  "--access-log", str(path), "--access-log-fields", "status,bytesOut,cache")
-        sizes, caches = [], []
-        for _ in range(2):
-            with urllib.request.urlopen(f"{k.url}/page", timeout=5) as answer:
-                sizes.append(len(answer.read()))
-                caches.append(answer.headers["X-Cache"])
-        assert caches[1] == "HIT" and len(app.received) == 1
-        wait_until(lambda: len(_text_lines(path)) == 2)
-        assert read_json_lines(path) == [
-            {"status": 200, "bytesOut": size, "cache": outcome}
-            for size, outcome in zip(sizes, ["MISS", "HIT"], strict=True)]
-    finally:
-        pool.close()
+    k = kanal({"app.yaml": upstream_yaml("app", app), "route.yaml": route},
+              "--access-log", str(path), "--access-log-fields", "status,bytesOut,cache")
+    sizes, caches = [], []
+    for _ in range(2):
+        with urllib.request.urlopen(f"{k.url}/page", timeout=5) as answer:
+            sizes.append(len(answer.read()))
+            caches.append(answer.headers["X-Cache"])
+    assert caches[1] == "HIT" and len(app.received) == 1
+    wait_until(lambda: len(_text_lines(path)) == 2)
+    assert read_json_lines(path) == [
+        {"status": 200, "bytesOut": size, "cache": outcome}
+        for size, outcome in zip(sizes, ["MISS", "HIT"], strict=True)]
