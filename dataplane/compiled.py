@@ -33,7 +33,7 @@ from types import ModuleType
 
 COMPILED = (
     "balancer", "breaker", "headers", "http1", "limits", "metrics", "pool", "proxy",
-    "retry", "split", "tlspolicy",
+    "retry", "router", "split", "tlspolicy",
 )
 """Dataplane modules compiled by `setup.py` (the request path and its pure cores)."""
 

@@ -1,60 +1,98 @@
 """Request metrics kept as plain counters on the hot path, exposed to Prometheus on scrape.
 
-Recording a request is a dict update and a bisect: no locks, no label lookups, no
+Recording a request is a dict update and a bucket search: no locks, no label lookups, no
 objects. `MetricsCollector` turns the counters into Prometheus families only when
 `/metrics` is read.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-LATENCY_BUCKETS = (
+LATENCY_BUCKETS: Final[tuple[float, ...]] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
+
+
+class PairCounts:
+    """What one (route, upstream) pair counted: answers by status, the latency
+    histogram and body bytes. Native counters, so recording a request allocates
+    nothing but the boxed counts."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, int] = {}
+        self.buckets: list[int] = [0] * (len(LATENCY_BUCKETS) + 1)  # the last: +Inf
+        self.seconds = 0.0
+        self.bytes_in = 0
+        self.bytes_out = 0
 
 
 class RequestMetrics:
     """Counters of one process."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, int], int] = {}
-        # (route, upstream) -> [bucket counts..., +Inf count, sum]
-        self.latency: dict[tuple[str, str], list[float]] = {}
+        # route -> upstream -> counts: two lookups of interned strings per request, no
+        # tuples built or compared. `requests`, `latency` and `body_bytes` are the flat
+        # views the exposition reads.
+        self.pairs: dict[str, dict[str, PairCounts]] = {}
         self.config_version = ""
         self.config_applied = 0
         self.config_rejected = 0
         self.circuit_changes: dict[tuple[str, str, str], int] = {}
         self.events: dict[tuple[str, str], int] = {}
         self.access_log_dropped = 0  # records a slow sink could not take (accesslog.py)
-        # (route, upstream) -> [request body bytes, response body bytes]; and retries.
-        # Exposed with derived families by kanal.dataplane.routemetrics.
-        self.body_bytes: dict[tuple[str, str], list[int]] = {}
+        # (route, upstream) -> retries. Exposed with derived families by
+        # kanal.dataplane.routemetrics.
         self.retries: dict[tuple[str, str], int] = {}
         self.overload_refused = 0  # requests answered 503 while overloaded (overload.py)
 
     def observe(self, route: str, upstream: str, status: int, seconds: float,
                 bytes_in: int = 0, bytes_out: int = 0) -> None:
-        key = (route, upstream, status)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
-        pair = (route, upstream)
-        cells = self.latency.get(pair)
-        if cells is None:
-            cells = self.latency[pair] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-        cells[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        cells[-1] += seconds
-        if bytes_in or bytes_out:
-            moved = self.body_bytes.get(pair)
-            if moved is None:
-                moved = self.body_bytes[pair] = [0, 0]
-            moved[0] += bytes_in
-            moved[1] += bytes_out
+        by_upstream = self.pairs.get(route)
+        if by_upstream is None:
+            by_upstream = self.pairs[route] = {}
+        counts = by_upstream.get(upstream)
+        if counts is None:
+            counts = by_upstream[upstream] = PairCounts()
+        statuses = counts.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        bucket = 0
+        last = len(LATENCY_BUCKETS)
+        # (Compiled, indexing a Final tuple is a load and a compare: no iterator, no call.)
+        while bucket < last and seconds > LATENCY_BUCKETS[bucket]:
+            bucket += 1
+        counts.buckets[bucket] += 1
+        counts.seconds += seconds
+        counts.bytes_in += bytes_in
+        counts.bytes_out += bytes_out
+
+    @property
+    def requests(self) -> dict[tuple[str, str, int], int]:
+        """(route, upstream, status) -> answers."""
+        return {(route, upstream, status): count
+                for route, by_upstream in self.pairs.items()
+                for upstream, counts in by_upstream.items()
+                for status, count in counts.statuses.items()}
+
+    @property
+    def latency(self) -> dict[tuple[str, str], list[float]]:
+        """(route, upstream) -> [bucket counts..., +Inf count, sum of seconds]."""
+        return {(route, upstream): [*map(float, counts.buckets), counts.seconds]
+                for route, by_upstream in self.pairs.items()
+                for upstream, counts in by_upstream.items()}
+
+    @property
+    def body_bytes(self) -> dict[tuple[str, str], list[int]]:
+        """(route, upstream) -> [request body bytes, response body bytes], for pairs
+        that moved any."""
+        return {(route, upstream): [counts.bytes_in, counts.bytes_out]
+                for route, by_upstream in self.pairs.items()
+                for upstream, counts in by_upstream.items()
+                if counts.bytes_in or counts.bytes_out}
 
     def count_retry(self, route: str, upstream: str) -> None:
         key = (route, upstream)

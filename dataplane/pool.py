@@ -22,6 +22,8 @@ from kanal.dataplane.http1 import MAX_RESPONSE_HEAD, final_coding_is_chunked
 from kanal.dataplane.limits import UpstreamLimits
 
 _SPECIAL_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length"}
+# `Connection` values that name no header beyond the hop-by-hop ones.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"upgrade", b"Upgrade"})
 
 if TYPE_CHECKING:
     from kanal.dataplane.balancer import EndpointState
@@ -204,6 +206,8 @@ class UpstreamConnection(asyncio.Protocol):
         elif lower == b"transfer-encoding":
             self.chunked = final_coding_is_chunked(value)
         elif lower == b"connection":
+            if value in _PLAIN_CONNECTION:
+                return  # names nothing beyond what stops here anyway (most answers)
             tokens = connection_tokens(value) - RESPONSE_DROPPED
             if tokens:
                 self.connection_named = (self.connection_named or set()) | tokens

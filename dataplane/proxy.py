@@ -1019,22 +1019,24 @@ class ClientConnection(asyncio.Protocol):
         named = request.connection_named
         if named:
             headers = [(name, value) for name, value in headers if name.lower() not in named]
-        lines = [request.method + b" " + request.target + b" HTTP/1.1"]
+        # One join of flat parts: no bytes built per header line.
+        parts = [request.method, b" ", request.target, b" HTTP/1.1\r\n"]
         if request.host is None:
             # An HTTP/1.0 client may send no Host; the upstream leg is HTTP/1.1 and needs one.
             upstream = request.upstream_runtime
             authority = upstream.states[0].key if upstream is not None and upstream.states else "localhost"
-            lines.append(b"Host: " + authority.encode("latin-1"))
-        lines += [name + b": " + value for name, value in headers]
+            parts += (b"Host: ", authority.encode("latin-1"), b"\r\n")
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
         if request.chunked:
-            lines.append(b"Transfer-Encoding: chunked")
+            parts.append(b"Transfer-Encoding: chunked\r\n")
         elif request.content_length is not None:
-            lines.append(b"Content-Length: " + request.content_length)
+            parts += (b"Content-Length: ", request.content_length, b"\r\n")
         if request.upgrade:
-            lines.append(b"Connection: Upgrade")
-            lines.append(b"Upgrade: " + (request.upgrade_value or b"websocket"))
-        lines.append(self._forwarding_lines(request))
-        return b"\r\n".join(lines)
+            parts += (b"Connection: Upgrade\r\nUpgrade: ", request.upgrade_value or b"websocket",
+                      b"\r\n")
+        parts.append(self._forwarding_lines(request))
+        return b"".join(parts)
 
     def _forwarding_lines(self, request: Request) -> bytes:
         """The X-Forwarded-*, X-Real-IP and Forwarded lines, ending the head.
