@@ -27,7 +27,7 @@ Nothing here reads a clock or does I/O; `now` is passed in.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from kanal.contract.snapshot import CircuitBreaker
 
@@ -42,10 +42,10 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 }
 """Every allowed transition; any other (state, event) pair leaves the state as it is."""
 
-WINDOW_SECONDS = 10.0
+WINDOW_SECONDS: Final = 10.0
 """The rolling window over which the failure rate is measured."""
 
-BUCKETS = 10
+BUCKETS: Final = 10
 MAX_OPEN_FACTOR = 8
 """Repeated openings double the open time up to this many times the configured one."""
 

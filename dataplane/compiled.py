@@ -32,7 +32,7 @@ from pathlib import Path
 from types import ModuleType
 
 COMPILED = (
-    "balancer", "breaker", "headers", "http1", "limits", "metrics", "pool", "proxy",
+    "balancer", "breaker", "context", "headers", "http1", "limits", "metrics", "pool", "proxy",
     "retry", "router", "split", "tlspolicy",
 )
 """Dataplane modules compiled by `setup.py` (the request path and its pure cores)."""

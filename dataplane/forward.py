@@ -519,7 +519,7 @@ class ForwardConnection(asyncio.Protocol):
         if request.header_bytes > MAX_HEAD or request.head_lines > MAX_HEADERS:
             self._refuse_head(431, f"request headers larger than {MAX_HEAD} bytes or more "
                                    f"than {MAX_HEADERS} lines")
-        if b"_" in name:
+        if http1.UNDERSCORE in name:
             return  # CGI-style backends read X_A as X-A: dropped, as on the reverse listener
         lower = name.lower()
         if lower in http1.SINGLETON_HEADERS:
@@ -550,7 +550,7 @@ class ForwardConnection(asyncio.Protocol):
         method = parser.get_method()
         if request.line_unchecked and self.lines.spaced_at_head(method, request.target):
             self._refuse_head(400, http1.SPACED_LINE)
-        if b"#" in request.target:
+        if http1.HASH in request.target:
             self._refuse_head(400, "request target with a fragment (#)")
         request.method = method
         request.http11 = version == "1.1"
@@ -822,7 +822,7 @@ class ForwardConnection(asyncio.Protocol):
             if lower in (b"x-forwarded-for", b"forwarded", b"via"):
                 sent.setdefault(lower, []).append(value)
         peer = self.peer_ip.encode("latin-1")
-        node = b'"[' + peer + b']"' if b":" in peer else peer
+        node = b'"[' + peer + b']"' if peer.find(b":") >= 0 else peer
         chains = {name: b", ".join(values) + b", " for name, values in sent.items()}
         return [
             b"X-Forwarded-For: " + chains.get(b"x-forwarded-for", b"") + peer,

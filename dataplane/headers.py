@@ -18,10 +18,11 @@ import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 HeaderList = list[tuple[bytes, bytes]]
 
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -34,13 +35,13 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-FORWARDING = frozenset(
+FORWARDING: Final = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip", b"forwarded"}
 )
 # Request headers the proxy handles itself: Expect is answered by the proxy (it sends
 # `100 Continue` to the client), so the upstream never waits on it.
 REQUEST_DROPPED = HOP_BY_HOP | FORWARDING | {b"expect", b"content-length"}
-RESPONSE_DROPPED = HOP_BY_HOP | {b"content-length"}
+RESPONSE_DROPPED: Final = HOP_BY_HOP | {b"content-length"}
 
 
 def connection_tokens(value: bytes) -> set[bytes]:

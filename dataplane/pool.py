@@ -12,7 +12,7 @@ import asyncio
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import httptools
 from mypy_extensions import mypyc_attr
@@ -21,9 +21,14 @@ from kanal.dataplane.headers import HOP_BY_HOP, RESPONSE_DROPPED, connection_tok
 from kanal.dataplane.http1 import MAX_RESPONSE_HEAD, final_coding_is_chunked
 from kanal.dataplane.limits import UpstreamLimits
 
-_SPECIAL_RESPONSE_HEADERS = HOP_BY_HOP | {b"content-length"}
+_SPECIAL_RESPONSE_HEADERS: Final = HOP_BY_HOP | {b"content-length"}
+# Whether a name of each length may be one of them: most answer headers (Date, Server,
+# Content-Type...) are told apart by their length alone, without a lower-case copy
+# and a set lookup.
+_SPECIAL_RESPONSE_LENGTHS: Final[tuple[bool, ...]] = tuple(
+    any(len(name) == n for name in _SPECIAL_RESPONSE_HEADERS) for n in range(32))
 # `Connection` values that name no header beyond the hop-by-hop ones.
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"Keep-Alive", b"upgrade", b"Upgrade"})
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"Keep-Alive", b"upgrade", b"Upgrade"})
 
 if TYPE_CHECKING:
     from kanal.dataplane.balancer import EndpointState
@@ -198,6 +203,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > MAX_RESPONSE_HEAD:
             raise httptools.HttpParserError(f"response head larger than {MAX_RESPONSE_HEAD} bytes")
+        size = len(name)
+        if size >= 32 or not _SPECIAL_RESPONSE_LENGTHS[size]:
+            self.headers.append((name, value))
+            return
         lower = name.lower()
         if lower not in _SPECIAL_RESPONSE_HEADERS:
             self.headers.append((name, value))
@@ -416,7 +425,7 @@ class EndpointPool:
         if len(self.idle) >= self.max_idle:
             conn.close()
             return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = conn.last_activity  # its last read or write: the answer's end
         self.idle.append(conn)
         limits = self.limits
         if limits is not None and limits.waiters:

@@ -22,7 +22,7 @@ import socket
 import struct
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
@@ -63,17 +63,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kanal.proxy")
 
-MAX_BUFFERED_BODY = 256 * 1024
+MAX_BUFFERED_BODY: Final = 256 * 1024
 RETRY_BUFFER = 1024 * 1024
 """Body bytes kept for a retry; a request that streamed more than this is not retried."""
 NO_BODY = b""
-_CHUNK_END = b"0\r\n\r\n"
+_CHUNK_END: Final = b"0\r\n\r\n"
 
-_SPECIAL_REQUEST_HEADERS = (
+_SPECIAL_REQUEST_HEADERS: Final = (
     hdrs.HOP_BY_HOP | hdrs.FORWARDING
     | {b"host", b"cookie", b"content-length", b"transfer-encoding", b"expect"}
 )
-_METHOD_TEXT = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+_METHOD_TEXT: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 class Request:
     """One request on a client connection and its exchange: what the parser learned of
@@ -471,7 +471,9 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         request = Request()
-        request.started = time.monotonic()
+        # The read holding the message's start set it (a mesh request's forward proxy
+        # sets it before calling here): one clock read fewer per request.
+        request.started = self.last_activity
         request.line_unchecked = self.lines.begin()
         self.parsing = request
 
@@ -492,7 +494,7 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse_head(431, f"request headers larger than {MAX_HEAD} bytes")
         lower = name.lower()
         if lower not in _SPECIAL_REQUEST_HEADERS:
-            if b"_" in name:
+            if http1.UNDERSCORE in name:
                 # CGI-style backends read X_Forwarded_For as X-Forwarded-For: drop it,
                 # as Envoy's headers_with_underscores_action DROP_HEADER does.
                 self.context.metrics.count_event("header_with_underscore_dropped", "")
@@ -549,7 +551,8 @@ class ClientConnection(asyncio.Protocol):
         if len(request.headers) > MAX_HEADERS:
             self._refuse_head(431, f"more than {MAX_HEADERS} request headers")
         parser = self.parser
-        version = parser.get_http_version()
+        version = "1.1" if not request.line_unchecked and self.lines.version_11() \
+            else parser.get_http_version()
         if version != "1.1":
             refused = http1.version_problem(version)
             if refused is not None:
@@ -717,8 +720,8 @@ class ClientConnection(asyncio.Protocol):
             return
         request.route_key = selection.route_key
         request.route_rule = selection.rule
-        route_tls = selection.route.tls
-        if route_tls is not None or context.scheme == "https":
+        # (The rule's settings are read from the Selection: native copies.)
+        if selection.tls is not None or context.scheme == "https":
             if self._tls_policy(request, selection.route, host_text):
                 return
         filters = selection.filters
@@ -730,18 +733,18 @@ class ClientConnection(asyncio.Protocol):
                 self._fail_request(exchange.answer.status, exchange.answer.reason, own=exchange.answer)
                 return
         rule = selection.rule
-        if request.upgrade and not rule.allow_websocket:
+        if request.upgrade and not selection.allow_websocket:
             self._fail_request(403, f"{selection.route_key}: WebSocket upgrades are not allowed "
                                     "on this rule", close=True)
             return
-        if rule.aggregate is not None:
+        if selection.aggregate is not None:
             # Answered by sub-requests, after the rule's access policy passed.
             request.aggregated = rule
             if selection.access is not None and access_gate.admit(self, request, selection.access):
                 return
             self._access_passed(request)
             return
-        limit = rule.max_request_body_size
+        limit = selection.max_request_body_size
         if limit is not None:
             request.body_limit = limit
             declared = request.content_length
@@ -750,8 +753,9 @@ class ClientConnection(asyncio.Protocol):
                                         f"(maxRequestBodySize of {selection.route_key})", close=True)
                 return
         affinity_token = None
-        if selection.rule.session_affinity is not None and request.cookie is not None:
-            affinity_token = cookie_value(request.cookie, selection.rule.session_affinity.cookie_name)
+        affinity = selection.session_affinity
+        if affinity is not None and request.cookie is not None:
+            affinity_token = cookie_value(request.cookie, affinity.cookie_name)
         backend, set_token = selection.split.choose(affinity_token)
         if backend is None:
             self._fail_request(503, f"route {selection.route_key} has no backend with weight above 0")
@@ -764,20 +768,20 @@ class ClientConnection(asyncio.Protocol):
             self._fail_request(503, f"upstream {backend} does not exist")
             return
         request.upstream_runtime = upstream
-        if rule.grpc_transcoder is not None:
+        if selection.grpc_transcoder is not None:
             request.transcoded = rule  # answered by transcoding, once the policy passed
-        if set_token is not None and selection.rule.session_affinity is not None:
+        if set_token is not None and affinity is not None:
             request.set_cookie = selection.split.set_cookie_header(set_token).encode("latin-1")
         if upstream.hashed:
             request.hash_key = upstream.hash_key(request, self.peer)
-        retries = rule.retries
+        retries = selection.retries
         if retries is not None:
             # (A request without a policy keeps the resting values: nothing to set.)
             request.retries = retries
             request.attempts_left = retries.attempts
             if retries.attempts and not request.upgrade:
                 request.kept_body = []
-        timeout = rule.timeout
+        timeout = selection.timeout
         if timeout:
             request.route_timer = asyncio.get_running_loop().call_later(timeout, self._timed_out, timeout)
         if selection.cache is not None:

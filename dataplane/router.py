@@ -51,12 +51,23 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 from kanal.contract.patterns import PatternError, UserPattern, compile_pattern
-from kanal.contract.snapshot import Gateway, Match, Route, Rule, Snapshot, ValueMatch
+from kanal.contract.snapshot import (
+    Aggregate,
+    Gateway,
+    GrpcTranscoder,
+    Match,
+    Retries,
+    Route,
+    RouteTLS,
+    Rule,
+    SessionAffinity,
+    Snapshot,
+    ValueMatch,
+)
 from kanal.dataplane.access.policy import Access, compile_access
 from kanal.dataplane.cache.rule import RuleCache, rule_cache
 from kanal.dataplane.filters import RuleFilters
@@ -65,9 +76,9 @@ from kanal.dataplane.split import Split
 __all__ = ["RouteTable", "Selection", "normalize_host", "normalize_path", "path_views"]
 
 _ANY_PATH = 0
-_PREFIX = 1
-_EXACT = 2
-_REGEX = 3
+_PREFIX: Final = 1
+_EXACT: Final = 2
+_REGEX: Final = 3
 
 _PATH_RANK = {"Exact": 0, "PathPrefix": 1, "RegularExpression": 2}
 
@@ -83,22 +94,37 @@ _PARAMETERS = re.compile(r";[^/]*")
 _SLASHES = re.compile(r"/{2,}")
 
 
-@dataclass(frozen=True, slots=True)
 class Selection:
     """What the router chose: the route, its rule, and the rule's backend Split.
 
     One instance per rule, built with the table and returned by every match: no
-    allocation per request.
+    allocation per request. The rule's settings the request path reads on every
+    request are copied here from the (interpreted) Route and Rule, where reading them
+    costs a dictionary lookup each.
     """
 
-    route_key: str
-    rule: Rule
-    split: Split
-    route: Route
-    access: Access | None = None
-    filters: RuleFilters | None = None
-    """The rule's compiled `filters` (and its backends'); None when it has none."""
-    cache: RuleCache | None = None
+    def __init__(self, route_key: str, rule: Rule, split: Split, route: Route,
+                 access: Access | None = None, filters: RuleFilters | None = None,
+                 cache: RuleCache | None = None) -> None:
+        self.route_key = route_key
+        self.rule = rule
+        self.split = split
+        self.route = route
+        self.access = access
+        self.filters = filters
+        """The rule's compiled `filters` (and its backends'); None when it has none."""
+        self.cache = cache
+        self.tls: RouteTLS | None = route.tls
+        self.allow_websocket: bool = rule.allow_websocket
+        self.aggregate: Aggregate | None = rule.aggregate
+        self.max_request_body_size: int | None = rule.max_request_body_size
+        self.session_affinity: SessionAffinity | None = rule.session_affinity
+        self.grpc_transcoder: GrpcTranscoder | None = rule.grpc_transcoder
+        self.retries: Retries | None = rule.retries
+        self.timeout: float | None = rule.timeout
+
+    def __repr__(self) -> str:
+        return f"Selection({self.route_key} rule {self.rule.index})"
 
 
 class _ValuePredicate:

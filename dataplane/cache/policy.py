@@ -329,7 +329,7 @@ def normalize_path(path: bytes) -> str:
     """The path as RFC 3986 6.2.2 reads it: escapes of unreserved characters decoded,
     other escapes in upper case, dot segments resolved. `%2F` stays `%2F`: it names
     another resource than `/` to most backends."""
-    if b"%" in path:
+    if path.find(b"%") >= 0:  # (find: `b"%" in path` raises a TypeError inside)
         path = _ESCAPE.sub(_normal_escape, path)
     text = path.decode("latin-1")
     if "/." not in text:
@@ -370,7 +370,7 @@ def url_key(scheme: str, host: str, target: bytes) -> str:
         if len(_AUTHORITIES) > 4096:
             _AUTHORITIES.clear()  # bounded: distinct Host values are few in practice
         authority = _AUTHORITIES[(scheme, host)] = normalize_authority(scheme, host)
-    if b"%" not in target and b"/." not in target:
+    if target.find(b"%") < 0 and target.find(b"/.") < 0:  # (see normalize_path)
         return f"{scheme}://{authority}{target.decode('latin-1')}"
     path, mark, query = target.partition(b"?")
     url = f"{scheme}://{authority}{normalize_path(path)}"

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kanal.dataplane
 from kanal.contract.snapshot import (
     Backend,
     Match,
@@ -357,7 +358,8 @@ def test_query_params_exact_and_regex_on_first_value() -> None:
 def router_source() -> ModuleType:
     """The router run from its source, whatever the build: compiled, `match` calls
     `_parse_query` directly, and a patched module attribute would go unseen."""
-    path = Path(str(router_module.__file__)).with_name("router.py")
+    path = Path(str(kanal.dataplane.__file__)).with_name("router.py")  # (the package's own
+    # __init__.py is never compiled; a compiled module's __file__ may name the shared library)
     spec = importlib.util.spec_from_file_location("kanal_router_from_source", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
