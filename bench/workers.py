@@ -8,8 +8,11 @@ and wrk (one thread per CPU). Both dataplanes run side by side and are measured 
 interleaved rounds (100 B answers, 128 connections); the figure is the ratio of their
 median requests per second. On a machine with as many CPUs as workers, the load
 generator and the backend compete with the workers, so the ratio there is a floor of
-what the workers give on a machine where the load comes from elsewhere. A tool for
-people, never a test.
+what the workers give on a machine where the load comes from elsewhere. It also prints
+what that floor hides: requests per CPU second of the dataplane with one worker and
+with two (whether a second worker costs anything per request), how the kernel spread
+the work over the workers, and from both a projection for a core per worker, marked as
+such. A tool for people, never a test.
 """
 
 from __future__ import annotations
@@ -26,6 +29,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run as bench  # noqa: E402  (bench/run.py: processes, wrk, readiness)
+
+
+def worker_cpu(supervisor: int) -> dict[int, float]:
+    """CPU seconds of each worker of a `--workers N` supervisor (its children, with
+    their own descendants); the supervisor itself when it serves alone."""
+    try:
+        children = [int(pid) for pid in Path(
+            f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()]
+    except OSError:
+        children = []
+    return {pid: bench.tree_cpu_seconds(pid) for pid in children or [supervisor]}
 
 
 def main() -> int:
@@ -67,22 +81,42 @@ def main() -> int:
         for t in targets:
             bench.wait_ready(t, 30)
         rps: dict[str, list[float]] = {t.name: [] for t in targets}
+        per_cpu: dict[str, list[float]] = {t.name: [] for t in targets}
+        busiest: dict[str, list[float]] = {t.name: [] for t in targets}
         wrk = bench.which("wrk") or "wrk"
         for rnd in range(args.rounds):
             for t in targets[rnd % 2:] + targets[:rnd % 2]:
+                assert t.proc is not None
+                before = worker_cpu(t.proc.pid)
                 out = procs.run("wrk", [wrk, f"-t{nproc}", f"-c{args.connections}",
                                         f"-d{args.duration}s", "--timeout", "5s",
                                         f"http://127.0.0.1:{t.port}/"], timeout=args.duration + 30)
+                after = worker_cpu(t.proc.pid)
                 value = next(float(line.split()[1]) for line in out.splitlines()
                              if line.startswith("Requests/sec:"))
+                used = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+                total = sum(used.values())
                 rps[t.name].append(value)
-                bench.log(f"round {rnd + 1}/{args.rounds} {t.label}: {value:,.0f} rps")
+                per_cpu[t.name].append(value * args.duration / total if total else 0.0)
+                busiest[t.name].append(max(used.values()) / total if total else 1.0)
+                shares = " / ".join(f"{100 * u / total:.0f}%" for u in sorted(used.values())
+                                    ) if total else "-"
+                bench.log(f"round {rnd + 1}/{args.rounds} {t.label}: {value:,.0f} rps, "
+                          f"{total / args.duration:.2f} CPUs busy (shares {shares})")
         one, two = statistics.median(rps["w1"]), statistics.median(rps["w2"])
+        eff1, eff2 = statistics.median(per_cpu["w1"]), statistics.median(per_cpu["w2"])
+        top = statistics.median(busiest["w2"])
         print(f"\nmachine: nproc {nproc}, {bench.cpu_model()}; wrk -t{nproc} "
               f"-c{args.connections} -d{args.duration}s, backend nginx {nproc} workers, "
               f"nothing pinned; median of {args.rounds} interleaved rounds")
-        print(f"| Kanal --workers 1 | {one:,.0f} rps |\n| Kanal --workers 2 | {two:,.0f} rps |")
-        print(f"workers 2 / workers 1: {two / one:.2f}")
+        print(f"| Kanal --workers 1 | {one:,.0f} rps | {eff1:,.0f} requests per CPU second |")
+        print(f"| Kanal --workers 2 | {two:,.0f} rps | {eff2:,.0f} requests per CPU second |")
+        print(f"workers 2 / workers 1: {two / one:.2f} (measured)")
+        # With a core each and the load coming from elsewhere, the busiest worker
+        # saturates first: the two serve 1/top of its share, at their own efficiency.
+        print(f"per CPU second, workers 2 / workers 1: {eff2 / eff1:.2f}; the busiest worker "
+              f"did {100 * top:.0f}% of the work; with a core per worker: "
+              f"{eff2 / eff1 / top:.2f} (projected, not measured)")
         return 0
     finally:
         procs.stop_all()

@@ -384,7 +384,7 @@ class H2Stream(UpstreamConnection):
 
     # --- the request, as the logic writes it ----------------------------------------------
 
-    def start(self, sink: ResponseSink, head: bytes, no_body: bool) -> None:
+    def start(self, sink: ResponseSink, head: bytes, no_body: bool, now: float = 0.0) -> None:
         self.sink = sink
         self.no_body = no_body
         self.requests = 1

@@ -146,6 +146,11 @@ LINE_WINDOW = MAX_TARGET + 64
 """Bytes kept of a read in which a request began mid-read, for its request line check."""
 
 
+# A request line of single spaces between visible parts, ending in HTTP/1.1: no run of
+# spaces in it, and llhttp reads version 1.1 from it.
+_PLAIN_LINE_11: Final = re.compile(rb"[!-~]+ [!-~]+ HTTP/1\.1\r\n")
+
+
 class LineCheck:
     """Runs of spaces in the request lines of one client connection (`SPACED_LINE`),
     found as its reads come, around llhttp, which lets them through.
@@ -173,6 +178,11 @@ class LineCheck:
         """A read, before the parser takes it (`between`: no request head is open):
         True when the request line beginning or going on in it has a run of spaces."""
         if between and self.part is None:
+            if _PLAIN_LINE_11.match(data) is not None:  # most reads: one call, no search
+                self.checked = True
+                self.line_11 = True
+                self.reading = data
+                return False
             end = data.find(b"\n")
             if end > 0 and data[0] != 13 and data.find(b"  ", 0, end) < 0:
                 self.checked = True

@@ -268,8 +268,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- exchanges -----------------------------------------------------------------------
 
-    def start(self, sink: ResponseSink, head: bytes, no_body: bool) -> None:
-        """Send a request head; the answer will be reported to `sink`."""
+    def start(self, sink: ResponseSink, head: bytes, no_body: bool, now: float = 0.0) -> None:
+        """Send a request head; the answer will be reported to `sink`. `now`: the clock
+        already read for this moment, if any."""
         self.sink = sink
         self.no_body = no_body
         self.got_bytes = False
@@ -282,7 +283,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.chunked = False
         self.head_done = False
         self.requests += 1
-        self.last_activity = time.monotonic()
+        self.last_activity = now or time.monotonic()
         assert self.transport is not None
         self.transport.write(head)
 

@@ -861,7 +861,7 @@ class ClientConnection(asyncio.Protocol):
         pool = upstream.pools[state.key]
         conn = pool.take_idle() if not request.upgrade else None
         if conn is not None:
-            self._send(conn, request)
+            self._send(conn, request, request.attempt_started)
             return
         settings = upstream.spec.circuit_breaker
         admission = upstream.limits.admit(settings.max_connections, settings.max_pending_requests)
@@ -909,12 +909,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self._send(conn, request)
 
-    def _send(self, conn: UpstreamConnection, request: Request) -> None:
+    def _send(self, conn: UpstreamConnection, request: Request, now: float = 0.0) -> None:
+        """`now`: the clock read when this try began, if that is this moment."""
         self.upstream = conn
         head = request.upstream_head
         if self.grpc_deadline is not None:
             head = _with_grpc_timeout(request, head, self.grpc_deadline)
-        conn.start(self, head, request.method == b"HEAD")
+        conn.start(self, head, request.method == b"HEAD", now)
         request.request_sent = True
         chunks: list[bytes] = []
         if request.is_retry and request.kept_body:
@@ -1094,9 +1095,9 @@ class ClientConnection(asyncio.Protocol):
                 self._attempt_failed(condition, True, status if status >= 500 else 502,
                                      f"upstream answered {condition}")
                 return
-            self._finish_endpoint(request, status < 500)
+            self._finish_endpoint(request, status < 500, now=conn.last_activity)
         else:
-            self._finish_endpoint(request, True)
+            self._finish_endpoint(request, True, now=conn.last_activity)
         if request.cache_exchange is not None and cache.head(self, request, conn):
             return  # the cache answered (a revalidated or stale entry)
         headers = conn.headers
@@ -1289,15 +1290,17 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
             self.paused_for_body = True
 
-    def _finish_endpoint(self, request: Request, ok: bool | None, *, refused: bool = False
-                         ) -> None:
-        """The request's try is over: count it off the endpoint, and tell its breaker."""
+    def _finish_endpoint(self, request: Request, ok: bool | None, *, refused: bool = False,
+                         now: float = 0.0) -> None:
+        """The request's try is over: count it off the endpoint, and tell its breaker.
+        `now`: the clock already read for this moment (an answer's read), if any."""
         state = request.endpoint_state
         if state is not None:
             state.active -= 1
             request.endpoint_state = None
             breaker = state.breaker
-            now = time.monotonic()
+            if not now:
+                now = time.monotonic()
             if ok and breaker is not None and breaker.count_success(
                     now, now - request.attempt_started):
                 return  # the common case: a success of a closed circuit, counted
