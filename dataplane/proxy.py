@@ -249,8 +249,15 @@ class ClientConnection(asyncio.Protocol):
             self.flush(batch)
 
     def flush(self, batch: list[bytes]) -> None:
-        if self.transport is not None:
-            self.transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
+        transport = self.transport
+        if transport is None:
+            return
+        if len(batch) == 1:
+            transport.write(batch[0])
+        elif len(batch[-1]) >= 4096:
+            transport.writelines(batch)  # one writev: a large body is not copied to join it
+        else:
+            transport.write(b"".join(batch))
 
     def _write(self, data: bytes) -> None:
         batch = self.batch
