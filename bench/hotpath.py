@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib.util
 import statistics
 import sys
 import time
@@ -39,28 +40,6 @@ from kanal.dataplane.proxy import ClientConnection  # noqa: E402
 from kanal.dataplane.runtime import Runtime  # noqa: E402
 from kanal.operator.compiler import compile_snapshot  # noqa: E402
 from kanal.operator.manifests import load_manifests  # noqa: E402
-
-MANIFESTS = """\
-apiVersion: kanal.dev/v1alpha1
-kind: Upstream
-metadata:
-  name: bench-backend
-spec:
-  protocol: HTTP
-  endpoints:
-    - {address: 127.0.0.1, port: 9, weight: 1}
----
-apiVersion: kanal.dev/v1alpha1
-kind: Route
-metadata:
-  name: bench
-spec:
-  rules:
-    - matches:
-        - path: {type: PathPrefix, value: /}
-      backends:
-        - {upstream: bench-backend, weight: 1}
-"""
 
 # What wrk sends, and what the benchmark's nginx backend answers (100 B body).
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
@@ -108,8 +87,14 @@ class MemoryTransport(asyncio.Transport):
 
 
 async def measure(requests: int, rounds: int, observe: bool, tmp: Path) -> list[float]:
-    (tmp / "bench.yaml").write_text(MANIFESTS)
-    manifests, errors = load_manifests([str(tmp)])
+    # bench/run.py's Route and Upstream (the endpoint is never dialled: one pooled
+    # connection with an in-memory transport is put in its pool below).
+    spec = importlib.util.spec_from_file_location("bench_run", _HERE / "run.py")
+    assert spec is not None and spec.loader is not None
+    bench_run = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench_run  # (its dataclasses look their module up)
+    spec.loader.exec_module(bench_run)
+    manifests, errors = load_manifests([str(bench_run.kanal_manifests(tmp, 9))])
     if errors:
         raise SystemExit(f"manifests: {errors}")
     snapshot = compile_snapshot([m.resource for m in manifests]).snapshot
@@ -124,8 +109,7 @@ async def measure(requests: int, rounds: int, observe: bool, tmp: Path) -> list[
     client = ClientConnection(context)
     client_side = MemoryTransport(("127.0.0.1", 50000))
     client.connection_made(client_side)
-    upstream = config.upstreams["default/bench-backend"] if "default/bench-backend" in \
-        config.upstreams else next(iter(config.upstreams.values()))
+    upstream = next(iter(config.upstreams.values()))
     pool = next(iter(upstream.pools.values()))
     conn = UpstreamConnection(pool)
     upstream_side = MemoryTransport(("127.0.0.1", 9))
