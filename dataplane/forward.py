@@ -81,6 +81,7 @@ from kanal.dataplane.http1 import (
     MAX_TARGET,
     status_line,
 )
+from kanal.dataplane.pool import write_batch
 from kanal.dataplane.proxy import ClientConnection
 
 if TYPE_CHECKING:
@@ -1061,7 +1062,7 @@ class ForwardConnection(asyncio.Protocol):
 
     def flush(self, batch: list[bytes]) -> None:
         if self.transport is not None:
-            self.transport.write(b"".join(batch))
+            write_batch(self.transport, batch)
 
     def origin_failed(self, reason: str, *, timeout: bool = False) -> None:
         """The origin (or the tunnel's far end) failed or went silent."""

@@ -183,14 +183,12 @@ class LineCheck:
                 self.line_11 = True
                 self.reading = data
                 return False
+            self.line_11 = False  # (other lines: llhttp says which version it read)
             end = data.find(b"\n")
             if end > 0 and data[0] != 13 and data.find(b"  ", 0, end) < 0:
                 self.checked = True
-                self.line_11 = end >= 9 and data[end - 9:end] == b"HTTP/1.1\r"
-            else:
-                self.line_11 = False
-                if self._spaced(data):
-                    return True
+            elif self._spaced(data):
+                return True
         elif self.part is not None and self._spaced(data):
             return True
         self.reading = data

@@ -47,6 +47,18 @@ class UpstreamConnectTimeout(UpstreamConnectError, asyncio.TimeoutError):
     """
 
 
+def write_batch(transport: asyncio.Transport, batch: list[bytes]) -> None:
+    """Send what a sink gathered while one read was parsed, in one send: a batch whose
+    last part is large goes out with `writelines` (one writev, the body not copied
+    into a join), a small one joined."""
+    if len(batch) == 1:
+        transport.write(batch[0])
+    elif len(batch[-1]) >= 4096:
+        transport.writelines(batch)
+    else:
+        transport.write(b"".join(batch))
+
+
 class ResponseSink(Protocol):
     """The client side of an exchange: what a pooled connection reports to."""
 

@@ -40,7 +40,7 @@ from kanal.dataplane.http1 import (
     MAX_TARGET,
     status_line,
 )
-from kanal.dataplane.pool import EndpointPool, UpstreamConnectError, UpstreamConnection
+from kanal.dataplane.pool import EndpointPool, UpstreamConnectError, UpstreamConnection, write_batch
 from kanal.dataplane.requestid import HEADER as REQUEST_ID
 from kanal.dataplane.requestid import without_request_id
 from kanal.dataplane.retry import FailedTry, retry_kind
@@ -249,15 +249,8 @@ class ClientConnection(asyncio.Protocol):
             self.flush(batch)
 
     def flush(self, batch: list[bytes]) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        if len(batch) == 1:
-            transport.write(batch[0])
-        elif len(batch[-1]) >= 4096:
-            transport.writelines(batch)  # one writev: a large body is not copied to join it
-        else:
-            transport.write(b"".join(batch))
+        if self.transport is not None:
+            write_batch(self.transport, batch)
 
     def _write(self, data: bytes) -> None:
         batch = self.batch
